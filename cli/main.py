@@ -1,0 +1,81 @@
+"""``lpeer``: the typer application. Each command parses, calls one library function, renders."""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+
+import typer
+
+from lifelong_peer import __version__
+from lifelong_peer.errors import UserError
+
+from .output import Format, emit, key_value_table, stderr, stdout
+
+app = typer.Typer(
+    name="lpeer",
+    help="Continual learning for language models with growable PEER expert pools.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+FormatOpt = typer.Option(Format.human, "--format", help="human: tables; json: machine-readable on stdout.")
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"lpeer {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """Continual learning for language models with growable PEER expert pools.
+
+    Example: lpeer info --format json
+    """
+
+
+@app.command()
+def info(fmt: Format = FormatOpt) -> None:
+    """Versions of torch / faiss / datasets, threads, CUDA and faiss-GPU availability.
+
+    Example: lpeer info --format json
+    """
+    from lifelong_peer.system import info as system_info
+
+    emit(system_info(), fmt, lambda d: stdout.print(key_value_table(d, title="lifelong-peer environment")))
+
+
+def main() -> None:
+    """Entry point: user errors → one line on stderr and exit 2; internal errors → exit 1."""
+    try:
+        app(standalone_mode=False)
+    except UserError as e:
+        stderr.print(f"[red]error:[/red] {e}", highlight=False)
+        sys.exit(2)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        stderr.print("aborted")
+        sys.exit(130)
+    except Exception as e:
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        if os.environ.get("LPEER_DEBUG") == "1":
+            traceback.print_exc()
+        else:
+            stderr.print(f"[red]internal error:[/red] {type(e).__name__}: {e} (set LPEER_DEBUG=1 for a traceback)")
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

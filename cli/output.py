@@ -1,0 +1,44 @@
+"""One output path for every command: rich tables for people, ``--format json`` for scripts.
+
+Data goes to stdout; progress, warnings and errors to stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from enum import Enum
+
+from rich.console import Console
+from rich.table import Table
+
+stdout = Console(soft_wrap=True)
+stderr = Console(stderr=True, soft_wrap=True)
+
+
+class Format(str, Enum):
+    human = "human"
+    json = "json"
+
+
+def emit(data: object, fmt: Format, human) -> None:
+    """Print ``data`` as JSON, or call ``human(data)`` that renders it with rich."""
+    if fmt == Format.json:
+        sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+        sys.stdout.flush()
+    else:
+        human(data)
+
+
+def key_value_table(data: dict, title: str | None = None) -> Table:
+    table = Table(title=title, show_header=False, box=None)
+    table.add_column(style="bold")
+    table.add_column()
+    for key, value in data.items():
+        table.add_row(str(key), ", ".join(map(str, value)) if isinstance(value, list) else str(value))
+    return table
+
+
+def message(text: str, quiet: bool = False) -> None:
+    if not quiet:
+        stderr.print(text)

@@ -1,0 +1,229 @@
+"""The optimizer: AdamW for dense weights, a lazy row-sparse AdamW for expert tables and sub-keys.
+
+Why not plain ``torch.optim.AdamW`` everywhere (RESEARCH.md, "pitfalls"):
+
+* Expert tables are N × dim with N up to millions, but a step touches at most tokens·h·k rows.
+  A dense update zero-fills and rewrites all N rows every step; the row-sparse update here reads
+  and writes only the rows in the step's (sparse) gradient — product-key memories train their
+  values this way, with their own learning rate (Lample et al. 2019).
+* Freezing must be exact per row. Zeroed gradients do not stop AdamW (decoupled weight decay and
+  leftover moments still move the row) and ``requires_grad`` is per tensor. Here every row
+  parameter comes with a bool mask (``PEER.row_masks()``): masked rows are dropped from the update
+  before anything is written, so frozen rows — weights and Adam moments — stay bit-identical.
+
+Lazy Adam keeps a step count per row, so a row first used late still gets the right bias
+correction (torch's SparseAdam uses one count per tensor, which makes a late row's first update
+~3× too large).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .peer import PEER
+
+
+class PEEROptimizer(torch.optim.Optimizer):
+    """One optimizer over a model with PEER layers; see the module docstring.
+
+    Param groups carry ``rows=True`` (row-sparse, masked) or ``rows=False`` (dense AdamW, delegated
+    to ``torch.optim.AdamW`` that shares the very same group dicts, so LR schedulers see one list).
+    A plain ``opt.zero_grad(); loss.backward(); opt.step()`` loop honours the frozen masks.
+    """
+
+    def __init__(
+        self,
+        dense_groups: list[dict],
+        row_groups: list[dict],
+        lr: float,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+    ):
+        """``row_groups`` name their parameters by ``sources``: [(PEER layer, "U" | "V" | "subkeys")].
+
+        Growth gives a layer new Parameter objects; the optimizer looks them up by source before
+        every use (``_sync``), carrying their Adam state over, so it survives any number of grows.
+        """
+        for g in dense_groups:
+            g["rows"] = False
+        for g in row_groups:
+            g["rows"] = True
+            g["params"] = [getattr(layer, name) for layer, name in g["sources"]]
+            g.setdefault("betas", betas)
+            g.setdefault("eps", eps)
+        dense_groups = [g for g in dense_groups if g["params"]]
+        self._dense = torch.optim.AdamW(dense_groups, lr=lr, betas=betas, eps=eps) if dense_groups else None
+        super().__init__([*dense_groups, *[g for g in row_groups if g["params"]]], {"lr": lr})
+
+    def _sync(self) -> None:
+        """Re-bind row parameters replaced by growth, moving their state to the new objects."""
+        for group in self.param_groups:
+            if not group["rows"]:
+                continue
+            current = [getattr(layer, name) for layer, name in group["sources"]]
+            for old, new in zip(group["params"], current, strict=True):
+                if old is not new and old in self.state:
+                    self.state[new] = self.state.pop(old)
+            group["params"] = current
+
+    def _mask(self, group: dict, index: int) -> Tensor:
+        layer, name = group["sources"][index]
+        return layer.row_masks()[name]
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._sync()
+        if self._dense is not None:
+            self._dense.step()
+        for group in self.param_groups:
+            if group["rows"]:
+                for index, p in enumerate(group["params"]):
+                    if p.grad is not None:
+                        self._row_step(p, self._mask(group, index), group)
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self._sync()
+        super().zero_grad(set_to_none=set_to_none)
+
+    def _row_step(self, p: Tensor, mask: Tensor, group: dict) -> None:
+        mask = mask.reshape(-1)  # (R,) one flag per row
+        rows_total = mask.numel()
+        pv = p.data.view(rows_total, -1)  # (R, D)
+        rows, grad = _touched_rows(p.grad, rows_total)  # (r,), (r, D)
+        keep = ~mask[rows]
+        rows, grad = rows[keep], grad[keep]
+        state = self._row_state(p, rows_total, pv.shape[1])
+        if rows.numel() == 0:
+            return
+        b1, b2 = group["betas"]
+        lr, wd, eps = group["lr"], group.get("weight_decay", 0.0), group["eps"]
+        t = state["step"].index_select(0, rows) + 1  # (r,) per-row step counts
+        state["step"].index_copy_(0, rows, t)
+        m = state["exp_avg"].index_select(0, rows).mul_(b1).add_(grad, alpha=1 - b1)
+        v = state["exp_avg_sq"].index_select(0, rows).mul_(b2).addcmul_(grad, grad, value=1 - b2)
+        state["exp_avg"].index_copy_(0, rows, m)
+        state["exp_avg_sq"].index_copy_(0, rows, v)
+        tf = t.to(grad.dtype).unsqueeze(1)
+        denom = (v / (1 - b2**tf)).sqrt_().add_(eps)
+        w = pv.index_select(0, rows)
+        if wd:
+            w.mul_(1 - lr * wd)  # decoupled weight decay, on the touched, unfrozen rows only
+        w.addcdiv_(m / (1 - b1**tf), denom, value=-lr)
+        pv.index_copy_(0, rows, w)
+
+    def _row_state(self, p: Tensor, rows_total: int, width: int) -> dict:
+        """Adam state of a row parameter, padded with zero rows after growth (copied once per growth)."""
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.zeros(rows_total, dtype=torch.int32, device=p.device)
+            state["exp_avg"] = torch.zeros(rows_total, width, dtype=p.dtype, device=p.device)
+            state["exp_avg_sq"] = torch.zeros(rows_total, width, dtype=p.dtype, device=p.device)
+        grown = rows_total - state["step"].shape[0]
+        if grown > 0:
+            for key in ("step", "exp_avg", "exp_avg_sq"):
+                old = state[key]
+                state[key] = torch.cat([old, old.new_zeros(grown, *old.shape[1:])])
+        return state
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float) -> Tensor:
+        """Clip the global gradient norm over all groups, sparse gradients included.
+
+        ``torch.nn.utils.clip_grad_norm_`` does not take sparse gradients, and an uncoalesced sparse
+        gradient's values would double count repeated rows — so they are coalesced first.
+        """
+        self._sync()
+        grads = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    p.grad = p.grad.coalesce()
+                    grads.append(p.grad._values())
+                else:
+                    grads.append(p.grad)
+        if not grads:
+            return torch.tensor(0.0)
+        total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        coef = max_norm / (total + 1e-6)
+        if coef < 1:
+            for g in grads:
+                g.mul_(coef)
+        return total
+
+    # --- checkpointing without pickle: flat name → tensor ------------------------------------------
+
+    def state_tensors(self, named_params: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Optimizer state as ``{"<param name>::<key>": tensor}`` (safetensors-ready, no pickle)."""
+        self._sync()
+        out = {}
+        for name, p in named_params.items():
+            state = self.state.get(p) or (self._dense.state.get(p) if self._dense else None) or {}
+            for key, value in state.items():
+                out[f"{name}::{key}"] = torch.as_tensor(value).detach().clone()
+        return out
+
+    def load_state_tensors(self, named_params: dict[str, Tensor], tensors: dict[str, Tensor]) -> None:
+        """Inverse of ``state_tensors`` for the parameters of the model being resumed."""
+        self._sync()
+        row_params = {id(p) for g in self.param_groups if g["rows"] for p in g["params"]}
+        for name, p in named_params.items():
+            prefix = f"{name}::"
+            state = {k[len(prefix) :]: v.to(p.device).clone() for k, v in tensors.items() if k.startswith(prefix)}
+            if state:
+                target = self.state if id(p) in row_params else self._dense.state
+                target[p] = state
+
+
+def _touched_rows(grad: Tensor, rows_total: int) -> tuple[Tensor, Tensor]:
+    """(rows, values): the distinct rows a gradient touches and their summed gradient (r,), (r, D)."""
+    if grad.is_sparse:
+        g = grad.coalesce()
+        return g.indices()[0], g.values().reshape(g.values().shape[0], -1)
+    g = grad.reshape(rows_total, -1)
+    rows = g.ne(0).any(dim=1).nonzero().squeeze(1)  # lazy: a row with no gradient is not "used"
+    return rows, g.index_select(0, rows)
+
+
+def build_optimizer(
+    model: nn.Module,
+    lr: float = 1e-3,
+    expert_lr: float | None = None,
+    weight_decay: float = 0.0,
+    expert_weight_decay: float | None = None,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+) -> PEEROptimizer:
+    """The optimizer the trainer uses: dense AdamW + row-sparse AdamW for every PEER layer's tables.
+
+    ``expert_lr`` / ``expert_weight_decay`` default to ``lr`` / ``weight_decay``. Weight decay on
+    dense weights applies to matrices only (not norms, biases); sub-keys get none.
+    Parameters with ``requires_grad=False`` are left out.
+    """
+    expert_lr = lr if expert_lr is None else expert_lr
+    expert_weight_decay = weight_decay if expert_weight_decay is None else expert_weight_decay
+    row_ids: set[int] = set()
+    experts, subkeys = [], []
+    for layer in (m for m in model.modules() if isinstance(m, PEER)):
+        for name in layer.row_masks():
+            p = getattr(layer, name)
+            row_ids.add(id(p))
+            if p.requires_grad:
+                (subkeys if name == "subkeys" else experts).append((layer, name))
+    dense = [p for p in model.parameters() if p.requires_grad and id(p) not in row_ids]
+    dense_groups = [
+        {"params": [p for p in dense if p.ndim >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in dense if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    row_groups = [
+        {"sources": experts, "lr": expert_lr, "weight_decay": expert_weight_decay},
+        {"sources": subkeys, "lr": expert_lr, "weight_decay": 0.0},
+    ]
+    return PEEROptimizer(dense_groups, row_groups, lr=lr, betas=betas, eps=eps)

@@ -1,0 +1,339 @@
+"""PEER: Parameter Efficient Expert Retrieval (He 2024, "Mixture of A Million Experts", §2, Alg. 1).
+
+A PEER layer replaces a transformer FFN with a pool of N = n² single-neuron experts
+
+    e_i(x) = σ(u_iᵀ x) · v_i                        (Eq. 6, u_i, v_i ∈ R^dim, no biases)
+
+retrieved per token through product keys (Eq. 4–5, Lample et al. 2019). Each of h heads
+projects x to a query q ∈ R^dim_key, splits it into halves q1, q2 and scores them against two
+sets of n sub-keys C, C' (dimension dim_key/2). The key of expert (i, j) is [c_i ; c'_j], so
+its score is q1·c_i + q2·c'_j and the exact top-k over all N experts lies among the k × k
+sums of each half's own top-k. The k winners are mixed by a softmax over their scores
+(Eq. 7–8) and the heads' outputs are summed.
+
+What this file adds for continual learning:
+
+* **Stable ids under growth.** ``grow(K)`` appends K sub-keys to each half: n → n + K. Expert
+  (i, j) gets id ``id_of(i, j)`` by *shell order* — all pairs with max(i, j) = m occupy ids
+  [m², (m+1)²):
+
+      id(m, j) = m² + j          for j ≤ m      (row m, left to right, then the corner)
+      id(i, m) = m² + m + 1 + i  for i < m      (column m, top to bottom)
+
+  so growing n → n' gives the new experts exactly the ids [n², n'²) and the expert tables U, V
+  only ever append rows. Old ids, rows, sub-keys, the query network and BatchNorm statistics
+  are untouched; new experts start with v = 0 and so add nothing until trained.
+* **Per-expert freezing.** ``frozen`` (N,) and ``frozen_subkeys`` (n, 2) are persistent bool
+  buffers. They are data, honoured by the row-sparse optimizer (``lifelong_peer.optim``), which
+  never writes a frozen row — not its weights, not its Adam moments, not weight decay.
+* **Row-sparse gradients.** U and V are read through ``F.embedding`` / ``F.embedding_bag`` with
+  ``sparse=True``: their gradients hold only the rows retrieved in the step, so the backward
+  pass and the optimizer cost O(rows used), not O(N).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+QueryNorm = Literal["batchnorm", "layernorm", "none"]
+Activation = Literal["gelu", "relu"]
+ExpertInit = Literal["zero", "random"]
+
+#: Largest pool a config may describe; beyond it a typo (10^12 experts) would try to allocate terabytes.
+MAX_EXPERTS = 1 << 34
+
+
+@dataclass
+class PEERConfig:
+    """Shape and behaviour of one PEER layer. Defaults follow the paper where it states them."""
+
+    dim: int = 256
+    """Model width: the layer maps (..., dim) → (..., dim)."""
+    num_subkeys: int = 256
+    """Sub-keys per half, n; the pool holds N = n² experts. Follows growth."""
+    heads: int = 8
+    """Retrieval heads h, each with its own query, all sharing experts and sub-keys (Eq. 7–8)."""
+    topk: int = 16
+    """Experts retrieved per head, k (≤ num_subkeys)."""
+    dim_key: int = 128
+    """Query and key dimension (even: split into two halves of dim_key/2)."""
+    query_norm: QueryNorm = "batchnorm"
+    """Normalisation of queries: batchnorm (paper default, evens out usage, Table 2), layernorm, none."""
+    activation: Activation = "gelu"
+    """Expert non-linearity σ in e_i(x) = σ(u_i·x) v_i."""
+    new_expert_init: ExpertInit = "zero"
+    """Init of grown experts' v rows: zero (they add nothing until trained) or random (like the originals)."""
+
+    def __post_init__(self) -> None:
+        for name in ("dim", "num_subkeys", "heads", "topk", "dim_key"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"PEERConfig.{name} must be a positive integer, got {value!r}")
+        if self.dim_key % 2:
+            raise ValueError(f"PEERConfig.dim_key must be even (it is split into two halves), got {self.dim_key}")
+        if self.topk > self.num_subkeys:
+            raise ValueError(f"PEERConfig.topk must be at most num_subkeys ({self.num_subkeys}), got {self.topk}")
+        if self.num_subkeys**2 > MAX_EXPERTS:
+            raise ValueError(
+                f"PEERConfig.num_subkeys={self.num_subkeys} gives {self.num_subkeys**2:,} experts, "
+                f"more than the supported {MAX_EXPERTS:,}"
+            )
+        _check_choice("query_norm", self.query_norm, QueryNorm)
+        _check_choice("activation", self.activation, Activation)
+        _check_choice("new_expert_init", self.new_expert_init, ExpertInit)
+
+    @property
+    def num_experts(self) -> int:
+        return self.num_subkeys**2
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _check_choice(name: str, value: object, choices: object) -> None:
+    allowed = choices.__args__  # type: ignore[attr-defined]
+    if value not in allowed:
+        raise ValueError(f"PEERConfig.{name} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+# --- expert id <-> sub-key pair (shell order, see module docstring) ---------------------------
+
+
+def id_of(i: Tensor, j: Tensor) -> Tensor:
+    """Expert id of sub-key pair (i, j); any shapes that broadcast. Inverse of ``pair_of``."""
+    m = torch.maximum(i, j)
+    return torch.where(i == m, m * m + j, m * m + m + 1 + i)
+
+
+def pair_of(ids: Tensor) -> tuple[Tensor, Tensor]:
+    """Sub-key pair (i, j) of expert ids (int64 tensor, any shape). Inverse of ``id_of``."""
+    ids = ids.long()
+    m = torch.sqrt(ids.double()).floor().long()
+    # float sqrt can be off by one for large ids; correct it exactly in integers
+    m = m - (m * m > ids).long()
+    m = m + ((m + 1) * (m + 1) <= ids).long()
+    r = ids - m * m
+    row = r <= m
+    return torch.where(row, m, r - m - 1), torch.where(row, r, m)
+
+
+@dataclass
+class Retrieval:
+    """What one forward pass retrieved; all tensors (..., heads, topk), sorted by score descending."""
+
+    scores: Tensor
+    ids: Tensor
+    gates: Tensor = field(repr=False)
+
+
+class PEER(nn.Module):
+    """A growable PEER layer with per-expert freezing. See the module docstring.
+
+    Parameters: ``query`` (Linear dim → heads·dim_key), ``subkeys`` (n, 2, dim_key/2) — row r
+    holds sub-key r of both halves, so growth appends rows —, ``U`` and ``V`` (N, dim).
+    """
+
+    def __init__(self, config: PEERConfig):
+        super().__init__()
+        self.config = config
+        c = config
+        self.query = nn.Linear(c.dim, c.heads * c.dim_key, bias=False)
+        if c.query_norm == "batchnorm":
+            self.norm: nn.Module = nn.BatchNorm1d(c.heads * c.dim_key)
+        elif c.query_norm == "layernorm":
+            self.norm = nn.LayerNorm(c.dim_key)
+        else:
+            self.norm = nn.Identity()
+        half = c.dim_key // 2
+        # Lample et al. 2019: keys uniform ±1/√dim
+        self.subkeys = nn.Parameter(torch.empty(c.num_subkeys, 2, half).uniform_(-(half**-0.5), half**-0.5))
+        self.U = nn.Parameter(torch.randn(c.num_experts, c.dim) * c.dim**-0.5)
+        self.V = nn.Parameter(torch.randn(c.num_experts, c.dim) * c.dim**-0.5)
+        self.register_buffer("frozen", torch.zeros(c.num_experts, dtype=torch.bool))
+        self.register_buffer("frozen_subkeys", torch.zeros(c.num_subkeys, 2, dtype=torch.bool))
+        # sparse=True gives U and V row-sparse gradients (see module docstring); turn it off for
+        # optimizers and tools that need dense gradients (gradcheck, plain torch.optim.AdamW).
+        self.sparse_grad = True
+
+    # --- shapes -------------------------------------------------------------------------------
+
+    @property
+    def num_experts(self) -> int:
+        return self.config.num_experts
+
+    @property
+    def num_subkeys(self) -> int:
+        return self.config.num_subkeys
+
+    # --- retrieval (Eq. 4–5) --------------------------------------------------------------------
+
+    def queries(self, x: Tensor) -> Tensor:
+        """(T, dim) → normalised queries (T, heads, dim_key)."""
+        c = self.config
+        q = self.query(x)  # (T, h·dk)
+        if c.query_norm == "batchnorm":
+            q = self.norm(q)  # statistics over the tokens of the batch in training mode (Lample)
+        q = q.view(-1, c.heads, c.dim_key)
+        if c.query_norm == "layernorm":
+            q = self.norm(q)
+        return q
+
+    def _retrieve(self, q: Tensor) -> tuple[Tensor, Tensor]:
+        """Queries (T, h, dk) → (scores, ids), each (T, h, k), scores descending."""
+        k, half = self.config.topk, self.config.dim_key // 2
+        s1 = q[..., :half] @ self.subkeys[:, 0].T  # (T, h, n)
+        s2 = q[..., half:] @ self.subkeys[:, 1].T  # (T, h, n)
+        v1, i1 = s1.topk(k, dim=-1)  # (T, h, k)
+        v2, i2 = s2.topk(k, dim=-1)
+        # Eq. 5: the exact top-k of all n² sums lies among the k × k sums of the halves' top-k
+        grid = v1.unsqueeze(-1) + v2.unsqueeze(-2)  # (T, h, k, k)
+        scores, flat = grid.flatten(-2).topk(k, dim=-1)  # (T, h, k)
+        i = i1.gather(-1, flat // k)
+        j = i2.gather(-1, flat % k)
+        return scores, id_of(i, j)
+
+    def retrieve(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x (..., dim) → (scores, ids), each (..., heads, topk); ids in [0, N), scores descending."""
+        lead = x.shape[:-1]
+        scores, ids = self._retrieve(self.queries(x.reshape(-1, self.config.dim)))
+        return scores.view(*lead, *scores.shape[1:]), ids.view(*lead, *ids.shape[1:])
+
+    def all_scores(self, x: Tensor) -> Tensor:
+        """x (..., dim) → (..., heads, N): the score of every expert, by id. O(N): for inspection and tests."""
+        lead = x.shape[:-1]
+        q = self.queries(x.reshape(-1, self.config.dim))
+        half = self.config.dim_key // 2
+        s1 = q[..., :half] @ self.subkeys[:, 0].T  # (T, h, n)
+        s2 = q[..., half:] @ self.subkeys[:, 1].T
+        i, j = pair_of(torch.arange(self.num_experts, device=x.device))
+        out = s1[..., i] + s2[..., j]  # (T, h, N)
+        return out.view(*lead, *out.shape[1:])
+
+    # --- experts (Eq. 6–8) ----------------------------------------------------------------------
+
+    def forward(self, x: Tensor, return_retrieval: bool = False) -> Tensor | tuple[Tensor, Retrieval]:
+        """x (..., dim) → (..., dim); with ``return_retrieval`` also the ``Retrieval`` of each token."""
+        c = self.config
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, c.dim)  # (T, d)
+        scores, ids = self._retrieve(self.queries(x2))  # (T, h, k)
+        gates = scores.softmax(dim=-1)  # (T, h, k)
+        flat = ids.view(x2.shape[0], -1)  # (T, h·k)
+        u = F.embedding(flat, self.U, sparse=self.sparse_grad)  # (T, h·k, d)
+        hidden = torch.einsum("thd,td->th", u, x2)  # (T, h·k): u_i · x
+        act = F.gelu(hidden) if c.activation == "gelu" else F.relu(hidden)
+        weights = act * gates.view_as(act)  # (T, h·k)
+        # Σ over heads and slots of weight · v_i, without materialising (T, h·k, d) for V
+        y = F.embedding_bag(flat, self.V, per_sample_weights=weights, mode="sum", sparse=self.sparse_grad)
+        y = y.view(*lead, c.dim)
+        if return_retrieval:
+            shape = (*lead, c.heads, c.topk)
+            return y, Retrieval(scores.view(shape), ids.view(shape), gates.view(shape))
+        return y
+
+    # --- growth ----------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def grow(self, num_new: int, subkeys: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
+        """Append ``num_new`` sub-keys to each half: N = n² → (n + num_new)². Returns the new ids.
+
+        ``subkeys`` (num_new, 2, dim_key/2) places the new sub-keys (the index manager passes
+        k-means centroids of poorly served queries). By default each new sub-key is drawn from a
+        normal with the per-dimension mean and std of its half's existing sub-keys, so new keys
+        score on the same scale as trained ones. New experts: u like the original init, v = 0
+        (``new_expert_init="zero"``) so the layer's output is unchanged until they are trained
+        or retrieved. The tables become new Parameters holding the old rows then the new ones; an
+        optimizer from ``lifelong_peer.optim`` built before growth re-binds them and pads its state.
+        """
+        if not isinstance(num_new, int) or num_new <= 0:
+            raise ValueError(f"grow() needs a positive number of sub-keys, got {num_new!r}")
+        c = self.config
+        n_old, N_old = c.num_subkeys, c.num_experts
+        n_new = n_old + num_new
+        if n_new**2 > MAX_EXPERTS:
+            raise ValueError(f"growing to {n_new**2:,} experts exceeds the supported {MAX_EXPERTS:,}")
+        old = self.subkeys.data
+        if subkeys is None:
+            mean = old.mean(0, keepdim=True)
+            std = old.std(0, keepdim=True) if n_old > 1 else old.abs()
+            noise = torch.randn((num_new, *old.shape[1:]), generator=generator, device="cpu", dtype=old.dtype)
+            subkeys = mean + std * noise.to(old.device)
+        elif tuple(subkeys.shape) != (num_new, *old.shape[1:]):
+            raise ValueError(f"grow(): subkeys must have shape {(num_new, *old.shape[1:])}, got {tuple(subkeys.shape)}")
+        n_add = n_new**2 - N_old
+        u = torch.randn((n_add, c.dim), generator=generator, device="cpu", dtype=self.U.dtype) * c.dim**-0.5
+        if c.new_expert_init == "zero":
+            v = torch.zeros(n_add, c.dim, dtype=self.V.dtype)
+        else:
+            v = torch.randn((n_add, c.dim), generator=generator, device="cpu", dtype=self.V.dtype) * c.dim**-0.5
+        dev = old.device
+        # New Parameter objects (not ``.data`` swaps, which leave autograd's cached leaf shapes
+        # stale while an old graph is alive); ``lifelong_peer.optim`` re-binds them by name.
+        self.subkeys = _appended(self.subkeys, subkeys.to(old))
+        self.U = _appended(self.U, u.to(dev))
+        self.V = _appended(self.V, v.to(dev))
+        self.frozen = torch.cat([self.frozen, self.frozen.new_zeros(n_add)])
+        self.frozen_subkeys = torch.cat([self.frozen_subkeys, self.frozen_subkeys.new_zeros(num_new, 2)])
+        c.num_subkeys = n_new
+        return torch.arange(N_old, n_new**2, device=dev)
+
+    # --- freezing ----------------------------------------------------------------------------------
+
+    def _ids(self, ids: Tensor | list[int]) -> Tensor:
+        ids = torch.as_tensor(ids, dtype=torch.long, device=self.frozen.device).flatten()
+        if ids.numel() and (ids.min() < 0 or ids.max() >= self.num_experts):
+            raise ValueError(f"expert ids must lie in [0, {self.num_experts}), got min {ids.min()} max {ids.max()}")
+        return ids
+
+    @torch.no_grad()
+    def freeze(self, ids: Tensor | list[int], subkeys: bool = False) -> None:
+        """Freeze experts ``ids``: their u and v rows stay bit-identical under the optimizer.
+
+        With ``subkeys=True`` also freeze the sub-keys they are built from (c_i of half 1,
+        c'_j of half 2), which keeps their keys — and so their scores — fixed too.
+        """
+        ids = self._ids(ids)
+        self.frozen[ids] = True
+        if subkeys:
+            i, j = pair_of(ids)
+            self.frozen_subkeys[i, 0] = True
+            self.frozen_subkeys[j, 1] = True
+
+    @torch.no_grad()
+    def unfreeze(self, ids: Tensor | list[int], subkeys: bool = False) -> None:
+        """Undo ``freeze`` for ``ids`` (and, with ``subkeys=True``, their sub-keys)."""
+        ids = self._ids(ids)
+        self.frozen[ids] = False
+        if subkeys:
+            i, j = pair_of(ids)
+            self.frozen_subkeys[i, 0] = False
+            self.frozen_subkeys[j, 1] = False
+
+    def row_masks(self) -> dict[str, Tensor]:
+        """Parameter name → bool mask over its leading dims; True rows must not change."""
+        return {"U": self.frozen, "V": self.frozen, "subkeys": self.frozen_subkeys}
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (
+            f"dim={c.dim}, experts={c.num_experts:,} ({c.num_subkeys}²), heads={c.heads}, topk={c.topk}, "
+            f"dim_key={c.dim_key}, frozen={int(self.frozen.sum())}"
+        )
+
+
+def _appended(param: nn.Parameter, rows: Tensor) -> nn.Parameter:
+    return nn.Parameter(torch.cat([param.data, rows]), requires_grad=param.requires_grad)
+
+
+def active_params_per_token(config: PEERConfig) -> int:
+    """Parameters a token touches: query net, all sub-keys (scored) and h·k experts (u and v)."""
+    c = config
+    return c.dim * c.heads * c.dim_key + c.num_subkeys * c.dim_key + 2 * c.heads * c.topk * c.dim
+
+
+__all__ = ["PEER", "PEERConfig", "Retrieval", "active_params_per_token", "id_of", "pair_of"]

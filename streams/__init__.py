@@ -1,0 +1,1 @@
+"""Streams of dated text: ingestion, time slicing, tokenisation (installed as ``lifelong_peer.streams``)."""
