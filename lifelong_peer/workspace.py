@@ -1,0 +1,192 @@
+"""The workspace: a folder whose manifest (``workspace.json``) records streams, their slices and runs.
+
+Two guarantees (issue 3):
+
+- **one writer at a time** — ``lock()`` takes an exclusive, non-blocking ``fcntl.flock`` on
+  ``.lock`` (which holds the holder's PID and command); a second process gets a one-line
+  ``UserError`` naming that PID. The kernel releases a flock when its process dies, so a crash never
+  leaves a stale lock behind. The lock is re-entrant within a process (``update_manifest`` inside
+  ``lock()`` does not deadlock).
+- **atomic writes** — the manifest is replaced by temp file + rename (``checkpoint.atomic_write_json``),
+  so a crash at any point leaves it either as before or as after. Readers never need the lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import fcntl
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import Callable, Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+
+from .checkpoint import atomic_write_json
+from .errors import UserError
+
+MANIFEST = "workspace.json"
+LOCK = ".lock"
+FORMAT = "lifelong-peer/workspace/1"
+ENV_VAR = "LPEER_WORKSPACE"
+
+#: per-process lock holders, by resolved workspace root: (open lock file, depth) — flock is per open
+#: file, so a second open in the same process would block itself; this makes ``lock()`` re-entrant.
+_HELD: dict[Path, tuple[object, int]] = {}
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+class Workspace:
+    """A workspace folder. Construct with ``Workspace.init(path)`` or ``Workspace.open(path)``."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root).resolve()
+
+    # -- creation and discovery -------------------------------------------------------------
+    @classmethod
+    def init(cls, path: str | os.PathLike) -> Workspace:
+        """Create ``path`` (if needed) and an empty manifest; refuses an existing workspace."""
+        root = Path(path)
+        if (root / MANIFEST).exists():
+            raise UserError(f"{root} is already an lpeer workspace")
+        if root.exists() and not root.is_dir():
+            raise UserError(f"{root} exists and is not a directory")
+        root.mkdir(parents=True, exist_ok=True)
+        ws = cls(root)
+        with ws.lock():
+            atomic_write_json(ws.manifest_path, {"format": FORMAT, "created": now_iso(), "streams": {}, "runs": {}})
+        return ws
+
+    @classmethod
+    def open(cls, path: str | os.PathLike | None = None) -> Workspace:
+        """The workspace at ``path``, else ``$LPEER_WORKSPACE``, else the current directory."""
+        if path is None:
+            path = os.environ.get(ENV_VAR) or os.getcwd()
+        root = Path(path)
+        if not (root / MANIFEST).is_file():
+            raise UserError(f"{root} is not an lpeer workspace (run `lpeer init DIR`)")
+        ws = cls(root)
+        ws.manifest()  # validate early: a corrupted manifest is reported before any work starts
+        return ws
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.root / MANIFEST
+
+    # -- manifest ---------------------------------------------------------------------------
+    def manifest(self) -> dict:
+        """The parsed, validated manifest."""
+        try:
+            data = json.loads(self.manifest_path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise UserError(f"{self.root} is not an lpeer workspace (run `lpeer init DIR`)") from None
+        except (ValueError, UnicodeDecodeError) as e:
+            raise UserError(f"{self.manifest_path} is corrupted: not valid JSON ({e})") from None
+        problem = _manifest_problem(data)
+        if problem:
+            raise UserError(f"{self.manifest_path} is corrupted: {problem}")
+        return data
+
+    def update_manifest(self, fn: Callable[[dict], dict | None]) -> dict:
+        """Read-modify-write under the lock; ``fn`` edits the dict in place (or returns a new one).
+
+        The write is atomic; if ``fn`` raises, the manifest is unchanged.
+        """
+        with self.lock():
+            data = copy.deepcopy(self.manifest())
+            new = fn(data)
+            if new is None:  # edited in place
+                new = data
+            problem = _manifest_problem(new)
+            if problem:
+                raise ValueError(f"update_manifest would write an invalid manifest: {problem}")
+            atomic_write_json(self.manifest_path, new)
+            return new
+
+    # -- lock -------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[Workspace]:
+        """Exclusive, non-blocking workspace lock (re-entrant within this process)."""
+        held = _HELD.get(self.root)
+        if held is not None:
+            f, depth = held
+            _HELD[self.root] = (f, depth + 1)
+            try:
+                yield self
+            finally:
+                f, depth = _HELD[self.root]
+                _HELD[self.root] = (f, depth - 1)
+            return
+        path = self.root / LOCK
+        f = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - lives as long as the lock
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown PID"
+            f.close()
+            pid, _, what = holder.partition(" ")
+            raise UserError(
+                f"workspace {self.root} is in use by PID {pid} ({what or 'unknown command'}); "
+                "wait for it to finish or stop it"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        command = " ".join(Path(a).name if i == 0 else a for i, a in enumerate(sys.argv))[:200]
+        f.write(f"{os.getpid()} {command}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        f.flush()
+        _HELD[self.root] = (f, 1)
+        try:
+            yield self
+        finally:
+            del _HELD[self.root]
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+            f.close()
+
+    # -- runs -------------------------------------------------------------------------------
+    def run_dir(self, run_id: str) -> Path:
+        return self.root / "runs" / run_id
+
+    def register_run(self, run_id: str, info: dict) -> None:
+        """Record (or update) ``manifest["runs"][run_id]`` with ``info`` merged in."""
+        check_name("run id", run_id)
+
+        def edit(m: dict) -> dict:
+            m["runs"].setdefault(run_id, {}).update(info)
+            return m
+
+        self.update_manifest(edit)
+
+    def resolve_run(self, run_or_path: str) -> Path:
+        """A run id of this workspace, or a path to a run directory → the run directory."""
+        runs = self.manifest()["runs"]
+        if run_or_path in runs:
+            return self.run_dir(run_or_path)
+        path = Path(run_or_path)
+        if path.is_dir():
+            return path.resolve()
+        known = ", ".join(sorted(runs)) or "none yet"
+        raise UserError(f"no run {run_or_path!r} in workspace {self.root} (known runs: {known})")
+
+
+def check_name(what: str, name: str) -> None:
+    """Names become directory names: letters, digits, '.', '_', '-', not starting with '.'."""
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,99}", name or ""):
+        raise UserError(f"invalid {what} {name!r}: use letters, digits, '.', '_' and '-' (not starting with '.')")
+
+
+def _manifest_problem(data: object) -> str | None:
+    if not isinstance(data, dict):
+        return "the top level is not a JSON object"
+    if data.get("format") != FORMAT:
+        return f"unknown format {data.get('format')!r} (expected {FORMAT})"
+    for key in ("streams", "runs"):
+        if not isinstance(data.get(key), dict):
+            return f"{key!r} is missing or not an object"
+    return None
