@@ -52,6 +52,12 @@ def info(fmt: Format = FormatOpt) -> None:
     emit(system_info(), fmt, lambda d: stdout.print(key_value_table(d, title="lifelong-peer environment")))
 
 
+from . import eval_cmds  # noqa: E402  (after `app`, to keep the command order of --help)
+
+app.command("eval")(eval_cmds.eval_cmd)
+app.command("report")(eval_cmds.report_cmd)
+
+
 def main() -> None:
     """Entry point: user errors → one line on stderr and exit 2; internal errors → exit 1."""
     try:

@@ -1,0 +1,129 @@
+"""``lpeer eval`` and ``lpeer report``: read runs' results, print tables, write the comparison."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from .output import Format, emit, message, stdout
+
+
+class Split(str, Enum):
+    validation = "validation"
+    test = "test"
+
+
+FormatOpt = typer.Option(Format.human, "--format", help="human: tables; json: machine-readable on stdout.")
+SplitOpt = typer.Option(
+    Split.test, "--split", help="held-out split: test for reported numbers, validation for decisions."
+)
+WorkspaceOpt = typer.Option(
+    None, "--workspace", help="workspace holding the runs (default: $LPEER_WORKSPACE, else cwd)."
+)
+
+
+def _num(value, fmt: str = "{:.4f}") -> str:
+    return "—" if value is None else fmt.format(value)
+
+
+def _render_eval(s: dict) -> None:
+    matrix = Table(
+        title=f"{s['run']} ({s['strategy']}): bits per byte, {s['split']} split; below the diagonal: change since trained"
+    )
+    matrix.add_column("after phase")
+    for name in s["slices"]:
+        matrix.add_column(name, justify="right")
+    matrix.add_row("base", *(f"{v:.4f}" for v in s["before_bpb"]))
+    for i, row in enumerate(s["matrix_bpb"]):
+        cells = []
+        for j, v in enumerate(row):
+            if j < i:
+                delta = v - s["matrix_bpb"][j][j]
+                cells.append(f"{v:.4f} [{'red' if delta > 0 else 'green'}]{delta:+.4f}[/]")
+            else:
+                cells.append(f"[bold]{v:.4f}[/]" if i == j else f"[dim]{v:.4f}[/]")
+        matrix.add_row(f"{i}: {s['slices'][i]}", *cells)
+    stdout.print(matrix)
+
+    metrics = Table(title=f"metrics over the {s['phases_done']} finished phase(s) of {len(s['slices'])}")
+    for col in ("metric", "bits/byte", "nats/token", "meaning"):
+        metrics.add_column(col, justify="left" if col in ("metric", "meaning") else "right")
+    for key, meaning in (
+        ("final_avg", "after the last phase, over trained slices, weighted by held-out size"),
+        ("final_avg_unweighted", "the same, plain mean over slices"),
+        ("avg_forgetting", "mean over earlier slices of final − best; > 0 = forgot"),
+        ("bwt", "mean of (just trained − final); < 0 = forgot"),
+        ("fwt", "mean of (base − before training on it); > 0 = earlier phases helped"),
+        ("newest", "newest trained slice after the last phase"),
+    ):
+        signed = "{:+.4f}" if key in ("avg_forgetting", "bwt", "fwt") else "{:.4f}"
+        metrics.add_row(key, _num(s[f"{key}_bpb"], signed), _num(s[f"{key}_nll"], signed), meaning)
+    stdout.print(metrics)
+
+    growth = Table(title="phases")
+    for col in ("phase", "slice", "experts", "frozen", "params", "active params", "train tokens", "wall s"):
+        growth.add_column(col, justify="left" if col == "slice" else "right")
+    for i in range(s["phases_done"]):
+        growth.add_row(
+            str(i),
+            s["slices"][i],
+            f"{s['num_experts'][i]:,}",
+            f"{s['frozen_fraction'][i]:.1%}",
+            f"{s['params'][i]:,}",
+            f"{s['active_params'][i]:,}",
+            f"{s['train_tokens'][i]:,}",
+            f"{s['wall_time_s'][i]:.1f}",
+        )
+    stdout.print(growth)
+
+
+def eval_cmd(
+    run: str = typer.Argument(..., help="run id in the workspace, or a run directory."),
+    split: Split = SplitOpt,
+    fmt: Format = FormatOpt,
+    workspace: Path = WorkspaceOpt,
+) -> None:
+    """Loss matrix and forgetting metrics (forgetting, BWT, FWT, final average) of one run.
+
+    Example: lpeer eval run-1 --split test --format json
+    """
+    from lifelong_peer.report import evaluate_run
+
+    emit(evaluate_run(run, split.value, workspace), fmt, _render_eval)
+
+
+def _table(title: str, headers: list[str], body: list[list[str]]) -> Table:
+    table = Table(title=title)
+    for h in headers:
+        table.add_column(h, justify="left" if h in ("run", "strategy") else "right", overflow="fold")
+    for row in body:
+        table.add_row(*row)
+    return table
+
+
+def _render_report(c: dict) -> None:
+    from lifelong_peer.report import COST, QUALITY, strategy_cells, table_cells
+
+    stdout.print(_table(f"runs, {c['split']} split: bits per byte, lower is better", *table_cells(c, QUALITY)))
+    stdout.print(_table("model and cost", *table_cells(c, COST)))
+    stdout.print(_table("per strategy: mean ± std over runs", *strategy_cells(c, QUALITY)))
+    message(f"wrote {', '.join(c['files'].values())}")
+
+
+def report_cmd(
+    runs: list[str] = typer.Argument(..., help="run ids or run directories to compare."),
+    out: Path = typer.Option(Path("report"), "--out", help="directory for report.json, report.md and report.png."),
+    split: Split = SplitOpt,
+    fmt: Format = FormatOpt,
+    workspace: Path = WorkspaceOpt,
+) -> None:
+    """Compare runs side by side: a table and a plot of forgetting against newest-slice bits per byte.
+
+    Example: lpeer report naive-s0 lifelong-s0 --out report/
+    """
+    from lifelong_peer.report import report
+
+    emit(report(runs, out, split.value, workspace), fmt, _render_report)

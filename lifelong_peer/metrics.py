@@ -1,0 +1,495 @@
+"""Forgetting metrics from the loss matrix; the run's ``results.json`` and its CSV/JSON outputs.
+
+The loss matrix of one split: ``L[i][j]`` = mean loss on slice j's held-out split after phase i,
+where phase i trains on slice i (``slices`` are in time order). Lower is better, so the signs of
+the classification-accuracy definitions flip (RESEARCH.md "Forgetting metrics"). With T the last
+finished phase (0-based; a partial run has T + 1 < len(slices) phases):
+
+- final average: Σ_j w_j L[T][j] / Σ_j w_j over the seen slices j ≤ T, weighted by held-out size
+  (tokens for nll, bytes for bpb — the loss on the pooled held-out sets; for the byte tokenizer
+  tokens = bytes), plus the unweighted mean;
+- forgetting of slice j (Chaudhry et al. 2018, flipped): F_j = L[T][j] − min_{l∈[j, T−1]} L[l][j];
+  averaged over j < T; positive = forgot;
+- BWT (Lopez-Paz & Ranzato 2017, flipped): mean_{j<T} (L[j][j] − L[T][j]); negative = forgot;
+- FWT: mean_{1≤j≤T} (B[j] − L[j−1][j]), where B is the model before phase 0 (the base model,
+  not a random init — issue 6); positive = earlier phases helped on slices not yet trained on;
+- plasticity: the diagonal L[j][j]; newest: L[T][T].
+
+Forgetting, BWT and FWT are plain means over slices, as in the papers; they are ``None`` when
+undefined (one phase: nothing to forget yet).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .checkpoint import atomic_write_json, atomic_write_text
+from .errors import UserError
+
+RESULTS_FILE = "results.json"
+RESULTS_FORMAT = "lifelong-peer/results/1"
+SPLITS = ("validation", "test")
+UNITS = ("bpb", "nll")
+
+DEFINITIONS = {
+    "matrix": "L[i][j]: mean loss on slice j's held-out split after phase i (phase i trains on slice i); "
+    "'before' is the base model before phase 0. Lower is better.",
+    "nll": "nats per token; bpb: bits per byte = total nats / (bytes · ln 2)",
+    "final_avg": "Σ_j w_j L[T][j] / Σ_j w_j over seen slices j ≤ T, weighted by held-out tokens (nll) "
+    "or bytes (bpb): the loss on the pooled held-out sets; final_avg_unweighted: plain mean",
+    "forgetting": "F_j = L[T][j] − min_{l∈[j,T−1]} L[l][j] for j < T; avg_forgetting = mean_j F_j; "
+    "positive = forgot (Chaudhry et al. 2018, flipped for loss)",
+    "bwt": "mean_{j<T} (L[j][j] − L[T][j]); negative = forgot (Lopez-Paz & Ranzato 2017, flipped for loss)",
+    "fwt": "mean_{1≤j≤T} (before[j] − L[j−1][j]); positive = earlier phases helped on the next slice "
+    "(reference: the base model, not a random init)",
+    "plasticity": "the diagonal L[j][j]: loss on a slice right after training on it",
+    "newest": "L[T][T]: loss on the newest trained slice after the last phase",
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# results.json: the contract between the trainer (writer) and eval / report (readers)
+
+
+@dataclass
+class EvalRow:
+    """One evaluation of one model on every slice's held-out split; lists are indexed by slice."""
+
+    nll: list[float]
+    """mean negative log-likelihood per token, in nats"""
+    bpb: list[float]
+    """bits per byte: total nats / (bytes · ln 2)"""
+    tokens: list[int]
+    """held-out tokens scored (the weights of nll averages)"""
+    bytes: list[int]
+    """held-out UTF-8 bytes scored (the weights of bpb averages)"""
+
+    @classmethod
+    def from_totals(cls, nll_sum: list[float], tokens: list[int], num_bytes: list[int]) -> EvalRow:
+        """Per-slice summed nats, token and byte counts → a row (the one place bpb is defined)."""
+        return cls(
+            nll=[s / t for s, t in zip(nll_sum, tokens, strict=True)],
+            bpb=[s / (b * math.log(2)) for s, b in zip(nll_sum, num_bytes, strict=True)],
+            tokens=[int(t) for t in tokens],
+            bytes=[int(b) for b in num_bytes],
+        )
+
+
+@dataclass
+class SplitEval:
+    """All evaluations of one split (validation or test) in a run."""
+
+    before: EvalRow
+    """the base model, before phase 0: the reference for forward transfer"""
+    after: list[EvalRow] = field(default_factory=list)
+    """one row per finished phase: row i is the model after phase i"""
+
+
+@dataclass
+class PhaseRecord:
+    """What one finished phase did, and the model it left."""
+
+    slice: str
+    """name of the slice trained on in this phase"""
+    train_tokens: int
+    """training tokens consumed in this phase"""
+    wall_time_s: float
+    """wall-clock seconds of the phase (training and its evaluation)"""
+    num_experts: int
+    """experts in the pool(s) after the phase, summed over PEER layers (0 for a dense model)"""
+    frozen_fraction: float
+    """fraction of those experts frozen after the phase, in [0, 1]"""
+    params: int
+    """total parameters after the phase"""
+    active_params: int
+    """parameters used per token (retrieved experts only)"""
+    extra: dict = field(default_factory=dict)
+    """further keys the trainer records; kept as they are"""
+
+
+@dataclass
+class RunResults:
+    """The contents of ``results.json``: written by the trainer after every phase, read by eval/report."""
+
+    run: str
+    """run id"""
+    strategy: str
+    """strategy name (naive, lifelong, replay, ...)"""
+    slices: list[str]
+    """slice names in time order; phase i trains on slices[i]"""
+    phases: list[PhaseRecord] = field(default_factory=list)
+    """one record per finished phase (fewer than slices while a run is in progress)"""
+    eval: dict[str, SplitEval] = field(default_factory=dict)
+    """split name (validation / test) → its evaluations"""
+    extra: dict = field(default_factory=dict)
+    """further top-level keys (config, seed, ...); kept as they are"""
+
+    def add_phase(self, phase: PhaseRecord, rows: dict[str, EvalRow]) -> None:
+        """Record a finished phase and its evaluation on every split (the trainer's one call per phase)."""
+        if set(rows) != set(self.eval):
+            raise UserError(f"phase {len(self.phases)}: evaluated splits {sorted(rows)}, expected {sorted(self.eval)}")
+        self.phases.append(phase)
+        for name, row in rows.items():
+            self.eval[name].after.append(row)
+        self.validate()
+
+    def validate(self, where: str = RESULTS_FILE) -> None:
+        """Raise UserError when anything is malformed: one set of checks, by a round trip through from_dict."""
+        RunResults.from_dict(self.to_dict(), where)
+
+    def to_dict(self) -> dict:
+        def row(r: EvalRow) -> dict:
+            return {"nll": list(r.nll), "bpb": list(r.bpb), "tokens": list(r.tokens), "bytes": list(r.bytes)}
+
+        phases = []
+        for p in self.phases:
+            d = {k: getattr(p, k) for k in _PHASE_KEYS}
+            phases.append({**p.extra, **d})
+        return {
+            **self.extra,
+            "format": RESULTS_FORMAT,
+            "run": self.run,
+            "strategy": self.strategy,
+            "slices": list(self.slices),
+            "phases": phases,
+            "eval": {s: {"before": row(e.before), "after": [row(r) for r in e.after]} for s, e in self.eval.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, data: object, where: str = RESULTS_FILE) -> RunResults:
+        """Parse and validate; every problem is a UserError naming the file and the key."""
+        d = _typed(data, dict, where)
+        fmt = d.get("format", RESULTS_FORMAT)
+        if fmt != RESULTS_FORMAT:
+            raise UserError(f"{where}: format {fmt!r} is not {RESULTS_FORMAT!r}")
+        slices = [
+            _typed(s, str, f"{where}: slices[{j}]")
+            for j, s in enumerate(_typed(_key(d, "slices", where), list, f"{where}: slices"))
+        ]
+        if not slices or len(set(slices)) != len(slices):
+            raise UserError(f"{where}: slices must be a non-empty list of distinct names, got {slices}")
+        phases = [
+            _phase(p, f"{where}: phases[{i}]")
+            for i, p in enumerate(_typed(_key(d, "phases", where), list, f"{where}: phases"))
+        ]
+        if len(phases) > len(slices):
+            raise UserError(f"{where}: {len(phases)} phases but only {len(slices)} slices")
+        for i, p in enumerate(phases):
+            if p.slice != slices[i]:
+                raise UserError(
+                    f"{where}: phases[{i}].slice is {p.slice!r}, expected {slices[i]!r} (phase i trains on slices[i])"
+                )
+        evals = _typed(_key(d, "eval", where), dict, f"{where}: eval")
+        if not evals:
+            raise UserError(f"{where}: eval has no split")
+        parsed = {}
+        for name, e in evals.items():
+            w = f"{where}: eval.{name}"
+            e = _typed(e, dict, w)
+            after = _typed(_key(e, "after", w), list, f"{w}.after")
+            if len(after) != len(phases):
+                raise UserError(f"{w}.after has {len(after)} rows but there are {len(phases)} phases")
+            parsed[name] = SplitEval(
+                before=_row(_key(e, "before", w), len(slices), f"{w}.before"),
+                after=[_row(r, len(slices), f"{w}.after[{i}]") for i, r in enumerate(after)],
+            )
+            for i, r in enumerate(parsed[name].after):
+                if (r.tokens, r.bytes) != (parsed[name].before.tokens, parsed[name].before.bytes):
+                    raise UserError(
+                        f"{w}.after[{i}] scored other tokens/bytes than {w}.before (held-out sets are fixed)"
+                    )
+        extra = {k: v for k, v in d.items() if k not in ("format", "run", "strategy", "slices", "phases", "eval")}
+        return cls(
+            run=_typed(_key(d, "run", where), str, f"{where}: run"),
+            strategy=_typed(_key(d, "strategy", where), str, f"{where}: strategy"),
+            slices=slices,
+            phases=phases,
+            eval=parsed,
+            extra=extra,
+        )
+
+
+_PHASE_KEYS = ("slice", "train_tokens", "wall_time_s", "num_experts", "frozen_fraction", "params", "active_params")
+
+
+def _key(d: dict, key: str, where: str):
+    if key not in d:
+        raise UserError(f"{where}: missing key {key!r}")
+    return d[key]
+
+
+def _typed(value, kind: type, where: str):
+    if not isinstance(value, kind):
+        raise UserError(f"{where}: expected {kind.__name__}, got {value!r}")
+    return value
+
+
+def _count(value, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise UserError(f"{where}: expected a non-negative integer, got {value!r}")
+    return value
+
+
+def _number(value, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise UserError(f"{where}: expected a finite number, got {value!r}")
+    return float(value)
+
+
+def _phase(data, where: str) -> PhaseRecord:
+    d = _typed(data, dict, where)
+    frozen = _number(_key(d, "frozen_fraction", where), f"{where}.frozen_fraction")
+    if not 0.0 <= frozen <= 1.0:
+        raise UserError(f"{where}.frozen_fraction: expected a fraction in [0, 1], got {frozen}")
+    return PhaseRecord(
+        slice=_typed(_key(d, "slice", where), str, f"{where}.slice"),
+        train_tokens=_count(_key(d, "train_tokens", where), f"{where}.train_tokens"),
+        wall_time_s=_number(_key(d, "wall_time_s", where), f"{where}.wall_time_s"),
+        num_experts=_count(_key(d, "num_experts", where), f"{where}.num_experts"),
+        frozen_fraction=frozen,
+        params=_count(_key(d, "params", where), f"{where}.params"),
+        active_params=_count(_key(d, "active_params", where), f"{where}.active_params"),
+        extra={k: v for k, v in d.items() if k not in _PHASE_KEYS},
+    )
+
+
+def _row(data, num_slices: int, where: str) -> EvalRow:
+    d = _typed(data, dict, where)
+    values = {}
+    for key, parse in (("nll", _number), ("bpb", _number), ("tokens", _count), ("bytes", _count)):
+        v = _typed(_key(d, key, where), list, f"{where}.{key}")
+        if len(v) != num_slices:
+            raise UserError(f"{where}.{key} has {len(v)} values but there are {num_slices} slices")
+        values[key] = [parse(x, f"{where}.{key}[{j}]") for j, x in enumerate(v)]
+    for j, (t, b) in enumerate(zip(values["tokens"], values["bytes"], strict=True)):
+        if t == 0 or b == 0:
+            raise UserError(f"{where}: slice {j} was scored on 0 tokens or bytes (an empty held-out split)")
+    return EvalRow(**values)
+
+
+def save_results(run_dir: str | Path, results: RunResults) -> Path:
+    """Validate and write ``run_dir/results.json`` atomically."""
+    results.validate()
+    path = Path(run_dir) / RESULTS_FILE
+    atomic_write_json(path, results.to_dict())
+    return path
+
+
+def load_results(run_dir: str | Path) -> RunResults:
+    """Read ``run_dir/results.json`` (or that file itself); a missing or malformed file is a UserError."""
+    path = Path(run_dir)
+    if path.is_dir():
+        path = path / RESULTS_FILE
+    if not path.is_file():
+        raise UserError(f"{path}: no results file; the run has not finished a phase")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+    return RunResults.from_dict(data, str(path))
+
+
+# ---------------------------------------------------------------------------------------------
+# metrics of one loss matrix
+
+
+def forgetting_table(matrix: np.ndarray) -> np.ndarray:
+    """F[i][j] = L[i][j] − min_{l∈[j, i−1]} L[l][j] for j < i, NaN elsewhere.
+
+    matrix: (P, S) losses after each of P phases, P ≤ S. Returns (P, S); its last row holds the
+    forgetting of the run so far; earlier rows are the forgetting after each phase (metrics.csv).
+    """
+    L = np.asarray(matrix, dtype=float)
+    F = np.full(L.shape, np.nan)
+    for i in range(L.shape[0]):
+        for j in range(min(i, L.shape[1])):
+            F[i, j] = L[i, j] - L[j:i, j].min()
+    return F
+
+
+def matrix_metrics(matrix: np.ndarray, before: np.ndarray, weights: np.ndarray) -> dict:
+    """Forgetting metrics of one loss matrix (definitions in the module docstring).
+
+    matrix: (P, S) loss after phase i on slice j, 0 ≤ P ≤ S; before: (S,) the base model's loss;
+    weights: (S,) held-out sizes. Returns final_avg, final_avg_unweighted, forgetting (list over
+    j < T), avg_forgetting, bwt, fwt, plasticity (list over j ≤ T), newest; None where undefined.
+    """
+    before = np.asarray(before, dtype=float)
+    L = np.asarray(matrix, dtype=float).reshape(-1, before.shape[0])
+    P = L.shape[0]
+    if P == 0:
+        return dict.fromkeys(["final_avg", "final_avg_unweighted", "avg_forgetting", "bwt", "fwt", "newest"]) | {
+            "forgetting": [],
+            "plasticity": [],
+        }
+    T = P - 1
+    w = np.asarray(weights, dtype=float)[:P]
+    final = L[T, :P]
+    diagonal = L[np.arange(P), np.arange(P)]
+    forgetting = forgetting_table(L)[T, :T]
+    previous = L[np.arange(T), np.arange(1, P)]  # L[j−1][j] for 1 ≤ j ≤ T
+    return {
+        "final_avg": float((w * final).sum() / w.sum()),
+        "final_avg_unweighted": float(final.mean()),
+        "forgetting": forgetting.tolist(),
+        "avg_forgetting": float(forgetting.mean()) if T else None,
+        "bwt": float((diagonal[:T] - L[T, :T]).mean()) if T else None,
+        "fwt": float((before[1:P] - previous).mean()) if T else None,
+        "plasticity": diagonal.tolist(),
+        "newest": float(L[T, T]),
+    }
+
+
+def summarize(results: RunResults, split: str = "test") -> dict:
+    """The loss matrices and every metric of one split, in bpb and nll, plus growth per phase.
+
+    Metric keys are ``<name>_<unit>`` (``avg_forgetting_bpb``, ``final_avg_nll``, ...); matrices are
+    ``matrix_bpb`` / ``matrix_nll`` as lists of rows, one row per finished phase.
+    """
+    if split not in results.eval:
+        raise UserError(f"run {results.run!r} has no {split!r} evaluation (it has {', '.join(results.eval)})")
+    e = results.eval[split]
+    out: dict = {
+        "run": results.run,
+        "strategy": results.strategy,
+        "split": split,
+        "slices": list(results.slices),
+        "phases_done": len(results.phases),
+        "complete": len(results.phases) == len(results.slices),
+    }
+    for unit, weight_key in (("bpb", "bytes"), ("nll", "tokens")):
+        matrix = [getattr(r, unit) for r in e.after]
+        before = getattr(e.before, unit)
+        out[f"matrix_{unit}"] = matrix
+        out[f"before_{unit}"] = before
+        for name, value in matrix_metrics(np.array(matrix), np.array(before), getattr(e.before, weight_key)).items():
+            out[f"{name}_{unit}"] = value
+    out["eval_tokens"] = list(e.before.tokens)
+    out["eval_bytes"] = list(e.before.bytes)
+    out["weighting"] = "final_avg_* weighted by held-out tokens (nll) / bytes (bpb); other averages are plain means"
+    for key in ("num_experts", "frozen_fraction", "params", "active_params", "train_tokens", "wall_time_s"):
+        out[key] = [getattr(p, key) for p in results.phases]
+    out["total_train_tokens"] = sum(out["train_tokens"])
+    out["total_wall_time_s"] = sum(out["wall_time_s"])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# files of a run directory
+
+METRICS_COLUMNS = (
+    "phase",
+    "train_slice",
+    "eval_slice",
+    "split",
+    "nll",
+    "bpb",
+    "tokens",
+    "bytes",
+    "num_experts",
+    "frozen_fraction",
+    "forgetting",
+    "forgetting_nll",
+)
+
+
+def metrics_rows(results: RunResults) -> list[dict]:
+    """Long format (Avalanche's shape): one row per split × phase × eval slice.
+
+    Phase −1 is the base model (train_slice empty). ``forgetting`` is F in bits per byte of that
+    slice after that phase (``forgetting_nll`` in nats/token), empty where undefined (j ≥ phase).
+    """
+    rows = []
+    for split, e in results.eval.items():
+        F = {
+            u: forgetting_table(np.array([getattr(r, u) for r in e.after]).reshape(-1, len(results.slices)))
+            for u in UNITS
+        }
+        for i, r in [(-1, e.before), *enumerate(e.after)]:
+            phase = results.phases[i] if i >= 0 else None
+            for j, name in enumerate(results.slices):
+                f = {u: (F[u][i, j] if i >= 0 else math.nan) for u in UNITS}
+                rows.append(
+                    {
+                        "phase": i,
+                        "train_slice": phase.slice if phase else "",
+                        "eval_slice": name,
+                        "split": split,
+                        "nll": r.nll[j],
+                        "bpb": r.bpb[j],
+                        "tokens": r.tokens[j],
+                        "bytes": r.bytes[j],
+                        "num_experts": phase.num_experts if phase else "",
+                        "frozen_fraction": phase.frozen_fraction if phase else "",
+                        "forgetting": "" if math.isnan(f["bpb"]) else f["bpb"],
+                        "forgetting_nll": "" if math.isnan(f["nll"]) else f["nll"],
+                    }
+                )
+    return rows
+
+
+def matrix_rows(results: RunResults) -> list[dict]:
+    """Wide format: one row per split × unit × phase (base first), one column per slice."""
+    rows = []
+    for split, e in results.eval.items():
+        for unit in UNITS:
+            for i, r in [(-1, e.before), *enumerate(e.after)]:
+                row = {"split": split, "unit": unit, "phase": i, "train_slice": results.slices[i] if i >= 0 else ""}
+                rows.append(row | dict(zip(results.slices, getattr(r, unit), strict=True)))
+    return rows
+
+
+def _csv(rows: list[dict], columns: list[str]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def report_split(results: RunResults) -> str:
+    """The split reported in files and plots: test when the run has it (validation is for decisions)."""
+    return "test" if "test" in results.eval else next(iter(results.eval))
+
+
+def write_run_outputs(run_dir: str | Path, results: RunResults) -> dict[str, Path]:
+    """Write metrics.csv, matrix.csv, summary.json, heatmap.png and curves.png into ``run_dir``.
+
+    Safe to call after every phase (each file is replaced atomically). Plots show the test split
+    (validation if there is no test evaluation). Returns the written paths by name.
+    """
+    from . import plots
+
+    run_dir = Path(run_dir)
+    paths = {
+        name: run_dir / name for name in ("metrics.csv", "matrix.csv", "summary.json", "heatmap.png", "curves.png")
+    }
+    atomic_write_text(paths["metrics.csv"], _csv(metrics_rows(results), list(METRICS_COLUMNS)))
+    atomic_write_text(
+        paths["matrix.csv"], _csv(matrix_rows(results), ["split", "unit", "phase", "train_slice", *results.slices])
+    )
+    summaries = {split: summarize(results, split) for split in results.eval}
+    atomic_write_json(
+        paths["summary.json"],
+        {
+            "run": results.run,
+            "strategy": results.strategy,
+            "slices": results.slices,
+            "phases_done": len(results.phases),
+            "reported_split": report_split(results),
+            "splits": summaries,
+            "definitions": DEFINITIONS,
+        },
+    )
+    shown = summaries[report_split(results)]
+    title = f"{results.run} ({results.strategy}), {shown['split']} split"
+    plots.heatmap(paths["heatmap.png"], shown["slices"], shown["matrix_bpb"], shown["before_bpb"], title)
+    plots.curves(paths["curves.png"], shown["slices"], shown["matrix_bpb"], shown["before_bpb"], title)
+    return paths

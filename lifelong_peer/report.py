@@ -1,0 +1,179 @@
+"""Reading finished runs: one run's metrics (``lpeer eval``) and runs side by side (``lpeer report``).
+
+Everything here is computed from each run's ``results.json`` (metrics.py); nothing is cached.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .checkpoint import atomic_write_json, atomic_write_text
+from .errors import UserError
+from .metrics import RESULTS_FILE, RunResults, load_results, summarize
+
+#: the columns of the side-by-side table, in order: (key, header, format)
+COLUMNS = (
+    ("run", "run", "{}"),
+    ("strategy", "strategy", "{}"),
+    ("final_avg_bpb", "final avg", "{:.4f}"),
+    ("newest_bpb", "newest", "{:.4f}"),
+    ("avg_forgetting_bpb", "forgetting", "{:+.4f}"),
+    ("bwt_bpb", "BWT", "{:+.4f}"),
+    ("fwt_bpb", "FWT", "{:+.4f}"),
+    ("phases_done", "phases", "{}"),
+    ("num_experts", "experts", "{:,.0f}"),
+    ("params", "params", "{:,.0f}"),
+    ("active_params", "active params", "{:,.0f}"),
+    ("train_tokens", "train tokens", "{:,.0f}"),
+    ("wall_time_s", "wall s", "{:.1f}"),
+)
+#: the quality metrics (the rest of COLUMNS is the model's size and the cost)
+QUALITY = ("run", "strategy", "final_avg_bpb", "newest_bpb", "avg_forgetting_bpb", "bwt_bpb", "fwt_bpb")
+COST = ("run", "phases_done", "num_experts", "params", "active_params", "train_tokens", "wall_time_s")
+#: the numeric columns averaged over the runs of one strategy (seeds)
+AGGREGATED = ("final_avg_bpb", "newest_bpb", "avg_forgetting_bpb", "bwt_bpb", "fwt_bpb", "train_tokens", "wall_time_s")
+
+
+def find_run_dir(run: str, workspace: str | Path | None = None) -> Path:
+    """A run directory given as a path, or a run id looked up in the workspace (--workspace, $LPEER_WORKSPACE, cwd)."""
+    path = Path(run)
+    if path.is_dir():
+        return path
+    if os.sep in run:
+        raise UserError(f"{run}: no such run directory")
+    from .workspace import Workspace
+
+    try:
+        return Workspace.open(workspace).resolve_run(run)
+    except UserError as e:
+        raise UserError(f"{run!r} is neither a run directory nor a known run id: {e}") from None
+
+
+def load_run(run: str, workspace: str | Path | None = None) -> RunResults:
+    run_dir = find_run_dir(run, workspace)
+    if not (run_dir / RESULTS_FILE).is_file():
+        # TODO(issue 6): recompute the loss matrix from the run's phase checkpoints.
+        raise UserError(f"{run_dir / RESULTS_FILE} not found: the run has not finished a phase")
+    return load_results(run_dir)
+
+
+def evaluate_run(run: str, split: str = "test", workspace: str | Path | None = None) -> dict:
+    """The loss matrices and forgetting metrics of one run (``metrics.summarize``); for ``lpeer eval``."""
+    return summarize(load_run(run, workspace), split)
+
+
+def run_row(summary: dict) -> dict:
+    """One run's line in the comparison: its final metrics and the model after its last phase."""
+    keys = ("run", "strategy", "phases_done", "final_avg_bpb", "newest_bpb", "avg_forgetting_bpb", "bwt_bpb", "fwt_bpb")
+    row = {key: summary[key] for key in keys}
+    last = {key: (summary[key][-1] if summary[key] else None) for key in ("num_experts", "params", "active_params")}
+    return (
+        row
+        | last
+        | {
+            "complete": summary["complete"],
+            "final_avg_nll": summary["final_avg_nll"],
+            "avg_forgetting_nll": summary["avg_forgetting_nll"],
+            "train_tokens": summary["total_train_tokens"],
+            "wall_time_s": summary["total_wall_time_s"],
+        }
+    )
+
+
+def aggregate(rows: list[dict]) -> list[dict]:
+    """Mean and sample standard deviation per strategy (over seeds), skipping undefined values."""
+    out = []
+    for strategy in dict.fromkeys(r["strategy"] for r in rows):
+        group = [r for r in rows if r["strategy"] == strategy]
+        entry: dict = {"strategy": strategy, "runs": len(group)}
+        for key in AGGREGATED:
+            values = np.array([r[key] for r in group if r[key] is not None], dtype=float)
+            entry[key] = {
+                "mean": float(values.mean()) if len(values) else None,
+                "std": float(values.std(ddof=1)) if len(values) > 1 else None,
+                "n": len(values),
+            }
+        out.append(entry)
+    return out
+
+
+def compare_runs(runs: list[RunResults], split: str = "test") -> dict:
+    """Runs side by side on one split: one row per run and mean ± std per strategy.
+
+    All runs must share the same slices (a comparison across different streams means nothing).
+    """
+    if not runs:
+        raise UserError("no runs to compare")
+    slices = runs[0].slices
+    for r in runs[1:]:
+        if r.slices != slices:
+            raise UserError(f"runs {runs[0].run!r} and {r.run!r} have different slices ({slices} vs {r.slices})")
+    rows = [run_row(summarize(r, split)) for r in runs]
+    return {"split": split, "slices": list(slices), "runs": rows, "strategies": aggregate(rows)}
+
+
+def _cell(value, fmt: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    return fmt.format(value)
+
+
+def table_cells(comparison: dict, keys: tuple[str, ...] | None = None) -> tuple[list[str], list[list[str]]]:
+    """Headers and formatted cells of the per-run table, all COLUMNS or those in ``keys``."""
+    columns = [c for c in COLUMNS if keys is None or c[0] in keys]
+    return [h for _, h, _ in columns], [[_cell(row[k], f) for k, _, f in columns] for row in comparison["runs"]]
+
+
+def strategy_cells(comparison: dict, keys: tuple[str, ...] = AGGREGATED) -> tuple[list[str], list[list[str]]]:
+    """Headers and "mean ± std" cells of the per-strategy table, for the aggregated columns in ``keys``."""
+    columns = [c for c in COLUMNS if c[0] in AGGREGATED and c[0] in keys]
+    body = []
+    for entry in comparison["strategies"]:
+        cells = [entry["strategy"], str(entry["runs"])]
+        for key, _, fmt in columns:
+            mean, std = entry[key]["mean"], entry[key]["std"]
+            cells.append(_cell(mean, fmt) + ("" if std is None else " ± " + fmt.replace("+", "").format(std)))
+        body.append(cells)
+    return ["strategy", "runs", *(h for _, h, _ in columns)], body
+
+
+def markdown(comparison: dict) -> str:
+    """The comparison as Markdown tables (per run, then per strategy), ready for a results page."""
+
+    def table(headers: list[str], body: list[list[str]]) -> str:
+        lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+        return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in body])
+
+    return (
+        f"Split: {comparison['split']}; slices: {', '.join(comparison['slices'])}. Bits per byte, lower is better; "
+        "final avg is weighted by held-out bytes; forgetting > 0 and BWT < 0 mean forgotten.\n\n"
+        + table(*table_cells(comparison))
+        + "\n\n"
+        + table(*strategy_cells(comparison))
+        + "\n"
+    )
+
+
+def write_report(out_dir: str | Path, comparison: dict) -> dict[str, Path]:
+    """Write report.json, report.md and report.png (forgetting against newest-slice bpb) into ``out_dir``."""
+    from . import plots
+
+    out = Path(out_dir)
+    paths = {"json": out / "report.json", "markdown": out / "report.md", "plot": out / "report.png"}
+    atomic_write_json(paths["json"], comparison)
+    atomic_write_text(paths["markdown"], markdown(comparison))
+    plots.forgetting_scatter(
+        paths["plot"], comparison["runs"], f"forgetting vs newest slice ({comparison['split']} split)"
+    )
+    return paths
+
+
+def report(runs: list[str], out_dir: str | Path, split: str = "test", workspace: str | Path | None = None) -> dict:
+    """Load the runs, compare them, write the report files; for ``lpeer report``."""
+    comparison = compare_runs([load_run(r, workspace) for r in runs], split)
+    files = write_report(out_dir, comparison)
+    return comparison | {"files": {k: str(v) for k, v in files.items()}}

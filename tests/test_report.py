@@ -1,0 +1,150 @@
+"""Runs side by side, run lookup, and the ``lpeer eval`` / ``lpeer report`` commands."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from typer.testing import CliRunner
+
+from lifelong_peer.cli.main import app
+from lifelong_peer.errors import UserError
+from lifelong_peer.metrics import EvalRow, PhaseRecord, RunResults, SplitEval, save_results
+from lifelong_peer.report import compare_runs, evaluate_run, find_run_dir, markdown, report
+
+SLICES = ["1790-1860", "1861-1932", "1933-2024"]
+#: loss matrix (bpb) of a run that forgets (naive) and one that barely does (lifelong)
+NAIVE = [[1.0, 2.0, 2.2], [1.6, 1.1, 2.0], [1.8, 1.5, 1.2]]
+LIFELONG = [[1.0, 2.0, 2.2], [1.05, 1.15, 2.0], [1.1, 1.2, 1.25]]
+
+
+def fabricate(run: str, strategy: str, matrix, phases: int = 3, slices=SLICES) -> RunResults:
+    def row(bpb):
+        return EvalRow([b * math.log(2) for b in bpb], list(bpb), [100] * len(slices), [100] * len(slices))
+
+    r = RunResults(run, strategy, list(slices), eval={"test": SplitEval(row([8.0] * len(slices)))})
+    for i in range(phases):
+        r.add_phase(PhaseRecord(slices[i], 500, 2.0, 256 * (i + 1), 0.5, 1000 + i, 100), {"test": row(matrix[i])})
+    return r
+
+
+@pytest.fixture()
+def runs(tmp_path):
+    """Two run directories with results.json, and a third with two seeds of one strategy."""
+    dirs = {}
+    for name, strategy, matrix in [("naive-s0", "naive", NAIVE), ("lifelong-s0", "lifelong", LIFELONG)]:
+        dirs[name] = tmp_path / name
+        save_results(dirs[name], fabricate(name, strategy, matrix))
+    return dirs
+
+
+def test_compare_two_runs(runs):
+    c = compare_runs([fabricate("a", "naive", NAIVE), fabricate("b", "lifelong", LIFELONG)])
+    a, b = c["runs"]
+    assert (a["run"], b["run"]) == ("a", "b") and c["slices"] == SLICES
+    assert a["avg_forgetting_bpb"] == pytest.approx(((1.8 - 1.0) + (1.5 - 1.1)) / 2)
+    assert b["avg_forgetting_bpb"] == pytest.approx(((1.1 - 1.0) + (1.2 - 1.15)) / 2)
+    assert a["newest_bpb"] == 1.2 and b["newest_bpb"] == 1.25
+    assert a["num_experts"] == 768 and a["train_tokens"] == 1500 and a["wall_time_s"] == 6.0
+    assert [s["strategy"] for s in c["strategies"]] == ["naive", "lifelong"]
+
+
+def test_strategy_mean_and_std_over_seeds():
+    shifted = [[x + 0.2 for x in row] for row in NAIVE]
+    c = compare_runs([fabricate("s0", "naive", NAIVE), fabricate("s1", "naive", shifted)])
+    (entry,) = c["strategies"]
+    assert entry["runs"] == 2
+    assert entry["final_avg_bpb"]["mean"] == pytest.approx((1.8 + 1.5 + 1.2) / 3 + 0.1)
+    assert entry["final_avg_bpb"]["std"] == pytest.approx(0.2 / math.sqrt(2))  # sample std of x, x + 0.2
+    assert entry["avg_forgetting_bpb"]["std"] == pytest.approx(0.0)
+    assert "± " in markdown(c)
+
+
+def test_single_phase_run_in_a_comparison():
+    c = compare_runs([fabricate("one", "naive", NAIVE, phases=1), fabricate("b", "lifelong", LIFELONG)])
+    assert c["runs"][0]["avg_forgetting_bpb"] is None and c["runs"][0]["phases_done"] == 1
+    assert c["strategies"][0]["avg_forgetting_bpb"] == {"mean": None, "std": None, "n": 0}
+    assert "| — |" in markdown(c)
+
+
+def test_different_slices_are_refused():
+    other = fabricate("b", "naive", NAIVE, slices=["x", "y", "z"])
+    with pytest.raises(UserError, match="different slices"):
+        compare_runs([fabricate("a", "naive", NAIVE), other])
+
+
+def test_report_writes_files(runs, tmp_path):
+    out = tmp_path / "out"
+    c = report([str(d) for d in runs.values()], out)
+    assert {p.name for p in out.iterdir()} == {"report.json", "report.md", "report.png"}
+    assert json.loads((out / "report.json").read_text())["runs"][1]["run"] == "lifelong-s0"
+    assert (out / "report.png").read_bytes().startswith(b"\x89PNG") and (out / "report.png").stat().st_size > 5000
+    assert c["files"]["plot"] == str(out / "report.png")
+
+
+def test_missing_results_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match=r"results\.json not found"):
+        evaluate_run(str(tmp_path))
+    with pytest.raises(UserError, match="no such run directory"):
+        evaluate_run(str(tmp_path / "gone"))
+
+
+def test_run_id_resolves_through_the_workspace(tmp_path):
+    from lifelong_peer.workspace import Workspace
+
+    ws = Workspace.init(tmp_path / "ws")
+    ws.register_run("naive-s0", {"strategy": "naive"})
+    save_results(ws.run_dir("naive-s0"), fabricate("naive-s0", "naive", NAIVE))
+    assert find_run_dir("naive-s0", tmp_path / "ws") == ws.run_dir("naive-s0")
+    assert evaluate_run("naive-s0", "test", tmp_path / "ws")["matrix_bpb"] == NAIVE
+    with pytest.raises(UserError, match="no run 'nope'"):
+        find_run_dir("nope", tmp_path / "ws")
+
+
+# ---------------------------------------------------------------------------------------------
+# the commands
+
+cli = CliRunner()
+
+
+def test_eval_json(runs):
+    result = cli.invoke(app, ["eval", str(runs["naive-s0"]), "--format", "json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    for key in ("slices", "matrix_bpb", "matrix_nll", "avg_forgetting_bpb", "bwt_bpb", "fwt_bpb", "final_avg_bpb"):
+        assert key in data
+    assert data["matrix_bpb"] == NAIVE and data["slices"] == SLICES
+    assert data["avg_forgetting_bpb"] == pytest.approx(0.6)
+    assert data["bwt_bpb"] == pytest.approx(-0.6)
+    assert data["fwt_bpb"] == pytest.approx(((8.0 - 2.0) + (8.0 - 2.0)) / 2)
+
+
+def test_eval_human_table(runs):
+    result = cli.invoke(app, ["eval", str(runs["naive-s0"])])
+    assert result.exit_code == 0, result.output
+    assert "1861-1932" in result.stdout and "avg_forgetting" in result.stdout and "+0.8000" in result.stdout
+
+
+def test_eval_unknown_split_and_missing_results(runs, tmp_path):
+    result = cli.invoke(app, ["eval", str(runs["naive-s0"]), "--split", "validation"])
+    assert isinstance(result.exception, UserError) and "no 'validation' evaluation" in str(result.exception)
+    result = cli.invoke(app, ["eval", str(tmp_path)])
+    assert isinstance(result.exception, UserError)
+
+
+def test_report_command(runs, tmp_path):
+    out = tmp_path / "rep"
+    result = cli.invoke(app, ["report", *map(str, runs.values()), "--out", str(out), "--format", "json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert [r["run"] for r in data["runs"]] == ["naive-s0", "lifelong-s0"]
+    assert (out / "report.png").is_file()
+    human = cli.invoke(app, ["report", *map(str, runs.values()), "--out", str(out)])
+    assert human.exit_code == 0 and "lifelong-s0" in human.stdout and "forgetting" in human.stdout
+
+
+def test_help_has_examples():
+    for command in ("eval", "report"):
+        result = cli.invoke(app, [command, "--help"])
+        assert result.exit_code == 0 and "Example: lpeer " + command in result.stdout
