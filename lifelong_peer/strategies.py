@@ -1,0 +1,36 @@
+"""Strategies: named presets over the one phase loop — data, not subclasses (issue 4).
+
+Each preset is a set of ``TrainConfig`` overrides (and, for ``dense``, model overrides). Anything a
+preset sets can be overridden again by the user (``--config FILE.toml`` or command-line options).
+"""
+
+from __future__ import annotations
+
+from .errors import UserError
+
+STRATEGIES: dict[str, dict] = {
+    # fine-tune everything on each slice, fixed pool
+    "naive": {},
+    # ours: grow at each new slice, freeze the experts older slices use, decay new experts towards
+    # zero ("regularised experts"), and hold the shared dense weights near the previous phase's
+    # (L2-SP; RESEARCH.md: the forgetting lives in the shared weights, so they need protection too)
+    "lifelong": {"grow": "8", "freeze": "all-old", "expert_weight_decay": 0.1, "l2sp": 1.0},
+    # naive + a quarter of every batch from earlier slices (TiC-LM's strongest simple baseline)
+    "replay": {"replay": 0.25},
+    # naive + EWC on every shared weight (diagonal Fisher at the end of each phase, online)
+    "ewc": {"ewc": 100.0},
+    # sparse memory finetuning (Lin et al. 2025): fixed pool, only the experts ranked highest by
+    # TF-IDF of the new slice's usage train; the rest of the pool is frozen
+    "smf": {"freeze": "tfidf:256"},
+    # the same transformer with dense FFNs, naive fine-tuning: the baseline a user would pick
+    "dense": {"model": {"peer_blocks": "none"}},
+    # one model trained on all slices' train data at once, for reference (not continual)
+    "joint": {"joint": True},
+}
+
+
+def strategy_overrides(name: str) -> dict:
+    """The preset of ``name``, or a UserError listing the strategies."""
+    if name not in STRATEGIES:
+        raise UserError(f"unknown strategy {name!r}; choose one of: {', '.join(STRATEGIES)}")
+    return {k: (dict(v) if isinstance(v, dict) else v) for k, v in STRATEGIES[name].items()}

@@ -1,0 +1,708 @@
+"""The continual trainer: one phase per time slice, grow → train → evaluate → record → freeze → checkpoint.
+
+A run lives in its own directory (``Workspace.run_dir``):
+
+    config.json         the resolved run configuration (stream, slices, strategy, model, training)
+    state.json          where the run stands: finished phases and the latest checkpoint (atomic pointer)
+    checkpoints/        phase-NNN.safetensors after each phase; phase-NNN-step-SSSSSS.safetensors mid-phase
+    metrics.jsonl       one line per training step: phase, step, loss, lr, tok/s, experts, frozen fraction
+    results.json        the evaluation matrix so far (``lifelong_peer.metrics.RunResults``)
+
+Exact resume: batches are drawn from a generator seeded by (seed, phase, step), growth from one
+seeded by (seed, phase), and a checkpoint holds everything else (weights, masks, optimizer moments,
+Fisher, usage ledger), so a run killed at any point and resumed ends bit-identical on CPU.
+Each phase starts a fresh optimizer with warm-up + cosine decay (continual pretraining re-warms).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import regularize
+from .checkpoint import MODEL_FORMAT, atomic_write_json, load_model, load_tensors, model_from_tensors, save_tensors
+from .errors import UserError
+from .metrics import EvalRow, PhaseRecord, RunResults, SplitEval, load_results, save_results, write_run_outputs
+from .model import LanguageModel, ModelConfig
+from .optim import PEEROptimizer, build_optimizer
+from .strategies import strategy_overrides
+
+RUN_CHECKPOINT_FORMAT = "lifelong-peer/run-checkpoint/1"
+Progress = Callable[[dict], None]
+
+
+@dataclass
+class TrainConfig:
+    """How a run trains. Strategy presets set some of these; every field can be overridden."""
+
+    strategy: str = "naive"
+    """Preset this config started from: naive, lifelong, replay, ewc, smf, dense, joint."""
+    steps: int = 150
+    """Optimizer steps per phase (ignored when `tokens` is set)."""
+    tokens: int | None = None
+    """Training tokens per phase; sets the steps to tokens / (batch_size · context)."""
+    batch_size: int = 16
+    """Windows per step."""
+    lr: float = 1e-3
+    """Peak learning rate of dense (shared) weights."""
+    expert_lr: float | None = None
+    """Peak learning rate of expert tables and sub-keys (default: lr)."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay of dense matrices."""
+    expert_weight_decay: float = 0.0
+    """Decoupled L2 on the trainable (unfrozen) expert rows a step touches: 'regularised experts'."""
+    warmup: int = 10
+    """Warm-up steps at the start of each phase."""
+    min_lr_ratio: float = 0.1
+    """Cosine decay ends at this fraction of the peak learning rate."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip (0: off)."""
+    grow: str = "none"
+    """Growth before each phase: none, K (sub-keys per half), or auto (decided by the index manager)."""
+    freeze: str = "none"
+    """Freezing policy applied before each phase: none, all-old, usage:P, tfidf:T."""
+    freeze_subkeys: bool = False
+    """Also freeze the sub-keys of frozen experts (keeps their keys, so their scores, fixed)."""
+    train_shared: bool = True
+    """Train the shared dense weights (attention, FFNs, embeddings, query nets); False trains experts only."""
+    l2sp: float = 0.0
+    """Weight of L2-SP: ½λ‖θ − θ_prev‖² on shared weights, anchored at the previous phase's end."""
+    ewc: float = 0.0
+    """Weight of EWC on shared weights (diagonal Fisher, accumulated online across phases)."""
+    ewc_batches: int = 8
+    """Batches used to estimate the Fisher at the end of each phase."""
+    distill: float = 0.0
+    """Weight of distillation: KL to the previous phase's model on the current batch."""
+    distill_temperature: float = 2.0
+    """Softmax temperature of distillation."""
+    replay: float = 0.0
+    """Fraction of each batch drawn from earlier slices' train splits."""
+    joint: bool = False
+    """Draw every batch from all slices at once (the non-continual reference)."""
+    base_steps: int = 0
+    """Train a base model for this many steps before phase 0 (when no --base checkpoint is given)."""
+    base_data: str = "mix"
+    """Data of the base phase: mix (all slices' train splits) or first (the first slice)."""
+    base_lr: float = 3e-3
+    """Peak learning rate of the base phase."""
+    eval_tokens: int = 32768
+    """Held-out tokens scored per slice and split (evenly spaced windows; 0: the whole split)."""
+    usage_tokens: int = 8192
+    """Validation tokens per slice used to record expert usage after its phase."""
+    checkpoint_every: int = 0
+    """Also checkpoint every N steps inside a phase (0: only at phase ends)."""
+    seed: int = 0
+    """Seed of every random choice: init, batches, growth."""
+    device: str = "auto"
+    """auto (CUDA when present), cpu, or cuda."""
+
+    def __post_init__(self) -> None:
+        positive = ("steps", "batch_size", "ewc_batches")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise UserError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.tokens is not None and self.tokens <= 0:
+            raise UserError(f"tokens must be positive, got {self.tokens}")
+        for name in ("lr", "base_lr"):
+            if not getattr(self, name) > 0:
+                raise UserError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("weight_decay", "expert_weight_decay", "l2sp", "ewc", "distill", "warmup", "base_steps"):
+            if getattr(self, name) < 0:
+                raise UserError(f"{name} must be ≥ 0, got {getattr(self, name)}")
+        if not 0 <= self.replay < 1:
+            raise UserError(f"replay must lie in [0, 1), got {self.replay}")
+        if self.base_data not in ("mix", "first"):
+            raise UserError(f"base_data must be mix or first, got {self.base_data!r}")
+        grow = str(self.grow)
+        if grow not in ("none", "auto") and not (grow.isdigit() and int(grow) > 0):
+            raise UserError(f"grow must be none, auto or a positive number of sub-keys, got {self.grow!r}")
+        self.grow = grow
+
+
+@dataclass
+class RunConfig:
+    """Everything a run needs to be rebuilt: saved as config.json in the run directory."""
+
+    run: str
+    stream: str
+    slices: list[str]
+    model: ModelConfig
+    train: TrainConfig
+    base: str | None = None
+    """Base checkpoint the run started from, if any."""
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {
+            "run": self.run,
+            "stream": self.stream,
+            "slices": self.slices,
+            "model": self.model.to_dict(),
+            "train": dataclasses.asdict(self.train),
+            "base": self.base,
+            "extra": self.extra,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> RunConfig:
+        return cls(
+            run=data["run"],
+            stream=data["stream"],
+            slices=list(data["slices"]),
+            model=ModelConfig.from_dict(data["model"]),
+            train=TrainConfig(**data["train"]),
+            base=data.get("base"),
+            extra=data.get("extra", {}),
+        )
+
+
+def resolve_config(strategy: str, overrides: dict | None = None, model: ModelConfig | None = None) -> tuple:
+    """Strategy preset, then user overrides (a flat dict of TrainConfig fields; ``model`` a dict of
+    ModelConfig fields) → (ModelConfig, TrainConfig). Unknown keys are a UserError."""
+    preset = strategy_overrides(strategy)
+    overrides = dict(overrides or {})
+    model_over = {**preset.pop("model", {}), **overrides.pop("model", {})}
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise UserError(f"unknown training option(s): {', '.join(unknown)}; known: {', '.join(sorted(fields))}")
+    train = TrainConfig(**{**preset, **overrides, "strategy": strategy})
+    base_model = model or ModelConfig()
+    try:
+        model_cfg = ModelConfig.from_dict({**base_model.to_dict(), **model_over})
+    except (TypeError, ValueError) as e:
+        raise UserError(f"invalid model configuration: {e}") from None
+    return model_cfg, train
+
+
+# --- data -----------------------------------------------------------------------------------------
+
+
+def sample_batch(pools: list[np.ndarray], replay_pools: list[np.ndarray], cfg: TrainConfig, context: int, gen):
+    """A (batch_size, context + 1) window batch: a ``replay`` fraction from earlier slices, the rest
+    from ``pools`` (the current slice, or all slices when joint); slice and offset drawn from ``gen``."""
+    n_replay = round(cfg.replay * cfg.batch_size) if replay_pools else 0
+    rows = []
+    for r in range(cfg.batch_size):
+        source = replay_pools if r < n_replay else pools
+        tokens = source[int(torch.randint(len(source), (1,), generator=gen))]
+        start = int(torch.randint(len(tokens) - context, (1,), generator=gen))
+        rows.append(torch.from_numpy(np.asarray(tokens[start : start + context + 1], dtype=np.int64)))
+    return torch.stack(rows)
+
+
+def eval_windows(tokens: np.ndarray, context: int, max_tokens: int) -> torch.Tensor:
+    """Evenly spaced, non-overlapping (n, context + 1) windows covering ≤ max_tokens predictions."""
+    n_all = (len(tokens) - 1) // context
+    n = n_all if max_tokens <= 0 else max(1, min(n_all, max_tokens // context))
+    starts = np.linspace(0, (n_all - 1) * context, n).astype(np.int64) if n_all > 0 else np.zeros(0, np.int64)
+    if n_all == 0:
+        return torch.from_numpy(np.asarray(tokens, dtype=np.int64))[None, :]
+    return torch.stack([torch.from_numpy(np.asarray(tokens[s : s + context + 1], dtype=np.int64)) for s in starts])
+
+
+@torch.no_grad()
+def evaluate(model: LanguageModel, windows: torch.Tensor, batch_size: int = 32) -> tuple[float, int]:
+    """(summed nats, tokens predicted) of ``model`` on windows (n, T+1), in eval mode."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for chunk in windows.split(batch_size):
+        chunk = chunk.to(device)
+        logits, _ = model(chunk[:, :-1])
+        nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), chunk[:, 1:].flatten(), reduction="sum")
+        total += float(nll)
+        count += chunk[:, 1:].numel()
+    model.train(was_training)
+    return total, count
+
+
+# --- the run ---------------------------------------------------------------------------------------
+
+
+class Run:
+    """A run directory and the objects a phase needs. Built by ``create_run`` or ``Run.open``."""
+
+    def __init__(self, directory: Path, config: RunConfig, stream):
+        self.dir = directory
+        self.config = config
+        self.stream = stream
+        self.device = _device(config.train.device)
+        self.model: LanguageModel | None = None
+        self.fisher: dict[str, torch.Tensor] = {}
+        from .index import UsageLedger
+
+        self.ledger = UsageLedger()
+
+    # files ------------------------------------------------------------------------------------
+    @property
+    def checkpoints(self) -> Path:
+        return self.dir / "checkpoints"
+
+    def state(self) -> dict:
+        path = self.dir / "state.json"
+        return json.loads(path.read_text()) if path.exists() else {"completed_phases": 0, "checkpoint": None}
+
+    def slice_data(self, name: str):
+        return self.stream.slice(name)
+
+    def windows(self, name: str, split: str, max_tokens: int) -> torch.Tensor:
+        return eval_windows(self.slice_data(name).tokens(split), self.config.model.context, max_tokens)
+
+    # checkpoints --------------------------------------------------------------------------------
+    def save_checkpoint(self, phase: int, step: int | None, opt: PEEROptimizer | None, completed: int) -> Path:
+        """Everything needed to continue; then the state pointer moves to it (both writes atomic)."""
+        name = f"phase-{phase:03d}.safetensors" if step is None else f"phase-{phase:03d}-step-{step:06d}.safetensors"
+        tensors = {f"model::{k}": v for k, v in self.model.state_dict().items()}
+        tensors.update({f"fisher::{k}": v for k, v in self.fisher.items()})
+        ledger_tensors, ledger_meta = self.ledger.to_tensors()
+        tensors.update({f"ledger::{k}": v for k, v in ledger_tensors.items()})
+        if opt is not None:
+            tensors.update({f"opt::{k}": v for k, v in opt.state_tensors(dict(self.model.named_parameters())).items()})
+        meta = {
+            "format": RUN_CHECKPOINT_FORMAT,
+            "model_config": self.model.config.to_dict(),
+            "phase": phase,
+            "step": step,
+            "completed_phases": completed,
+            "ledger": ledger_meta,
+        }
+        path = self.checkpoints / name
+        save_tensors(path, tensors, meta)
+        atomic_write_json(
+            self.dir / "state.json",
+            {"completed_phases": completed, "checkpoint": f"checkpoints/{name}", "phase": phase, "step": step},
+        )
+        # mid-phase checkpoints are superseded by the next one
+        for old in self.checkpoints.glob("phase-*-step-*.safetensors"):
+            if old.name != name:
+                old.unlink(missing_ok=True)
+        return path
+
+    def load_checkpoint(self, path: Path) -> dict:
+        """Restore model, Fisher and ledger from ``path``; returns its tensors and meta for the rest."""
+        from .index import UsageLedger
+
+        tensors, meta = load_tensors(path)
+        if meta.get("format") != RUN_CHECKPOINT_FORMAT:
+            raise UserError(f"{path}: not a run checkpoint (format {meta.get('format')!r})")
+        self.model = _model_part(path, tensors, meta).to(self.device)
+        self.fisher = {k.split("::", 1)[1]: v.to(self.device) for k, v in tensors.items() if k.startswith("fisher::")}
+        ledger = {k.split("::", 1)[1]: v for k, v in tensors.items() if k.startswith("ledger::")}
+        self.ledger = UsageLedger.from_tensors(ledger, meta["ledger"])
+        return {"tensors": tensors, "meta": meta}
+
+    def previous_model(self, phase: int) -> LanguageModel:
+        """The model at the start of ``phase`` before growth: the anchor of L2-SP/EWC and the distillation teacher."""
+        if phase > 0:
+            path = self.checkpoints / f"phase-{phase - 1:03d}.safetensors"
+            model = _model_part(path, *load_tensors(path))
+        else:
+            model = load_model(self.checkpoints / "base.safetensors")
+        return model.to(self.device).eval()
+
+
+def _model_part(path: Path, tensors: dict, meta: dict) -> LanguageModel:
+    """The model stored under ``model::`` in a run checkpoint."""
+    part = {k.split("::", 1)[1]: v for k, v in tensors.items() if k.startswith("model::")}
+    return model_from_tensors(path, part, {**meta, "format": MODEL_FORMAT})
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("device cuda was asked for, but CUDA is not available on this machine")
+    return torch.device(name)
+
+
+def create_run(workspace, cfg: RunConfig, stream=None) -> Run:
+    """Make the run directory, write config.json, register the run in the workspace.
+
+    ``stream``: the data (default: ``cfg.stream`` opened from the workspace) — anything with
+    ``tokenizer`` and ``slice(name)`` returning objects with ``tokens(split)`` / ``num_bytes(split)``.
+    """
+    stream_name = cfg.stream
+    if stream is None:
+        from .streams.store import open_stream
+
+        stream = open_stream(workspace, stream_name)
+    directory = workspace.run_dir(cfg.run)
+    if directory.exists() and any(directory.iterdir()):
+        raise UserError(f"run {cfg.run!r} already exists in {workspace.root}; resume it with --resume {cfg.run}")
+    if cfg.model.vocab_size != stream.tokenizer.vocab_size:
+        raise UserError(
+            f"model vocab_size {cfg.model.vocab_size} does not match the stream's tokenizer ({stream.tokenizer.vocab_size})"
+        )
+    for name in cfg.slices:
+        data = stream.slice(name)
+        for split in ("train", "validation"):
+            n = len(data.tokens(split))
+            if n < 2 or (split == "train" and n <= cfg.model.context):
+                raise UserError(
+                    f"slice {name!r} of stream {stream_name!r} has only {n} {split} tokens; "
+                    f"training needs more than the context ({cfg.model.context}) — use a coarser --slice"
+                )
+    directory.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(directory / "config.json", cfg.to_dict())
+    workspace.register_run(cfg.run, {"stream": stream_name, "strategy": cfg.train.strategy, "dir": str(directory)})
+    return Run(directory, cfg, stream)
+
+
+def open_run(workspace, run: str, stream=None) -> Run:
+    """An existing run, for resuming or inspecting."""
+    directory = workspace.resolve_run(run)
+    try:
+        cfg = RunConfig.from_dict(json.loads((directory / "config.json").read_text()))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{directory / 'config.json'}: cannot read the run's config ({e})") from None
+    if stream is None:
+        from .streams.store import open_stream
+
+        stream = open_stream(workspace, cfg.stream)
+    return Run(directory, cfg, stream)
+
+
+# --- the phase loop --------------------------------------------------------------------------------
+
+
+def run_phases(run: Run, phases: list[int] | None = None, progress: Progress | None = None) -> RunResults:
+    """Train ``run`` through its slices (or just ``phases``), resuming from where its state says.
+
+    For each slice, in time order: grow → train → evaluate → record usage → (decide freezing for
+    the next phase) → checkpoint.
+    """
+    cfg, tc = run.config, run.config.train
+    emit = progress or (lambda event: None)
+    state = run.state()
+    resume = _restore(run, state, emit)
+    results = _results(run, emit)
+    for phase, slice_name in enumerate(cfg.slices):
+        if phase < state["completed_phases"] or (phases is not None and phase not in phases):
+            continue
+        started = time.time()
+        opt_state, start_step = (resume["opt"], resume["step"]) if resume and resume["phase"] == phase else (None, 0)
+        if start_step == 0:
+            grow_and_freeze(run, phase, emit)
+        tokens = train_phase(run, phase, slice_name, start_step, opt_state, emit)
+        rows = evaluate_all(run, emit)
+        record_usage(run, slice_name)
+        if tc.ewc > 0:
+            update_fisher(run, phase)
+        results.add_phase(_phase_record(run, slice_name, tokens, time.time() - started), rows)
+        run.save_checkpoint(phase, None, None, completed=phase + 1)
+        save_results(run.dir, results)
+        write_run_outputs(run.dir, results)
+        emit({"event": "phase_end", "phase": phase, "slice": slice_name, "rows": rows})
+        resume = None
+    return results
+
+
+def grow_and_freeze(run: Run, phase: int, emit: Progress) -> None:
+    """Between phases: grow the pool (not before the very first training of a fresh model), then
+    make the frozen set what the policy says for this phase (recomputed from scratch)."""
+    from .index import UsageLedger, collect_usage, freeze_model, grow_model
+
+    tc, model = run.config.train, run.model
+    layers = model.peer_layers()
+    if not layers:
+        return
+    new_slice, old_slices = run.config.slices[phase], run.config.slices[:phase]
+    existed = [p.num_experts for p in layers]
+    gen = torch.Generator().manual_seed(_seed(tc.seed, phase, -1))
+    new_windows = eval_windows(run.slice_data(new_slice).tokens("train"), run.config.model.context, tc.usage_tokens)
+    new_windows = new_windows[:, :-1]  # model inputs (the windows carry one extra target token)
+    fresh = phase == 0 and run.config.base is None and tc.base_steps == 0
+    if tc.grow != "none" and not fresh:
+        # sampled layer inputs of the new slice (where to place sub-keys) and of old slices (what must not move)
+        new_inputs = collect_usage(model, new_windows, None, sample_inputs=4096, generator=gen)["inputs"]
+        old_inputs = None
+        if old_slices:
+            old_windows = torch.cat(
+                [run.windows(s, "validation", tc.usage_tokens // len(old_slices)) for s in old_slices]
+            )
+            old_windows = old_windows[:, :-1]
+            old_inputs = collect_usage(model, old_windows, None, sample_inputs=4096, generator=gen)["inputs"]
+        k = "auto" if tc.grow == "auto" else int(tc.grow)
+        reports = grow_model(model, k, new_inputs=new_inputs, old_inputs=old_inputs, seed=_seed(tc.seed, phase, -1))
+        emit({"event": "grow", "phase": phase, "layers": reports})
+    if tc.freeze != "none":
+        ledger = UsageLedger()
+        ledger.merge(run.ledger)
+        if tc.freeze.startswith("tfidf"):  # SMF ranks by the new slice's usage, measured before training on it
+            collect_usage(model, new_windows, ledger, new_slice)
+        reports = freeze_model(model, tc.freeze, ledger, new_slice, old_slices, existed, subkeys=tc.freeze_subkeys)
+        emit({"event": "freeze", "phase": phase, "layers": reports})
+
+
+def train_phase(run: Run, phase: int, slice_name: str, start_step: int, opt_state, emit: Progress) -> int:
+    """Train on one slice for the phase budget; returns the training tokens consumed."""
+    cfg, tc, model = run.config, run.config.train, run.model
+    context = cfg.model.context
+    steps = _phase_steps(tc, context)
+    for p in regularize.shared_parameters(model).values():
+        p.requires_grad_(tc.train_shared)
+    opt = build_optimizer(
+        model,
+        lr=tc.lr,
+        expert_lr=tc.expert_lr,
+        weight_decay=tc.weight_decay,
+        expert_weight_decay=tc.expert_weight_decay,
+    )
+    if opt_state is not None:
+        opt.load_state_tensors(dict(model.named_parameters()), opt_state)
+    previous = run.previous_model(phase) if (tc.l2sp or tc.ewc or tc.distill) else None
+    anchor = regularize.snapshot(previous) if previous is not None else {}
+    pools, replay_pools = _pools(run, phase)
+    emit({"event": "phase_start", "phase": phase, "slice": slice_name, "steps": steps, "start": start_step})
+    model.train()
+    step = start_step
+    try:
+        for step in range(start_step, steps):
+            gen = torch.Generator().manual_seed(_seed(tc.seed, phase, step))
+            batch = sample_batch(pools, replay_pools, tc, context, gen).to(run.device)
+            lr_scale = _lr_scale(step, steps, tc)
+            for group in opt.param_groups:
+                group["lr"] = group.setdefault("peak_lr", group["lr"]) * lr_scale
+            t0 = time.perf_counter()
+            logits, loss = model(batch[:, :-1], batch[:, 1:])
+            total = loss
+            if tc.l2sp:
+                total = total + tc.l2sp * regularize.l2sp(model, anchor)
+            if tc.ewc and run.fisher:
+                total = total + tc.ewc * regularize.ewc(model, anchor, run.fisher)
+            if tc.distill:
+                with torch.no_grad():
+                    teacher_logits, _ = previous(batch[:, :-1])
+                total = total + tc.distill * regularize.distillation(logits, teacher_logits, tc.distill_temperature)
+            opt.zero_grad(set_to_none=True)
+            total.backward()
+            if tc.grad_clip:
+                opt.clip_grad_norm_(tc.grad_clip)
+            opt.step()
+            del logits, total
+            elapsed = time.perf_counter() - t0
+            _log_step(run, phase, step, loss.item(), opt, batch, elapsed, emit)
+            if tc.checkpoint_every and (step + 1) % tc.checkpoint_every == 0 and step + 1 < steps:
+                run.save_checkpoint(phase, step + 1, opt, completed=phase)
+    except KeyboardInterrupt:
+        run.save_checkpoint(phase, step, opt, completed=phase)
+        raise UserError(f"interrupted at phase {phase}, step {step}; progress saved — continue with --resume") from None
+    return (steps - start_step) * tc.batch_size * context
+
+
+def evaluate_all(run: Run, emit: Progress) -> dict[str, EvalRow]:
+    """Mean NLL and bits per byte of the current model on every slice's validation and test split."""
+    rows = {}
+    for split in ("validation", "test"):
+        sums, tokens, num_bytes = [], [], []
+        for name in run.config.slices:
+            data = run.slice_data(name)
+            all_tokens = data.tokens(split)
+            if len(all_tokens) < 2:
+                sums.append(0.0)
+                tokens.append(0)
+                num_bytes.append(0)
+                continue
+            total, count = evaluate(run.model, run.windows(name, split, run.config.train.eval_tokens))
+            sums.append(total)
+            tokens.append(count)
+            # bytes behind the scored tokens, at the split's bytes-per-token ratio
+            num_bytes.append(max(1, round(count * data.num_bytes(split) / len(all_tokens))))
+        rows[split] = _row(sums, tokens, num_bytes)
+    emit({"event": "evaluated", "rows": rows})
+    return rows
+
+
+def _row(sums, tokens, num_bytes) -> EvalRow:
+    """EvalRow with empty splits (tiny slices) reported as NaN instead of dividing by zero."""
+    row = EvalRow.from_totals(
+        [s if t else 0.0 for s, t in zip(sums, tokens, strict=True)],
+        [max(t, 1) for t in tokens],
+        [max(b, 1) for b in num_bytes],
+    )
+    for j, t in enumerate(tokens):
+        if t == 0:
+            row.nll[j] = row.bpb[j] = math.nan
+            row.tokens[j] = row.bytes[j] = 0
+    return row
+
+
+def record_usage(run: Run, slice_name: str) -> None:
+    """Expert usage of the slice's validation split after its phase: what the index manager consumes."""
+    if not run.model.peer_layers():
+        return
+    from .index import collect_usage
+
+    windows = run.windows(slice_name, "validation", run.config.train.usage_tokens)
+    collect_usage(run.model, windows[:, :-1], run.ledger, slice_name)
+
+
+def update_fisher(run: Run, phase: int) -> None:
+    """Online EWC: F ← F + F_phase, on batches of the slice just trained (Schwarz et al. 2018 without decay)."""
+    tc = run.config.train
+    pools, _ = _pools(run, phase)
+    gen = torch.Generator().manual_seed(_seed(tc.seed, phase, -2))
+    batches = [sample_batch(pools, [], tc, run.config.model.context, gen).to(run.device) for _ in range(tc.ewc_batches)]
+    new = regularize.fisher_diagonal(run.model, batches)
+    for name, f in new.items():
+        run.fisher[name] = run.fisher.get(name, torch.zeros_like(f)) + f
+
+
+# --- helpers -----------------------------------------------------------------------------------------
+
+
+def _seed(seed: int, phase: int, step: int) -> int:
+    return (seed * 1_000_003 + (phase + 7) * 10_007 + step + 3) % (2**63 - 1)
+
+
+def _phase_steps(tc: TrainConfig, context: int) -> int:
+    return max(1, math.ceil(tc.tokens / (tc.batch_size * context))) if tc.tokens else tc.steps
+
+
+def _lr_scale(step: int, steps: int, tc: TrainConfig) -> float:
+    if step < tc.warmup:
+        return (step + 1) / (tc.warmup + 1)
+    progress = (step - tc.warmup) / max(1, steps - tc.warmup)
+    return tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _pools(run: Run, phase: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    names = run.config.slices
+    if run.config.train.joint:
+        return [run.slice_data(n).tokens("train") for n in names], []
+    current = [run.slice_data(names[phase]).tokens("train")]
+    replay = [run.slice_data(n).tokens("train") for n in names[:phase]] if run.config.train.replay else []
+    return current, replay
+
+
+def _log_step(run: Run, phase: int, step: int, loss: float, opt, batch, elapsed: float, emit: Progress) -> None:
+    layers = run.model.peer_layers()
+    experts = sum(p.num_experts for p in layers)
+    frozen = sum(int(p.frozen.sum()) for p in layers) / experts if experts else 0.0
+    record = {
+        "phase": phase,
+        "step": step,
+        "loss": loss,
+        "lr": opt.param_groups[0]["lr"],
+        "tok_s": batch[:, 1:].numel() / max(elapsed, 1e-9),
+        "experts": experts,
+        "frozen_fraction": frozen,
+    }
+    with open(run.dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+    emit({"event": "step", **record})
+
+
+def _phase_record(run: Run, slice_name: str, tokens: int, wall: float) -> PhaseRecord:
+    layers = run.model.peer_layers()
+    experts = sum(p.num_experts for p in layers)
+    frozen = sum(int(p.frozen.sum()) for p in layers)
+    return PhaseRecord(
+        slice=slice_name,
+        train_tokens=tokens,
+        wall_time_s=wall,
+        num_experts=experts,
+        frozen_fraction=frozen / experts if experts else 0.0,
+        params=run.model.num_params(),
+        active_params=run.model.active_params_per_token(),
+    )
+
+
+def _results(run: Run, emit: Progress) -> RunResults:
+    """results.json so far, or a new one holding the base model's evaluation ('before' row)."""
+    if (run.dir / "results.json").exists():
+        return load_results(run.dir)
+    before = evaluate_all(run, emit)
+    results = RunResults(
+        run=run.config.run,
+        strategy=run.config.train.strategy,
+        slices=list(run.config.slices),
+        phases=[],
+        eval={split: SplitEval(before=row, after=[]) for split, row in before.items()},
+    )
+    save_results(run.dir, results)
+    return results
+
+
+def _restore(run: Run, state: dict, emit: Progress) -> dict | None:
+    """Load the latest checkpoint (or build the starting model); returns mid-phase resume info."""
+    if state["checkpoint"] is None:
+        _start_model(run, emit)
+        return None
+    loaded = run.load_checkpoint(run.dir / state["checkpoint"])
+    meta, tensors = loaded["meta"], loaded["tensors"]
+    _truncate_metrics(run, meta["phase"], meta["step"], meta["completed_phases"])
+    if meta["step"] is None:
+        return None
+    opt = {k.split("::", 1)[1]: v for k, v in tensors.items() if k.startswith("opt::")}
+    emit({"event": "resume", "phase": meta["phase"], "step": meta["step"]})
+    return {"phase": meta["phase"], "step": meta["step"], "opt": opt}
+
+
+def _start_model(run: Run, emit: Progress) -> None:
+    """The model before phase 0: a base checkpoint, a freshly trained base, or a fresh init."""
+    cfg, tc = run.config, run.config.train
+    torch.manual_seed(tc.seed)
+    if cfg.base:
+        run.model = load_model(cfg.base, device=run.device)
+        if run.model.config.vocab_size != cfg.model.vocab_size:
+            raise UserError(f"base {cfg.base}: vocab_size {run.model.config.vocab_size} does not match the stream's")
+    else:
+        run.model = LanguageModel(copy.deepcopy(cfg.model)).to(run.device)
+        if tc.base_steps:
+            train_base(run, emit)
+    run.checkpoints.mkdir(parents=True, exist_ok=True)
+    from .checkpoint import save_model
+
+    save_model(run.model, run.checkpoints / "base.safetensors")
+
+
+def train_base(run: Run, emit: Progress) -> None:
+    """A longer first phase on a mix of all slices (or the first), so phases measure drift, not learning English."""
+    cfg = run.config
+    names = cfg.slices if cfg.train.base_data == "mix" else cfg.slices[:1]
+    pools = [run.slice_data(n).tokens("train") for n in names]
+    tc = dataclasses.replace(cfg.train, lr=cfg.train.base_lr, replay=0.0, steps=cfg.train.base_steps, tokens=None)
+    opt = build_optimizer(run.model, lr=tc.lr, weight_decay=tc.weight_decay)
+    emit({"event": "phase_start", "phase": -1, "slice": "base", "steps": tc.steps, "start": 0})
+    run.model.train()
+    for step in range(tc.steps):
+        gen = torch.Generator().manual_seed(_seed(tc.seed, -1, step))
+        batch = sample_batch(pools, [], tc, cfg.model.context, gen).to(run.device)
+        for group in opt.param_groups:
+            group["lr"] = group.setdefault("peak_lr", group["lr"]) * _lr_scale(step, tc.steps, tc)
+        _, loss = run.model(batch[:, :-1], batch[:, 1:])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.clip_grad_norm_(tc.grad_clip or math.inf)
+        opt.step()
+        emit({"event": "step", "phase": -1, "step": step, "loss": loss.item()})
+
+
+def _truncate_metrics(run: Run, phase: int, step: int | None, completed: int) -> None:
+    """Drop metrics.jsonl lines written after the checkpoint we resume from (they will be redone)."""
+    path = run.dir / "metrics.jsonl"
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue  # a line cut by a crash
+        if rec["phase"] < completed or (step is not None and rec["phase"] == phase and rec["step"] < step):
+            keep.append(line)
+    from .checkpoint import atomic_write_text
+
+    atomic_write_text(path, "".join(x + "\n" for x in keep))

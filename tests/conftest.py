@@ -1,0 +1,52 @@
+"""Shared test fixtures: a tiny in-memory stream with the same interface as ingested ones."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lifelong_peer.streams.tokenize import ByteTokenizer
+
+
+class MemorySlice:
+    def __init__(self, name: str, splits: dict[str, bytes]):
+        self.name = name
+        self.start = self.end = name
+        self.documents = 1
+        self._splits = {k: np.frombuffer(v, dtype=np.uint8) for k, v in splits.items()}
+
+    def tokens(self, split: str) -> np.ndarray:
+        return self._splits[split]
+
+    def num_bytes(self, split: str) -> int:
+        return len(self._splits[split])
+
+
+class MemoryStream:
+    """Slices whose text differs in style, so training on one drifts away from the others."""
+
+    def __init__(self, name="toy", slices=("a", "b", "c"), size=3000, seed=0):
+        self.name = name
+        self.tokenizer = ByteTokenizer()
+        rng = np.random.default_rng(seed)
+        vocab = [b"the ", b"and ", b"of ", b"peer ", b"expert ", b"stream ", b"slice ", b"time "]
+        self.slices = []
+        for i, s in enumerate(slices):
+            words = vocab[i % len(vocab) :] + vocab[: i % len(vocab)]
+            weights = np.linspace(3, 1, len(words)) ** (i + 1)
+            weights /= weights.sum()
+
+            def text(n, words=words, weights=weights):
+                return b"".join(words[k] for k in rng.choice(len(words), n, p=weights))[:n]
+
+            self.slices.append(
+                MemorySlice(s, {"train": text(size), "validation": text(size // 4), "test": text(size // 4)})
+            )
+
+    def slice(self, name):
+        return next(s for s in self.slices if s.name == name)
+
+
+@pytest.fixture
+def memory_stream():
+    return MemoryStream()
