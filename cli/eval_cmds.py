@@ -36,15 +36,16 @@ def _render_eval(s: dict) -> None:
     matrix.add_column("after phase")
     for name in s["slices"]:
         matrix.add_column(name, justify="right")
-    matrix.add_row("base", *(f"{v:.4f}" for v in s["before_bpb"]))
+    matrix.add_row("base", *(_num(v) for v in s["before_bpb"]))
     for i, row in enumerate(s["matrix_bpb"]):
         cells = []
         for j, v in enumerate(row):
-            if j < i:
-                delta = v - s["matrix_bpb"][j][j]
+            trained = s["matrix_bpb"][j][j] if j < i else None
+            if v is not None and trained is not None:
+                delta = v - trained
                 cells.append(f"{v:.4f} [{'red' if delta > 0 else 'green'}]{delta:+.4f}[/]")
             else:
-                cells.append(f"[bold]{v:.4f}[/]" if i == j else f"[dim]{v:.4f}[/]")
+                cells.append(f"[bold]{_num(v)}[/]" if i == j else f"[dim]{_num(v)}[/]")
         matrix.add_row(f"{i}: {s['slices'][i]}", *cells)
     stdout.print(matrix)
 

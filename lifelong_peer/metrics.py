@@ -60,7 +60,11 @@ DEFINITIONS = {
 
 @dataclass
 class EvalRow:
-    """One evaluation of one model on every slice's held-out split; lists are indexed by slice."""
+    """One evaluation of one model on every slice's held-out split; lists are indexed by slice.
+
+    A slice whose held-out split is empty has tokens = bytes = 0 and NaN losses (``null`` in JSON);
+    averages leave it out.
+    """
 
     nll: list[float]
     """mean negative log-likelihood per token, in nats"""
@@ -73,12 +77,16 @@ class EvalRow:
 
     @classmethod
     def from_totals(cls, nll_sum: list[float], tokens: list[int], num_bytes: list[int]) -> EvalRow:
-        """Per-slice summed nats, token and byte counts → a row (the one place bpb is defined)."""
+        """Per-slice summed nats, token and byte counts → a row (the one place bpb is defined).
+
+        A slice with an empty held-out split (0 tokens or bytes) gets NaN and counts 0.
+        """
+        empty = [t == 0 or b == 0 for t, b in zip(tokens, num_bytes, strict=True)]
         return cls(
-            nll=[s / t for s, t in zip(nll_sum, tokens, strict=True)],
-            bpb=[s / (b * math.log(2)) for s, b in zip(nll_sum, num_bytes, strict=True)],
-            tokens=[int(t) for t in tokens],
-            bytes=[int(b) for b in num_bytes],
+            nll=[math.nan if e else s / t for s, t, e in zip(nll_sum, tokens, empty, strict=True)],
+            bpb=[math.nan if e else s / (b * math.log(2)) for s, b, e in zip(nll_sum, num_bytes, empty, strict=True)],
+            tokens=[0 if e else int(t) for t, e in zip(tokens, empty, strict=True)],
+            bytes=[0 if e else int(b) for b, e in zip(num_bytes, empty, strict=True)],
         )
 
 
@@ -146,7 +154,7 @@ class RunResults:
 
     def to_dict(self) -> dict:
         def row(r: EvalRow) -> dict:
-            return {"nll": list(r.nll), "bpb": list(r.bpb), "tokens": list(r.tokens), "bytes": list(r.bytes)}
+            return {"nll": _nulls(r.nll), "bpb": _nulls(r.bpb), "tokens": list(r.tokens), "bytes": list(r.bytes)}
 
         phases = []
         for p in self.phases:
@@ -262,16 +270,37 @@ def _phase(data, where: str) -> PhaseRecord:
 
 def _row(data, num_slices: int, where: str) -> EvalRow:
     d = _typed(data, dict, where)
-    values = {}
-    for key, parse in (("nll", _number), ("bpb", _number), ("tokens", _count), ("bytes", _count)):
-        v = _typed(_key(d, key, where), list, f"{where}.{key}")
-        if len(v) != num_slices:
-            raise UserError(f"{where}.{key} has {len(v)} values but there are {num_slices} slices")
-        values[key] = [parse(x, f"{where}.{key}[{j}]") for j, x in enumerate(v)]
-    for j, (t, b) in enumerate(zip(values["tokens"], values["bytes"], strict=True)):
-        if t == 0 or b == 0:
-            raise UserError(f"{where}: slice {j} was scored on 0 tokens or bytes (an empty held-out split)")
+    lists = {}
+    for key in ("nll", "bpb", "tokens", "bytes"):
+        lists[key] = _typed(_key(d, key, where), list, f"{where}.{key}")
+        if len(lists[key]) != num_slices:
+            raise UserError(f"{where}.{key} has {len(lists[key])} values but there are {num_slices} slices")
+    values = {key: [_count(x, f"{where}.{key}[{j}]") for j, x in enumerate(lists[key])] for key in ("tokens", "bytes")}
+    empty = [t == 0 or b == 0 for t, b in zip(values["tokens"], values["bytes"], strict=True)]
+    for key in ("nll", "bpb"):
+        values[key] = []
+        for j, x in enumerate(lists[key]):
+            if not empty[j]:
+                values[key].append(_number(x, f"{where}.{key}[{j}]"))
+            elif x is None or (isinstance(x, float) and math.isnan(x)):
+                values[key].append(math.nan)
+            else:
+                raise UserError(f"{where}.{key}[{j}]: slice {j} was scored on 0 tokens or bytes but has loss {x!r}")
     return EvalRow(**values)
+
+
+def _nulls(values: list[float]) -> list[float | None]:
+    """NaN (an empty held-out split) → None, so that the JSON we write is standard JSON."""
+    return [None if isinstance(v, float) and math.isnan(v) else v for v in values]
+
+
+def _clean(data):
+    """A summary with every NaN replaced by None (recursively through dicts and lists)."""
+    if isinstance(data, dict):
+        return {k: _clean(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_clean(v) for v in data]
+    return None if isinstance(data, float) and math.isnan(data) else data
 
 
 def save_results(run_dir: str | Path, results: RunResults) -> Path:
@@ -314,36 +343,40 @@ def forgetting_table(matrix: np.ndarray) -> np.ndarray:
     return F
 
 
+def _mean(values: np.ndarray, weights: np.ndarray | None = None) -> float | None:
+    """Mean of the finite values (weighted if ``weights``); None when there is none (nothing defined)."""
+    v = np.asarray(values, dtype=float)
+    w = np.ones_like(v) if weights is None else np.asarray(weights, dtype=float)
+    ok = np.isfinite(v) & (w > 0)
+    return float((v[ok] * w[ok]).sum() / w[ok].sum()) if ok.any() else None
+
+
 def matrix_metrics(matrix: np.ndarray, before: np.ndarray, weights: np.ndarray) -> dict:
     """Forgetting metrics of one loss matrix (definitions in the module docstring).
 
     matrix: (P, S) loss after phase i on slice j, 0 ≤ P ≤ S; before: (S,) the base model's loss;
-    weights: (S,) held-out sizes. Returns final_avg, final_avg_unweighted, forgetting (list over
-    j < T), avg_forgetting, bwt, fwt, plasticity (list over j ≤ T), newest; None where undefined.
+    weights: (S,) held-out sizes. NaN marks a slice without held-out data: averages leave it out.
+    Returns final_avg, final_avg_unweighted, forgetting (list over j < T), avg_forgetting, bwt,
+    fwt, plasticity (list over j ≤ T), newest; averages are None where nothing is defined (e.g.
+    forgetting, BWT and FWT after a single phase).
     """
     before = np.asarray(before, dtype=float)
     L = np.asarray(matrix, dtype=float).reshape(-1, before.shape[0])
     P = L.shape[0]
-    if P == 0:
-        return dict.fromkeys(["final_avg", "final_avg_unweighted", "avg_forgetting", "bwt", "fwt", "newest"]) | {
-            "forgetting": [],
-            "plasticity": [],
-        }
     T = P - 1
-    w = np.asarray(weights, dtype=float)[:P]
-    final = L[T, :P]
+    final = L[T, :P] if P else np.zeros(0)
     diagonal = L[np.arange(P), np.arange(P)]
-    forgetting = forgetting_table(L)[T, :T]
-    previous = L[np.arange(T), np.arange(1, P)]  # L[j−1][j] for 1 ≤ j ≤ T
+    forgetting = forgetting_table(L)[T, :T] if P else np.zeros(0)
+    previous = L[np.arange(T), np.arange(1, P)] if P else np.zeros(0)  # L[j−1][j] for 1 ≤ j ≤ T
     return {
-        "final_avg": float((w * final).sum() / w.sum()),
-        "final_avg_unweighted": float(final.mean()),
+        "final_avg": _mean(final, np.asarray(weights)[:P]),
+        "final_avg_unweighted": _mean(final),
         "forgetting": forgetting.tolist(),
-        "avg_forgetting": float(forgetting.mean()) if T else None,
-        "bwt": float((diagonal[:T] - L[T, :T]).mean()) if T else None,
-        "fwt": float((before[1:P] - previous).mean()) if T else None,
+        "avg_forgetting": _mean(forgetting),
+        "bwt": _mean(diagonal[:T] - L[T, :T]) if P else None,
+        "fwt": _mean(before[1:P] - previous),
         "plasticity": diagonal.tolist(),
-        "newest": float(L[T, T]),
+        "newest": float(L[T, T]) if P else None,
     }
 
 
@@ -378,7 +411,7 @@ def summarize(results: RunResults, split: str = "test") -> dict:
         out[key] = [getattr(p, key) for p in results.phases]
     out["total_train_tokens"] = sum(out["train_tokens"])
     out["total_wall_time_s"] = sum(out["wall_time_s"])
-    return out
+    return _clean(out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -404,7 +437,8 @@ def metrics_rows(results: RunResults) -> list[dict]:
     """Long format (Avalanche's shape): one row per split × phase × eval slice.
 
     Phase −1 is the base model (train_slice empty). ``forgetting`` is F in bits per byte of that
-    slice after that phase (``forgetting_nll`` in nats/token), empty where undefined (j ≥ phase).
+    slice after that phase (``forgetting_nll`` in nats/token). Cells that are undefined (forgetting
+    for j ≥ phase, losses of an empty held-out split) are empty.
     """
     rows = []
     for split, e in results.eval.items():
@@ -415,7 +449,6 @@ def metrics_rows(results: RunResults) -> list[dict]:
         for i, r in [(-1, e.before), *enumerate(e.after)]:
             phase = results.phases[i] if i >= 0 else None
             for j, name in enumerate(results.slices):
-                f = {u: (F[u][i, j] if i >= 0 else math.nan) for u in UNITS}
                 rows.append(
                     {
                         "phase": i,
@@ -428,8 +461,8 @@ def metrics_rows(results: RunResults) -> list[dict]:
                         "bytes": r.bytes[j],
                         "num_experts": phase.num_experts if phase else "",
                         "frozen_fraction": phase.frozen_fraction if phase else "",
-                        "forgetting": "" if math.isnan(f["bpb"]) else f["bpb"],
-                        "forgetting_nll": "" if math.isnan(f["nll"]) else f["nll"],
+                        "forgetting": F["bpb"][i, j] if i >= 0 else math.nan,
+                        "forgetting_nll": F["nll"][i, j] if i >= 0 else math.nan,
                     }
                 )
     return rows
@@ -450,7 +483,7 @@ def _csv(rows: list[dict], columns: list[str]) -> str:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows({k: "" if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()} for row in rows)
     return buf.getvalue()
 
 

@@ -6,7 +6,6 @@ window, safe on a headless machine and inside tests.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
@@ -49,8 +48,8 @@ def heatmap(path: str | Path, slices: list[str], matrix: list[list[float]], befo
     for r in range(rows):
         i = r - 1  # phase index of this row
         for j in range(cols):
-            text = f"{L[r, j]:.3f}"
-            if 0 <= j < i:
+            text = f"{L[r, j]:.3f}" if np.isfinite(L[r, j]) else "—"
+            if 0 <= j < i and np.isfinite(L[r, j] - L[j + 1, j]):
                 text += f"\n{L[r, j] - L[j + 1, j]:+.3f}"
             ax.text(j, r, text, ha="center", va="center", fontsize=7, color="black")
         if 0 <= i < cols:
@@ -60,8 +59,10 @@ def heatmap(path: str | Path, slices: list[str], matrix: list[list[float]], befo
 
 def _range(L: np.ndarray) -> tuple[float, float]:
     """Value range of the phase rows (L[1:]), or of the base row when no phase has finished."""
-    shown = L[1:] if L.shape[0] > 1 else L
-    return float(shown.min()), float(shown.max())
+    shown = L[1:] if L.shape[0] > 1 and np.isfinite(L[1:]).any() else L
+    if not np.isfinite(shown).any():
+        return 0.0, 1.0
+    return float(np.nanmin(shown)), float(np.nanmax(shown))
 
 
 def _outline(x: int, y: int):
@@ -82,10 +83,12 @@ def curves(path: str | Path, slices: list[str], matrix: list[list[float]], befor
             ax.plot([j + 1], [L[j + 1, j]], marker="*", markersize=12, color=line.get_color())
     xlabel = "after phase (★ = the phase that trained the slice)"
     low, high = _range(L)
-    if L.shape[0] > 1 and L[0].max() > high + (high - low):  # keep the phases readable, as in heatmap()
+    if L.shape[0] > 1 and np.nanmax(L[0], initial=-np.inf) > high + (
+        high - low
+    ):  # keep the phases readable, as in heatmap()
         margin = 0.1 * (high - low) or 0.1
         ax.set_ylim(low - margin, high + 3 * margin)
-        xlabel += f"\nbase model off scale: {L[0].min():.2f}–{L[0].max():.2f} bits per byte"
+        xlabel += f"\nbase model off scale: {np.nanmin(L[0]):.2f}–{np.nanmax(L[0]):.2f} bits per byte"
     ax.set_xticks(x, _phase_labels(slices, L.shape[0] - 1), rotation=30, ha="right")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("bits per byte (lower is better)")
@@ -103,7 +106,7 @@ def forgetting_scatter(path: str | Path, rows: list[dict], title: str) -> Path:
     """
     fig = Figure(figsize=(6.0, 4.5))
     ax = fig.add_subplot()
-    shown = [r for r in rows if r["avg_forgetting_bpb"] is not None and not math.isnan(r["avg_forgetting_bpb"])]
+    shown = [r for r in rows if r["avg_forgetting_bpb"] is not None and r["newest_bpb"] is not None]
     strategies = list(dict.fromkeys(r["strategy"] for r in shown))
     for s in strategies:
         points = [r for r in shown if r["strategy"] == s]
@@ -118,7 +121,13 @@ def forgetting_scatter(path: str | Path, rows: list[dict], title: str) -> Path:
             )
     if len(shown) < len(rows):
         left_out = ", ".join(r["run"] for r in rows if r not in shown)
-        ax.text(0.01, 0.01, f"not shown (one phase, no forgetting yet): {left_out}", transform=ax.transAxes, fontsize=7)
+        ax.text(
+            0.01,
+            0.01,
+            f"not shown (one phase, or no newest-slice data): {left_out}",
+            transform=ax.transAxes,
+            fontsize=7,
+        )
     ax.axvline(0.0, color="grey", linewidth=0.8)
     ax.set_xlabel("average forgetting, bits per byte (lower is better)")
     ax.set_ylabel("newest slice after the last phase, bits per byte")

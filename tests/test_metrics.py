@@ -107,6 +107,18 @@ def test_matches_brute_force_reference(seed):
     assert_close(matrix_metrics(M, before, w), reference(M.tolist(), before.tolist(), w.tolist()))
 
 
+def test_a_slice_without_held_out_data_is_left_out_of_averages():
+    M = np.array(L)
+    M[:, 1] = np.nan  # slice 1 has an empty held-out split
+    m = matrix_metrics(M, np.array([4.0, np.nan, 4.0]), np.array([1, 0, 2]))
+    assert m["forgetting"][0] == pytest.approx(0.5) and math.isnan(m["forgetting"][1])
+    assert m["avg_forgetting"] == pytest.approx(0.5)
+    assert m["bwt"] == pytest.approx(1.0 - 1.3)
+    assert m["fwt"] == pytest.approx(4.0 - 2.5)  # j = 1 is undefined, j = 2 remains
+    assert m["final_avg"] == pytest.approx((1.3 + 2 * 1.1) / 3)
+    assert m["final_avg_unweighted"] == pytest.approx((1.3 + 1.1) / 2)
+
+
 def test_forgetting_table_rows_are_the_forgetting_after_each_phase():
     F = forgetting_table(np.array(L))
     for i in range(3):
@@ -149,6 +161,31 @@ def test_from_totals_defines_bits_per_byte():
     row = EvalRow.from_totals([100 * math.log(2), 50.0], [100, 10], [100, 40])
     assert row.bpb[0] == pytest.approx(1.0) and row.nll[0] == pytest.approx(math.log(2))
     assert row.nll[1] == pytest.approx(5.0) and row.bpb[1] == pytest.approx(50 / (40 * math.log(2)))
+
+
+def test_empty_held_out_split_round_trips_as_null(tmp_path):
+    r = make_results()
+    for e in r.eval.values():
+        for row in [e.before, *e.after]:
+            row.nll[1] = row.bpb[1] = math.nan
+            row.tokens[1] = row.bytes[1] = 0
+    text = save_results(tmp_path, r).read_text()
+    data = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+    assert data["eval"]["test"]["after"][0]["bpb"][1] is None
+    back = load_results(tmp_path)
+    assert math.isnan(back.eval["test"].after[2].bpb[1]) and back.eval["test"].after[2].bpb[0] == 1.3
+    s = summarize(back, "test")
+    assert s["matrix_bpb"][0][1] is None and s["forgetting_bpb"][1] is None
+    assert s["avg_forgetting_bpb"] == pytest.approx(0.5)
+    json.dumps(s, allow_nan=False)  # the eval command's JSON is standard JSON
+    write_run_outputs(tmp_path, back)  # plots and CSVs cope with the gap
+    rows = list(csv.DictReader((tmp_path / "metrics.csv").open()))
+    assert {r["bpb"] for r in rows if r["eval_slice"] == "s1"} == {""}
+
+
+def test_from_totals_marks_empty_splits():
+    row = EvalRow.from_totals([3.0, 0.0], [2, 0], [2, 0])
+    assert row.nll[0] == 1.5 and math.isnan(row.nll[1]) and math.isnan(row.bpb[1]) and row.tokens == [2, 0]
 
 
 def test_round_trip_keeps_extra_keys(tmp_path):
@@ -206,7 +243,8 @@ def _broken(edit) -> dict:
         (lambda d: d["eval"]["test"]["after"].pop(), "after has 2 rows but there are 3 phases"),
         (lambda d: d["eval"]["test"]["after"][0]["bpb"].pop(), r"after\[0\].bpb has 2 values but there are 3 slices"),
         (lambda d: d["eval"]["test"]["before"]["nll"].__setitem__(0, float("nan")), "expected a finite number"),
-        (lambda d: d["eval"]["test"]["before"]["tokens"].__setitem__(0, 0), "0 tokens or bytes"),
+        (lambda d: d["eval"]["test"]["before"]["tokens"].__setitem__(0, 0), "0 tokens or bytes but has loss"),
+        (lambda d: d["eval"]["test"]["before"]["bpb"].__setitem__(0, None), "expected a finite number, got None"),
         (lambda d: d.update(slices=["a", "a", "b"]), "distinct names"),
         (lambda d: d.update(format="other/1"), "format 'other/1'"),
         (lambda d: d.update(eval={}), "eval has no split"),

@@ -126,6 +126,19 @@ def test_eval_human_table(runs):
     assert "1861-1932" in result.stdout and "avg_forgetting" in result.stdout and "+0.8000" in result.stdout
 
 
+def test_eval_human_table_with_an_empty_held_out_split(tmp_path):
+    r = fabricate("gap", "naive", NAIVE, phases=2)
+    for row in [r.eval["test"].before, *r.eval["test"].after]:
+        row.nll[2] = row.bpb[2] = math.nan
+        row.tokens[2] = row.bytes[2] = 0
+    save_results(tmp_path, r)
+    result = cli.invoke(app, ["eval", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "—" in result.stdout
+    data = json.loads(cli.invoke(app, ["eval", str(tmp_path), "--format", "json"]).stdout)
+    assert data["matrix_bpb"][1] == [1.6, 1.1, None]
+
+
 def test_eval_unknown_split_and_missing_results(runs, tmp_path):
     result = cli.invoke(app, ["eval", str(runs["naive-s0"]), "--split", "validation"])
     assert isinstance(result.exception, UserError) and "no 'validation' evaluation" in str(result.exception)
