@@ -52,6 +52,11 @@ def info(fmt: Format = FormatOpt) -> None:
     emit(system_info(), fmt, lambda d: stdout.print(key_value_table(d, title="lifelong-peer environment")))
 
 
+from .streams_cmds import register as _register_streams  # noqa: E402  (init, ingest, streams)
+
+_register_streams(app)
+
+
 from . import eval_cmds  # noqa: E402  (after `app`, to keep the command order of --help)
 
 app.command("eval")(eval_cmds.eval_cmd)

@@ -22,7 +22,7 @@ import re
 import sys
 import time
 from collections.abc import Callable, Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from .checkpoint import atomic_write_json
@@ -39,7 +39,7 @@ _HELD: dict[Path, tuple[object, int]] = {}
 
 
 def now_iso() -> str:
-    return datetime.now(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+    return datetime.now(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
 class Workspace:
@@ -93,21 +93,18 @@ class Workspace:
             raise UserError(f"{self.manifest_path} is corrupted: {problem}")
         return data
 
-    def update_manifest(self, fn: Callable[[dict], dict | None]) -> dict:
-        """Read-modify-write under the lock; ``fn`` edits the dict in place (or returns a new one).
-
-        The write is atomic; if ``fn`` raises, the manifest is unchanged.
+    def update_manifest(self, fn: Callable[[dict], object]) -> dict:
+        """Read-modify-write under the lock: ``fn`` edits the manifest dict in place (its return value
+        is ignored). The write is atomic; if ``fn`` raises, the manifest is unchanged. Returns the new manifest.
         """
         with self.lock():
             data = copy.deepcopy(self.manifest())
-            new = fn(data)
-            if new is None:  # edited in place
-                new = data
-            problem = _manifest_problem(new)
+            fn(data)
+            problem = _manifest_problem(data)
             if problem:
                 raise ValueError(f"update_manifest would write an invalid manifest: {problem}")
-            atomic_write_json(self.manifest_path, new)
-            return new
+            atomic_write_json(self.manifest_path, data)
+            return data
 
     # -- lock -------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -157,11 +154,7 @@ class Workspace:
         """Record (or update) ``manifest["runs"][run_id]`` with ``info`` merged in."""
         check_name("run id", run_id)
 
-        def edit(m: dict) -> dict:
-            m["runs"].setdefault(run_id, {}).update(info)
-            return m
-
-        self.update_manifest(edit)
+        self.update_manifest(lambda m: m["runs"].setdefault(run_id, {}).update(info))
 
     def resolve_run(self, run_or_path: str) -> Path:
         """A run id of this workspace, or a path to a run directory → the run directory."""

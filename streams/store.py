@@ -255,12 +255,8 @@ def ingest_source(ws: Workspace, src, name: str, opts: IngestOptions, progress: 
             shutil.rmtree(tmp, ignore_errors=True)
             raise
 
-        def publish(m: dict) -> dict:
-            m["streams"][name] = entry
-            return m
-
         try:
-            ws.update_manifest(publish)
+            ws.update_manifest(lambda m: m["streams"].update({name: entry}))
         except BaseException:
             shutil.rmtree(final, ignore_errors=True)
             raise

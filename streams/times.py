@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import calendar
 import re
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 
 import numpy as np
 
 _YEAR = re.compile(r"[+-]?\d{1,4}")
 _YEAR_MONTH = re.compile(r"(\d{4})-(\d{2})")
 _EPOCH = re.compile(r"[+-]?\d+(\.\d+)?")
-_EPOCH0 = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_EPOCH0 = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def parse_time(value: object) -> int:
@@ -72,7 +72,7 @@ def _from_number(text: str) -> int:
 
 def _from_datetime(value: datetime) -> int:
     if value.tzinfo is None:
-        value = value.replace(tzinfo=timezone.utc)
+        value = value.replace(tzinfo=UTC)
     return (value - _EPOCH0) // timedelta(seconds=1)
 
 

@@ -1,0 +1,169 @@
+"""``lpeer init``, ``lpeer ingest``, ``lpeer streams``: each parses, calls one library function, renders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from lifelong_peer.errors import UserError
+
+from .output import Format, emit, stderr, stdout
+
+WorkspaceOpt = typer.Option(
+    None, "--workspace", "-w", help="Workspace folder (default: $LPEER_WORKSPACE, else the current directory)."
+)
+FormatOpt = typer.Option(Format.human, "--format", help="human: tables; json: machine-readable on stdout.")
+
+
+def init(
+    directory: Path = typer.Argument(..., help="Folder to create (or an existing one to turn into a workspace)."),
+) -> None:
+    """Create a workspace: a folder with a manifest of streams, slices and runs.
+
+    Example: lpeer init ./work && cd ./work && lpeer ingest --default
+    """
+    from lifelong_peer.workspace import Workspace
+
+    ws = Workspace.init(directory)
+    stderr.print(f"created workspace {ws.root}")
+
+
+def ingest(
+    source: str | None = typer.Argument(
+        None, help="JSONL/CSV/Parquet file or folder, .txt folder, `datasets` save dir, or hf:NAME[:CONFIG]."
+    ),
+    name: str | None = typer.Option(None, "--name", help="Stream name (default stream: sotu)."),
+    default: bool = typer.Option(False, "--default", help="Ingest the shipped State of the Union stream (six eras)."),
+    text_field: str = typer.Option("text", help="Field holding the document text."),
+    time_field: str = typer.Option("time", help="Field holding the time: ISO date/datetime, YYYY-MM, year, epoch s."),
+    id_field: str = typer.Option("id", help="Field with a stable document id (split hash); else the text's hash."),
+    slice_: str = typer.Option(
+        "year", "--slice", help="year | quarter | month | eras:1790,1840,... | quantiles:K | field:NAME."
+    ),
+    split: str = typer.Option("0.9,0.05,0.05", help="train,validation,test fractions (by a hash of the id)."),
+    time_from_name: str | None = typer.Option(
+        None, help="For .txt folders: regex on the file name giving the time (group `time`, group 1 or match)."
+    ),
+    encoding: str = typer.Option("utf-8", help="Text encoding of the source files."),
+    on_bad_record: str = typer.Option("error", help="error: list bad records and stop; skip: skip and count them."),
+    max_document_mb: float = typer.Option(16.0, help="A larger document is an error naming it."),
+    block_size: int = typer.Option(4096, help="Tokens per stored block (storage only)."),
+    hf_split: str | None = typer.Option(None, help="Hugging Face datasets: read only this split."),
+    replace: bool = typer.Option(False, "--replace", help="Re-ingest a stream whose source or options changed."),
+    workspace: Path | None = WorkspaceOpt,
+    fmt: Format = FormatOpt,
+) -> None:
+    """Read dated documents, cut them into time slices, tokenise and cache them as a stream.
+
+    Example: lpeer ingest news.jsonl --name news --slice quarter --time-field date
+    """
+    from lifelong_peer.streams import ingest as ingest_fn
+    from lifelong_peer.streams import ingest_default
+    from lifelong_peer.workspace import Workspace
+
+    try:
+        fractions = tuple(float(x) for x in split.split(","))
+    except ValueError:
+        raise UserError(f"--split {split!r} must be three numbers like 0.9,0.05,0.05") from None
+    if default == (source is not None):
+        raise UserError("give either a SOURCE (with --name) or --default")
+    if source is not None and not name:
+        raise UserError("--name is required with a SOURCE")
+    ws = Workspace.open(workspace)
+    common = {"split": fractions, "block_size": block_size, "on_bad_record": on_bad_record, "replace": replace}
+    with _progress(fmt) as progress:
+        if default:
+            summary = ingest_default(ws, name or "sotu", progress=progress, **common)
+        else:
+            summary = ingest_fn(
+                ws,
+                source,
+                name,
+                progress=progress,
+                text_field=text_field,
+                time_field=time_field,
+                id_field=id_field,
+                slice=slice_,
+                time_from_name=time_from_name,
+                encoding=encoding,
+                max_document_mb=max_document_mb,
+                hf_split=hf_split,
+                **common,
+            )
+    for line in summary["warnings"] + summary["bad_records"]:
+        stderr.print(f"[yellow]warning:[/yellow] {line}", highlight=False)
+    emit(summary, fmt, _render_summary)
+
+
+def streams(workspace: Path | None = WorkspaceOpt, fmt: Format = FormatOpt) -> None:
+    """List the workspace's streams and their slices: time span, documents, bytes, tokens per split.
+
+    Example: lpeer streams --format json
+    """
+    from lifelong_peer.streams import list_streams
+
+    data = list_streams(workspace)
+    emit(data, fmt, _render_streams)
+
+
+def _slice_table(title: str, slices: list[dict]) -> Table:
+    table = Table(title=title)
+    for col in ("slice", "start", "end", "documents", "bytes", "train", "validation", "test"):
+        table.add_column(col, justify="left" if col in ("slice", "start", "end") else "right")
+    for s in slices:
+        t = s["tokens"]
+        table.add_row(
+            s["name"], s["start"], s["end"], f"{s['documents']:,}", f"{s['bytes']:,}",
+            f"{t['train']:,}", f"{t['validation']:,}", f"{t['test']:,}",
+        )  # fmt: skip
+    return table
+
+
+def _render_summary(summary: dict) -> None:
+    state = "unchanged (already ingested)" if summary["unchanged"] else f"ingested in {summary['seconds']:.1f} s"
+    title = f"stream {summary['stream']} ← {summary['source']}: {summary['documents']:,} documents, {state}"
+    stdout.print(_slice_table(title, summary["slices"]))
+
+
+def _render_streams(data: dict) -> None:
+    if not data["streams"]:
+        stdout.print("no streams yet (run `lpeer ingest --default` or `lpeer ingest SOURCE --name NAME`)")
+    for s in data["streams"]:
+        stdout.print(_slice_table(f"{s['name']} ← {s['source']}", s["slices"]))
+
+
+class _progress:
+    """A rich progress bar on stderr for the two ingest passes (none in JSON mode)."""
+
+    def __init__(self, fmt: Format):
+        self.enabled = fmt == Format.human and stderr.is_terminal
+        self.bar = None
+        self.tasks: dict[str, int] = {}
+
+    def __enter__(self):
+        if not self.enabled:
+            return None
+        from rich.progress import Progress
+
+        self.bar = Progress(console=stderr, transient=True)
+        self.bar.start()
+        return self.update
+
+    def update(self, phase: str, done: int, total: int | None) -> None:
+        if phase not in self.tasks:
+            self.tasks[phase] = self.bar.add_task(
+                {"scan": "reading", "pack": "tokenising"}.get(phase, phase), total=total
+            )
+        self.bar.update(self.tasks[phase], completed=done, total=total)
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(init)
+    app.command()(ingest)
+    app.command()(streams)

@@ -1,0 +1,75 @@
+"""``lpeer init / ingest / streams`` through the typer app, and the error path through ``main()``."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from lifelong_peer.cli.main import app, main
+
+runner = CliRunner()
+
+
+def _jsonl(path, n=8):
+    path.write_text("".join(json.dumps({"text": f"doc {i}", "time": f"20{10 + i % 2}-05-01"}) + "\n" for i in range(n)))
+    return str(path)
+
+
+def test_init_ingest_streams(tmp_path):
+    ws = str(tmp_path / "ws")
+    assert runner.invoke(app, ["init", ws]).exit_code == 0
+    result = runner.invoke(
+        app, ["ingest", _jsonl(tmp_path / "a.jsonl"), "--name", "a", "--workspace", ws, "--format", "json"]
+    )
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["stream"] == "a" and summary["documents"] == 8
+    result = runner.invoke(app, ["streams", "--workspace", ws, "--format", "json"])
+    data = json.loads(result.stdout)
+    (stream,) = data["streams"]
+    assert stream["name"] == "a" and [s["name"] for s in stream["slices"]] == ["2010", "2011"]
+    assert set(stream["slices"][0]) == {"name", "start", "end", "documents", "bytes", "tokens"}
+    assert set(stream["slices"][0]["tokens"]) == {"train", "validation", "test"}
+    human = runner.invoke(app, ["streams", "--workspace", ws])
+    assert human.exit_code == 0 and "2010" in human.stdout
+
+
+def test_workspace_from_environment_and_default_stream(tmp_path, monkeypatch):
+    ws = tmp_path / "ws"
+    runner.invoke(app, ["init", str(ws)])
+    monkeypatch.setenv("LPEER_WORKSPACE", str(ws))
+    result = runner.invoke(app, ["ingest", "--default", "--format", "json"])
+    assert result.exit_code == 0, result.output
+    assert [s["name"] for s in json.loads(result.stdout)["slices"]][-1] == "1970-2026"
+
+
+def test_help_has_summary_and_example():
+    for command in ("init", "ingest", "streams"):
+        result = runner.invoke(app, [command, "--help"])
+        assert result.exit_code == 0 and "Example: lpeer" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["streams", "--workspace", "{tmp}"], "is not an lpeer workspace (run `lpeer init DIR`)"),
+        (["ingest", "{tmp}/missing.jsonl", "--name", "x", "--workspace", "{ws}"], "missing.jsonl does not exist"),
+        (["ingest", "--workspace", "{ws}"], "give either a SOURCE (with --name) or --default"),
+        (["ingest", "{tmp}/bad.jsonl", "--name", "x", "--workspace", "{ws}"], "bad.jsonl:1: malformed JSON"),
+    ],
+)
+def test_user_errors_exit_2_with_one_line(tmp_path, monkeypatch, capsys, args, message):
+    ws = tmp_path / "ws"
+    runner.invoke(app, ["init", str(ws)])
+    (tmp_path / "bad.jsonl").write_text("{oops\n")
+    argv = ["lpeer"] + [a.format(tmp=tmp_path, ws=ws) for a in args]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and err.strip().count("\n") == 0
+    assert err.strip().startswith("error:")
