@@ -413,3 +413,18 @@ def test_encoding_bom_and_size_limit(ws, tmp_path):
     huge_line = write_jsonl(tmp_path / "huge.jsonl", [{"text": "z" * 100_000, "time": "2001"}])
     with pytest.raises(UserError, match=r"huge\.jsonl:1: line of at least"):
         ingest(ws, str(huge_line), "huge", max_document_mb=0.001)
+
+
+def test_hf_source_through_load_dataset(ws, tmp_path, monkeypatch):
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    folder = tmp_path / "hub-like"
+    folder.mkdir()
+    records = docs(9)
+    write_jsonl(folder / "part.jsonl", records)
+    ingest(ws, f"hf:{folder}", "hub")
+    _check_round_trip(ws, "hub", records)
+    with pytest.raises(UserError, match="could not load Hugging Face dataset"):
+        ingest(ws, f"hf:{tmp_path / 'nothing-here'}", "none")
