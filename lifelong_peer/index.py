@@ -320,7 +320,8 @@ def coverage(layer: PEER, x: Tensor) -> Tensor:
 
 @dataclass
 class GrowthRule:
-    """How ``decide_growth`` turns coverage into K, the sub-keys added per half (``--grow auto``)."""
+    """How ``decide_growth`` turns coverage into K, the sub-keys added per half (``--grow auto``),
+    and how ``grow_model`` places them."""
 
     quantile: float = 0.1
     """A new query half is poorly served if its best sub-key score is below this quantile of the old
@@ -329,6 +330,9 @@ class GrowthRule:
     """Grow only if the new slice's excess of poorly served halves over that baseline is at least this."""
     max_factor: float = 1.0
     """At most this × n new sub-keys per half in one growth (1.0: n at most doubles, N at most ×4)."""
+    budget: float = 0.05
+    """Placed sub-keys are shortened until each side's new keys enter at most this fraction of the old
+    slices' (token, head) top-k sets (``place_subkeys``), protecting old retrievals."""
 
 
 def poorly_served(layer: PEER, new_x: Tensor, old_x: Tensor | None, quantile: float = 0.1) -> tuple[Tensor, Tensor]:
@@ -373,15 +377,20 @@ def place_subkeys(
     k: int,
     generator: torch.Generator | None = None,
     seed: int = 0,
+    old_x: Tensor | None = None,
+    budget: float = 0.05,
 ) -> Tensor:
     """(k, 2, dim_key/2) new sub-keys at spherical ``faiss.Kmeans`` centroids of each half's query halves.
 
     ``query_halves``: two tensors (m_side, dim_key/2), the (poorly served) halves of each side, or
-    one (m, 2, dim_key/2) tensor. Each centroid direction is scaled to the median norm of that
-    half's existing sub-keys: scores are inner products, so a key longer than the old ones would
-    outscore them on old queries too; at their scale it wins only the queries pointing its way.
-    A side with fewer than k halves keeps them all (scaled alike) and fills the rest like
-    ``PEER.grow`` does by default, from the existing sub-keys' per-dimension mean and std.
+    one (m, 2, dim_key/2) tensor. A side with fewer than k halves keeps them all and fills the rest
+    like ``PEER.grow`` does by default, from the existing sub-keys' per-dimension mean and std.
+
+    Length: scores are inner products, so a key longer than the old ones would outscore them on
+    old queries too. Each key gets the median length of its half's existing sub-keys, or, with a
+    sample of old-slice layer inputs ``old_x``, the longest length (at most that median) at which
+    the k keys of a side together enter the top-k of at most ``budget`` of the old (token, head)
+    retrievals (``_safe_norms``).
     """
     if isinstance(query_halves, Tensor):
         query_halves = query_halves.unbind(1)
@@ -392,7 +401,6 @@ def place_subkeys(
     out = torch.empty(k, 2, half)
     for side, pts in enumerate(query_halves):
         pts = F.normalize(pts.detach().float().cpu().reshape(-1, half), dim=-1)
-        scale = old[:, side].norm(dim=-1).median()
         if len(pts) >= k:
             km = faiss.Kmeans(half, k, niter=20, nredo=5, seed=seed, spherical=True, min_points_per_centroid=1)
             km.train(_np(pts))
@@ -401,16 +409,47 @@ def place_subkeys(
             mean, std = old[:, side].mean(0), old[:, side].std(0) if len(old) > 1 else old[:, side].abs()[0]
             fill = mean + std * torch.randn(k - len(pts), half, generator=generator)
             dirs = torch.cat([pts, F.normalize(fill, dim=-1)])
-        out[:, side] = F.normalize(dirs, dim=-1) * scale
+        out[:, side] = F.normalize(dirs, dim=-1) * old[:, side].norm(dim=-1).median()
+    if old_x is not None and len(old_x):
+        out = out * _safe_norms(layer, out, old_x, budget)[:, :, None] / out.norm(dim=-1, keepdim=True)
     return out.to(layer.subkeys)
 
 
-def changed_fraction(before: Tensor, after: Tensor) -> float:
-    """Fraction of tokens whose retrieved expert set changed in any head; ids (T, heads, topk)."""
+def _safe_norms(layer: PEER, new: Tensor, old_x: Tensor, budget: float, steps: int = 16) -> Tensor:
+    """(k, 2) lengths for new sub-keys ``new`` (k, 2, half): per side, the longest of
+    len·2^(-i/2), i < ``steps``, at which at most ``budget`` of old (token, head) pairs get a new expert.
+
+    A new sub-key d on side 1 brings experts (d, j); the best of them scores q1·d + best2, and it
+    enters the top-k iff that beats the k-th old score: q1·d > kth − best2 =: margin. (Pairs of two
+    new sub-keys are ignored here; ``changed_fraction`` measures everything.)
+    """
+    c = layer.config
+    half = c.dim_key // 2
+    with _eval(layer):
+        q = layer.queries(old_x.reshape(-1, c.dim)).float().cpu()  # (T, h, dk)
+        kth = layer.retrieve(old_x)[0][..., -1].float().cpu()  # (T, h)
+    best = coverage(layer, old_x)  # (T, h, 2)
+    lengths = new.norm(dim=-1)  # (k, 2)
+    out = torch.empty_like(lengths)
+    factors = 2 ** (-torch.arange(steps) / 2)  # (S,) 1, 0.71, 0.5, …
+    for side in range(2):
+        margin = (kth - best[..., 1 - side]).flatten()  # (T·h,)
+        proj = q[..., side * half : (side + 1) * half].reshape(-1, half) @ F.normalize(new[:, side], dim=-1).T
+        # intruded[s, t]: some new key of this side, at length factor s, enters pair t's top-k
+        scaled = proj[None] * (lengths[:, side] * factors[:, None])[:, None, :]  # (S, T·h, k)
+        intruded = (scaled > margin[None, :, None]).any(-1).float().mean(-1)  # (S,)
+        ok = (intruded <= budget).nonzero()
+        out[:, side] = lengths[:, side] * factors[ok[0, 0] if len(ok) else -1]
+    return out
+
+
+def changed_fraction(before: Tensor, after: Tensor, per: Literal["token", "head"] = "token") -> float:
+    """Fraction of tokens whose retrieved expert set changed in any head (``per="head"``: of
+    (token, head) pairs whose set changed); ids (T, heads, topk) before and after a growth."""
     if before.numel() == 0:
         return 0.0
-    diff = (before.sort(dim=-1).values != after.sort(dim=-1).values).any(dim=-1).any(dim=-1)  # (T,)
-    return float(diff.float().mean())
+    diff = (before.sort(dim=-1).values != after.sort(dim=-1).values).any(dim=-1)  # (T, h)
+    return float((diff.any(dim=-1) if per == "token" else diff).float().mean())
 
 
 def grow_model(
@@ -459,24 +498,24 @@ def grow_model(
             half = peer.config.dim_key // 2
             with _eval(peer):
                 q = peer.queries(new_x)  # (T, h, dk)
-            subkeys = place_subkeys(
-                peer, [q[..., s * half : (s + 1) * half][poor[..., s]] for s in range(2)], num, generator, seed
-            )
-        before_old = _retrieved(peer, old_x)
+            halves = [q[..., s * half : (s + 1) * half][poor[..., s]] for s in range(2)]
+            subkeys = place_subkeys(peer, halves, num, generator, seed, old_x=old_x, budget=rule.budget)
+        before_old = retrieved_ids(peer, old_x)
         if num > 0:
             model.grow(num, layer=pos, subkeys=subkeys, generator=generator)
         report |= {
             "subkeys_after": peer.num_subkeys,
             "experts_after": peer.num_experts,
             "placement": "kmeans" if subkeys is not None else "random",
-            "changed_old": changed_fraction(before_old, _retrieved(peer, old_x)) if old_x is not None else None,
+            "changed_old": changed_fraction(before_old, retrieved_ids(peer, old_x)) if old_x is not None else None,
             "new_hit": new_hit(peer, new_x, report["experts_before"]) if new_x is not None else None,
         }
         reports.append(report)
     return reports
 
 
-def _retrieved(layer: PEER, x: Tensor | None) -> Tensor:
+def retrieved_ids(layer: PEER, x: Tensor | None) -> Tensor:
+    """Expert ids (T, heads, topk) the layer retrieves for inputs x (T, dim), in eval mode; empty for None."""
     if x is None:
         return torch.zeros(0, dtype=torch.long)
     with _eval(layer):
@@ -485,7 +524,7 @@ def _retrieved(layer: PEER, x: Tensor | None) -> Tensor:
 
 def new_hit(layer: PEER, x: Tensor, first_new_id: int) -> float:
     """Fraction of tokens (inputs x (T, dim)) retrieving at least one expert with id ≥ ``first_new_id``."""
-    ids = _retrieved(layer, x)
+    ids = retrieved_ids(layer, x)
     return float((ids >= first_new_id).flatten(1).any(dim=1).float().mean()) if len(ids) else 0.0
 
 
@@ -778,6 +817,7 @@ __all__ = [
     "parse_policy",
     "place_subkeys",
     "poorly_served",
+    "retrieved_ids",
     "set_frozen",
     "tfidf_scores",
     "top_experts",

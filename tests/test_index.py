@@ -281,6 +281,7 @@ def test_changed_fraction_by_hand():
     before = torch.tensor([[[1, 2], [3, 4]], [[5, 6], [7, 8]], [[1, 2], [3, 4]]])
     after = torch.tensor([[[2, 1], [3, 4]], [[5, 6], [7, 9]], [[1, 2], [4, 3]]])  # only token 1 changed
     assert changed_fraction(before, after) == pytest.approx(1 / 3)
+    assert changed_fraction(before, after, per="head") == pytest.approx(1 / 6)
 
 
 def test_grow_model_reports_the_change_of_old_retrievals_against_brute_force():
