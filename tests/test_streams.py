@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lifelong_peer.errors import UserError
 from lifelong_peer.streams import ingest, list_streams, open_stream
@@ -428,3 +430,15 @@ def test_hf_source_through_load_dataset(ws, tmp_path, monkeypatch):
     _check_round_trip(ws, "hub", records)
     with pytest.raises(UserError, match="could not load Hugging Face dataset"):
         ingest(ws, f"hf:{tmp_path / 'nothing-here'}", "none")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.datetimes(min_value=datetime(1, 1, 2), max_value=datetime(9999, 12, 30), timezones=st.just(UTC)))
+def test_parse_time_round_trips_iso(dt):
+    seconds = parse_time(dt.isoformat())
+    assert (
+        seconds
+        == parse_time(dt.replace(tzinfo=None).isoformat())
+        == int((dt - datetime(1970, 1, 1, tzinfo=UTC)).total_seconds() // 1)
+    )
+    assert parse_time(format_time(seconds)) == seconds

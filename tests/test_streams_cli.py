@@ -73,3 +73,17 @@ def test_user_errors_exit_2_with_one_line(tmp_path, monkeypatch, capsys, args, m
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and err.strip().count("\n") == 0
     assert err.strip().startswith("error:")
+
+
+def test_progress_bar_renders_both_passes():
+    from lifelong_peer.cli.output import Format
+    from lifelong_peer.cli.streams_cmds import _progress
+
+    bar = _progress(Format.human)
+    bar.enabled = True
+    with bar as update:
+        update("scan", 0, None)
+        update("scan", 256, None)
+        update("pack", 10, 20)
+    assert set(bar.tasks) == {"scan", "pack"}
+    assert _progress(Format.json).__enter__() is None
