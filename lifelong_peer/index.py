@@ -691,6 +691,85 @@ def freeze_model(
     return reports
 
 
+# --- inspection (``lpeer inspect``) -----------------------------------------------------------------
+
+
+def inspect_model(model, ledger: UsageLedger, layer: int | None = None) -> dict:
+    """Per PEER layer (or just ``layer``): ``layer_stats`` over all slices, sub-keys, frozen sub-keys,
+    and the Jaccard ``overlap`` of every pair of slices. JSON-able: ``{"layers": [...]}``."""
+    layers = model.peer_layers()
+    out = []
+    for pos in range(len(layers)) if layer is None else [layer]:
+        if not 0 <= pos < len(layers):
+            raise UserError(f"PEER layer {pos} does not exist; this model has {len(layers)} (0..{len(layers) - 1})")
+        peer = layers[pos]
+        stats = {"layer": pos, "num_subkeys": peer.num_subkeys}
+        stats |= layer_stats(ledger, pos, peer.num_experts, peer.frozen.cpu())
+        stats["frozen_subkeys_pct"] = 100.0 * float(peer.frozen_subkeys.float().mean())
+        names = ledger.slices()
+        stats["overlap"] = {a: {b: overlap(ledger, pos, a, b) for b in names} for a in names}
+        out.append(stats)
+    return {"layers": out}
+
+
+def inspect_expert(model, ledger: UsageLedger, layer: int, expert: int, k: int = 5) -> dict:
+    """One expert: its sub-key pair (i, j), frozen flag, each slice's use of it, its ``k`` nearest
+    experts by key (cosine, ``ExpertIndex``)."""
+    layers = model.peer_layers()
+    if not 0 <= layer < len(layers):
+        raise UserError(f"PEER layer {layer} does not exist; this model has {len(layers)}")
+    peer = layers[layer]
+    if not 0 <= expert < peer.num_experts:
+        raise UserError(f"expert {expert} does not exist; PEER layer {layer} has ids 0..{peer.num_experts - 1}")
+    i, j = pair_of(torch.tensor(expert))
+    slices = {}
+    for name in ledger.slices():
+        u = ledger.get(name, layer)
+        hit = (u.ids == expert).nonzero().flatten()
+        if len(hit):
+            slices[name] = {"count": int(u.counts[hit[0]]), "mass": float(u.mass[hit[0]])}
+    scores, ids = ExpertIndex(peer, kind="keys").nearest(torch.tensor([expert]), k=min(k, peer.num_experts - 1))
+    return {
+        "layer": layer,
+        "id": expert,
+        "pair": [int(i), int(j)],
+        "frozen": bool(peer.frozen[expert]),
+        "slices": slices,
+        "nearest": [{"id": int(e), "score": float(sc)} for e, sc in zip(ids[0], scores[0], strict=True) if e >= 0],
+    }
+
+
+def inspect_text(model, tokens: Tensor, layer: int | None = None) -> dict:
+    """Which experts each head retrieves for each token of ``tokens`` (T,) int, and their gates.
+
+    ``{"layers": [{"layer", "ids": (T, heads, topk) nested lists, "gates": same}]}`` — eval mode.
+    """
+    layers = model.peer_layers()
+    seen: dict[int, tuple[Tensor, Tensor]] = {}
+
+    def hook(pos: int):
+        def fn(module: PEER, args: tuple, output: Tensor) -> None:
+            scores, ids = module.retrieve(args[0].reshape(-1, module.config.dim))
+            seen[pos] = (ids, scores.softmax(dim=-1))
+
+        return fn
+
+    positions = range(len(layers)) if layer is None else [layer]
+    handles = [layers[pos].register_forward_hook(hook(pos)) for pos in positions]
+    try:
+        with _eval(model):
+            model(tokens.reshape(1, -1).to(next(model.parameters()).device))
+    finally:
+        for h in handles:
+            h.remove()
+    return {
+        "layers": [
+            {"layer": pos, "ids": seen[pos][0].tolist(), "gates": seen[pos][1].float().cpu().tolist()}
+            for pos in positions
+        ]
+    }
+
+
 # --- FAISS over expert vectors ------------------------------------------------------------------------
 
 VectorKind = Literal["keys", "u", "v"]
@@ -810,6 +889,9 @@ __all__ = [
     "freeze_ids",
     "freeze_model",
     "grow_model",
+    "inspect_expert",
+    "inspect_model",
+    "inspect_text",
     "kl_unevenness",
     "layer_stats",
     "new_hit",

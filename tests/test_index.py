@@ -24,6 +24,9 @@ from lifelong_peer.index import (
     freeze_ids,
     freeze_model,
     grow_model,
+    inspect_expert,
+    inspect_model,
+    inspect_text,
     kl_unevenness,
     layer_stats,
     overlap,
@@ -32,7 +35,7 @@ from lifelong_peer.index import (
     poorly_served,
     tfidf_scores,
 )
-from lifelong_peer.peer import PEER, id_of
+from lifelong_peer.peer import PEER, id_of, pair_of
 
 
 def usage(pairs: dict[int, tuple[int, float]], tokens: int = 1) -> Usage:
@@ -472,3 +475,40 @@ def test_placed_growth_is_deterministic_given_the_seed():
     layer_b = copy.deepcopy(layer_a)
     halves = [torch.randn(100, 8), torch.randn(100, 8)]
     torch.testing.assert_close(place_subkeys(layer_a, halves, 3, seed=4), place_subkeys(layer_b, halves, 3, seed=4))
+
+
+# --- inspection -------------------------------------------------------------------------------------
+
+
+def test_inspect_reports_the_documented_json_shape():
+    import json
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(dim=16, layers=2, heads=2, context=16, peer=PEERConfig(num_subkeys=5, heads=2, topk=2, dim_key=8))
+    model = LanguageModel(cfg)
+    ledger = UsageLedger()
+    collect_usage(model, torch.randint(0, 256, (3, 10)), ledger, "a")
+    collect_usage(model, torch.randint(0, 256, (3, 10)), ledger, "b")
+    model.peer_layers()[0].freeze([0, 1])
+    report = json.loads(json.dumps(inspect_model(model, ledger)))
+    (lay,) = report["layers"]
+    assert lay["num_experts"] == 25 and lay["frozen"] == 2
+    for key in ("usage_pct", "kl_unevenness", "dead", "top"):
+        assert key in lay
+    assert set(lay["slices"]) == {"a", "b"} and lay["slices"]["a"]["tokens"] == 30
+    assert lay["overlap"]["a"]["b"] == pytest.approx(overlap(ledger, 0, "a", "b"))
+    top = lay["top"][0]["id"]
+    e = inspect_expert(model, ledger, 0, top, k=3)
+    assert e["pair"] == [int(v) for v in pair_of(torch.tensor(top))]
+    assert e["slices"] and len(e["nearest"]) == 3 and top not in [n["id"] for n in e["nearest"]]
+    with pytest.raises(UserError, match="does not exist"):
+        inspect_expert(model, ledger, 0, 25)
+    tokens = torch.tensor([72, 105, 33])
+    t = inspect_text(model, tokens)["layers"][0]
+    with torch.no_grad():
+        x = {}
+        h = model.peer_layers()[0].register_forward_pre_hook(lambda m, a: x.setdefault("in", a[0]))
+        model.eval()(tokens[None])
+        h.remove()
+        _, ids = model.peer_layers()[0].retrieve(x["in"][0])
+    assert t["ids"] == ids.tolist()
