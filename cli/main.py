@@ -56,6 +56,10 @@ from .streams_cmds import register as _register_streams  # noqa: E402  (init, in
 
 _register_streams(app)
 
+from .run_cmds import register as _register_runs  # noqa: E402  (run, train)
+
+_register_runs(app)
+
 
 from . import eval_cmds  # noqa: E402  (after `app`, to keep the command order of --help)
 

@@ -27,6 +27,8 @@ MODEL_FORMAT = "lifelong-peer/model/1"
 META_KEY = "lifelong_peer"
 #: a safetensors header larger than this is not one of ours (guards against absurd allocations)
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
@@ -35,6 +37,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; published files get the usual permissions
     try:
         write(tmp)
         with open(tmp, "rb+") as f:

@@ -94,7 +94,7 @@ class TrainConfig:
     """Data of the base phase: mix (all slices' train splits) or first (the first slice)."""
     base_lr: float = 3e-3
     """Peak learning rate of the base phase."""
-    eval_tokens: int = 32768
+    eval_tokens: int = 16384
     """Held-out tokens scored per slice and split (evenly spaced windows; 0: the whole split)."""
     usage_tokens: int = 8192
     """Validation tokens per slice used to record expert usage after its phase."""
@@ -373,6 +373,111 @@ def open_run(workspace, run: str, stream=None) -> Run:
     return Run(directory, cfg, stream)
 
 
+def load_config_file(path: str | Path) -> dict:
+    """A TOML run config: ``[train]`` (TrainConfig fields), ``[model]`` and ``[model.peer]``.
+
+    Returns ``{"train": {...}, "model": {...}}``; unknown tables are a UserError naming the file.
+    """
+    import tomllib
+
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path}: config file not found") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid TOML ({e})") from None
+    unknown = sorted(set(data) - {"train", "model"})
+    if unknown:
+        raise UserError(f"{path}: unknown table(s) {', '.join(unknown)}; expected [train], [model], [model.peer]")
+    return {"train": dict(data.get("train", {})), "model": dict(data.get("model", {}))}
+
+
+def new_run(
+    workspace,
+    stream_name: str,
+    strategy: str = "naive",
+    overrides: dict | None = None,
+    model_overrides: dict | None = None,
+    base: str | None = None,
+    run_id: str | None = None,
+    slices: list[str] | None = None,
+    config_file: str | Path | None = None,
+) -> Run:
+    """Resolve a run's configuration (preset < config file < overrides) and create its directory.
+
+    With a ``base`` checkpoint the model's shape comes from the checkpoint.
+    """
+    from .checkpoint import read_meta
+    from .streams.store import open_stream
+
+    stream = open_stream(workspace, stream_name)
+    slices = slices or [s.name for s in stream.slices]
+    for name in slices:
+        stream.slice(name)  # UserError listing the slices when unknown
+    file_cfg = load_config_file(config_file) if config_file else {"train": {}, "model": {}}
+    train_over = {**file_cfg["train"], **(overrides or {})}
+    model_over = {**file_cfg["model"], **(model_overrides or {})}
+    base_model = ModelConfig(vocab_size=stream.tokenizer.vocab_size)
+    if base:
+        meta = read_meta(base)
+        try:
+            base_model = ModelConfig.from_dict(meta["model_config"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise UserError(f"{base}: not a model checkpoint ({e})") from None
+        if model_over:
+            raise UserError("model options cannot be changed when starting from --base (its shape is fixed)")
+    model_over = {"peer": {**base_model.peer.to_dict(), **model_over.pop("peer", {})}, **model_over}
+    model_cfg, train_cfg = resolve_config(strategy, {**train_over, "model": model_over}, base_model)
+    run_id = run_id or _new_run_id(workspace, f"{stream_name}-{strategy}")
+    cfg = RunConfig(run=run_id, stream=stream_name, slices=slices, model=model_cfg, train=train_cfg, base=base)
+    return create_run(workspace, cfg, stream=stream)
+
+
+def _new_run_id(workspace, prefix: str) -> str:
+    n = 1
+    while workspace.run_dir(f"{prefix}-{n}").exists():
+        n += 1
+    return f"{prefix}-{n}"
+
+
+def add_slice(run: Run, slice_name: str) -> int:
+    """Append a newly ingested slice to a run (data that arrives one slice at a time); returns its phase.
+
+    Earlier models are evaluated on it from their phase-end checkpoints, so the matrix stays complete.
+    """
+    if slice_name in run.config.slices:
+        phase = run.config.slices.index(slice_name)
+        if phase < run.state()["completed_phases"]:
+            raise UserError(f"run {run.config.run!r} has already trained on slice {slice_name!r}")
+        return phase
+    run.stream.slice(slice_name)
+    run.config.slices.append(slice_name)
+    if (run.dir / "results.json").exists():
+        results = load_results(run.dir)
+        results.slices.append(slice_name)
+        for split, evals in results.eval.items():
+            models = [run.checkpoints / "base.safetensors"]
+            models += [run.checkpoints / f"phase-{i:03d}.safetensors" for i in range(len(evals.after))]
+            for row, path in zip([evals.before, *evals.after], models, strict=True):
+                model = load_model(path) if path.name == "base.safetensors" else _model_part(path, *load_tensors(path))
+                _append_eval(row, run, model.to(run.device), slice_name, split)
+        save_results(run.dir, results)
+    atomic_write_json(run.dir / "config.json", run.config.to_dict())
+    return len(run.config.slices) - 1
+
+
+def _append_eval(row: EvalRow, run: Run, model: LanguageModel, slice_name: str, split: str) -> None:
+    data = run.slice_data(slice_name)
+    total, count = evaluate(model, run.windows(slice_name, split, run.config.train.eval_tokens))
+    num_bytes = max(1, round(count * data.num_bytes(split) / max(1, len(data.tokens(split)))))
+    new = EvalRow.from_totals([total], [count], [num_bytes])
+    row.nll.append(new.nll[0])
+    row.bpb.append(new.bpb[0])
+    row.tokens.append(new.tokens[0])
+    row.bytes.append(new.bytes[0])
+
+
 # --- the phase loop --------------------------------------------------------------------------------
 
 
@@ -509,7 +614,7 @@ def evaluate_all(run: Run, emit: Progress) -> dict[str, EvalRow]:
         for name in run.config.slices:
             data = run.slice_data(name)
             all_tokens = data.tokens(split)
-            if len(all_tokens) < 2:
+            if len(all_tokens) < 2:  # a tiny slice with no held-out text: reported as missing
                 sums.append(0.0)
                 tokens.append(0)
                 num_bytes.append(0)
@@ -519,23 +624,9 @@ def evaluate_all(run: Run, emit: Progress) -> dict[str, EvalRow]:
             tokens.append(count)
             # bytes behind the scored tokens, at the split's bytes-per-token ratio
             num_bytes.append(max(1, round(count * data.num_bytes(split) / len(all_tokens))))
-        rows[split] = _row(sums, tokens, num_bytes)
+        rows[split] = EvalRow.from_totals(sums, tokens, num_bytes)
     emit({"event": "evaluated", "rows": rows})
     return rows
-
-
-def _row(sums, tokens, num_bytes) -> EvalRow:
-    """EvalRow with empty splits (tiny slices) reported as NaN instead of dividing by zero."""
-    row = EvalRow.from_totals(
-        [s if t else 0.0 for s, t in zip(sums, tokens, strict=True)],
-        [max(t, 1) for t in tokens],
-        [max(b, 1) for b in num_bytes],
-    )
-    for j, t in enumerate(tokens):
-        if t == 0:
-            row.nll[j] = row.bpb[j] = math.nan
-            row.tokens[j] = row.bytes[j] = 0
-    return row
 
 
 def record_usage(run: Run, slice_name: str) -> None:

@@ -1,0 +1,215 @@
+"""``lpeer run`` and ``lpeer train``: start, resume or extend a continual run; render its progress."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from lifelong_peer.errors import UserError
+
+from .output import Format, emit, stderr, stdout
+
+WorkspaceOpt = typer.Option(
+    None, "--workspace", "-w", help="Workspace folder (default: $LPEER_WORKSPACE, else the current directory)."
+)
+FormatOpt = typer.Option(Format.human, "--format", help="human: tables; json: the final summary on stdout.")
+QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress display.")
+
+
+def _train_overrides(**values) -> dict:
+    """Command-line options that were given (not None) → TrainConfig overrides."""
+    return {k: v for k, v in values.items() if v is not None}
+
+
+@contextlib.contextmanager
+def _progress_display(quiet: bool):
+    """A rich progress bar per phase on stderr: step, loss, tok/s, experts, frozen %, ETA."""
+    if quiet:
+        yield None
+        return
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.3f}  {task.fields[tok_s]:,.0f} tok/s  {task.fields[experts]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=stderr, transient=False) as progress:
+        tasks: dict[int, int] = {}
+
+        def on_event(event: dict) -> None:
+            kind = event["event"]
+            if kind == "phase_start":
+                label = "base" if event["phase"] < 0 else f"phase {event['phase']}: {event['slice']}"
+                tasks[event["phase"]] = progress.add_task(
+                    label, total=event["steps"], completed=event["start"], loss=float("nan"), tok_s=0.0, experts=""
+                )
+            elif kind == "step" and event["phase"] in tasks:
+                experts = (
+                    f"{event['experts']:,} experts, {100 * event['frozen_fraction']:.0f}% frozen"
+                    if "experts" in event
+                    else ""
+                )
+                progress.update(
+                    tasks[event["phase"]],
+                    advance=1,
+                    loss=event["loss"],
+                    tok_s=event.get("tok_s", 0.0),
+                    experts=experts,
+                )
+            elif kind == "grow":
+                for r in event["layers"]:
+                    progress.console.print(
+                        f"  grow layer {r['layer']}: +{r['k']} sub-keys, {r['experts_before']:,} → {r['experts_after']:,} experts"
+                        + (
+                            f", old tokens re-routed {100 * r['changed_old']:.1f}%"
+                            if r.get("changed_old") is not None
+                            else ""
+                        )
+                    )
+            elif kind == "freeze":
+                for r in event["layers"]:
+                    progress.console.print(
+                        f"  freeze layer {r['layer']} ({r['policy']}): {r['frozen_pct']:.1f}% frozen"
+                    )
+            elif kind == "resume":
+                progress.console.print(f"resuming at phase {event['phase']}, step {event['step']}")
+            elif kind == "phase_end":
+                row = event["rows"]["validation"]
+                progress.console.print(
+                    f"  after phase {event['phase']} ({event['slice']}): validation bits/byte "
+                    + ", ".join("—" if b != b else f"{b:.3f}" for b in row.bpb)
+                )
+
+        yield on_event
+
+
+def _finish(run, results, fmt: Format) -> None:
+    from lifelong_peer.metrics import summarize
+
+    summary = summarize(results, "test")
+    summary["run"] = run.config.run
+    summary["run_dir"] = str(run.dir)
+
+    def human(s: dict) -> None:
+        from .eval_cmds import _render_eval
+
+        _render_eval(s)
+        stdout.print(f"run [bold]{s['run']}[/bold]: files in {s['run_dir']}")
+
+    emit(summary, fmt, human)
+
+
+def run(
+    stream: str | None = typer.Option(None, "--stream", "-s", help="Stream to train through (see `lpeer streams`)."),
+    strategy: str = typer.Option(
+        "naive", "--strategy", help="naive | lifelong | replay | ewc | smf | dense | joint (presets over one loop)."
+    ),
+    config: Path | None = typer.Option(None, "--config", help="TOML file with [train], [model], [model.peer] tables."),
+    resume: str | None = typer.Option(None, "--resume", help="Continue this run (id or directory) where it stopped."),
+    name: str | None = typer.Option(None, "--name", help="Run id (default: STREAM-STRATEGY-N)."),
+    base: Path | None = typer.Option(None, "--base", help="Start from this model checkpoint (.safetensors)."),
+    slices: str | None = typer.Option(None, "--slices", help="Comma-separated slice names (default: all, in order)."),
+    steps: int | None = typer.Option(None, help="Optimizer steps per phase."),
+    tokens: int | None = typer.Option(None, help="Training tokens per phase (instead of --steps)."),
+    batch_size: int | None = typer.Option(None, help="Windows per step."),
+    lr: float | None = typer.Option(None, help="Peak learning rate of shared weights."),
+    expert_lr: float | None = typer.Option(None, help="Peak learning rate of experts (default: --lr)."),
+    grow: str | None = typer.Option(None, help="Growth before each phase: none | K sub-keys per half | auto."),
+    freeze: str | None = typer.Option(None, help="Freezing policy: none | all-old | usage:P | tfidf:T."),
+    replay: float | None = typer.Option(None, help="Fraction of each batch from earlier slices."),
+    l2sp: float | None = typer.Option(None, help="L2-SP weight on shared weights."),
+    ewc: float | None = typer.Option(None, help="EWC weight on shared weights."),
+    distill: float | None = typer.Option(None, help="Distillation weight (KL to the previous phase's model)."),
+    base_steps: int | None = typer.Option(None, help="Train a base model this many steps first (no --base)."),
+    checkpoint_every: int | None = typer.Option(None, help="Also checkpoint every N steps within a phase."),
+    seed: int | None = typer.Option(None, help="Seed of every random choice."),
+    device: str | None = typer.Option(None, help="auto | cpu | cuda."),
+    workspace: Path | None = WorkspaceOpt,
+    fmt: Format = FormatOpt,
+    quiet: bool = QuietOpt,
+) -> None:
+    """Train one model through a stream's slices, one phase per slice, and report forgetting.
+
+    Example: lpeer run --stream sotu --strategy lifelong --steps 100
+    """
+    from lifelong_peer.train import new_run, open_run, run_phases
+    from lifelong_peer.workspace import Workspace
+
+    ws = Workspace.open(workspace)
+    overrides = _train_overrides(
+        steps=steps,
+        tokens=tokens,
+        batch_size=batch_size,
+        lr=lr,
+        expert_lr=expert_lr,
+        grow=grow,
+        freeze=freeze,
+        replay=replay,
+        l2sp=l2sp,
+        ewc=ewc,
+        distill=distill,
+        base_steps=base_steps,
+        checkpoint_every=checkpoint_every,
+        seed=seed,
+        device=device,
+    )
+    with ws.lock():
+        if resume:
+            if overrides or stream or config or base or name:
+                raise UserError("--resume continues a run with its saved config; drop the other options")
+            the_run = open_run(ws, resume)
+        else:
+            if not stream:
+                raise UserError("--stream is required (see `lpeer streams`), or --resume RUN")
+            slice_names = [s.strip() for s in slices.split(",")] if slices else None
+            the_run = new_run(
+                ws, stream, strategy, overrides, None, str(base) if base else None, name, slice_names, config
+            )
+            stderr.print(f"run [bold]{the_run.config.run}[/bold] in {the_run.dir}")
+        with _progress_display(quiet or fmt == Format.json) as on_event:
+            results = run_phases(the_run, progress=on_event)
+    _finish(the_run, results, fmt)
+
+
+def train(
+    stream: str = typer.Option(..., "--stream", "-s", help="Stream holding the slice."),
+    slice_: str = typer.Option(..., "--slice", help="The slice to train on (e.g. the one ingested today)."),
+    run_id: str | None = typer.Option(None, "--run", help="Run to extend (default: STREAM-online; created if new)."),
+    strategy: str = typer.Option("lifelong", "--strategy", help="Strategy when the run is created."),
+    base: Path | None = typer.Option(None, "--base", help="Model checkpoint to start from when the run is created."),
+    steps: int | None = typer.Option(None, help="Optimizer steps for this phase."),
+    workspace: Path | None = WorkspaceOpt,
+    fmt: Format = FormatOpt,
+    quiet: bool = QuietOpt,
+) -> None:
+    """Run one phase on one slice of an existing (or new) run: for data that arrives a slice at a time.
+
+    Example: lpeer ingest today.jsonl --name news --replace && lpeer train --stream news --slice 2026-11
+    """
+    from lifelong_peer.train import add_slice, new_run, open_run, run_phases
+    from lifelong_peer.workspace import Workspace
+
+    ws = Workspace.open(workspace)
+    run_id = run_id or f"{stream}-online"
+    with ws.lock():
+        if ws.run_dir(run_id).exists():
+            the_run = open_run(ws, run_id)
+            if the_run.config.stream != stream:
+                raise UserError(f"run {run_id!r} trains stream {the_run.config.stream!r}, not {stream!r}")
+        else:
+            overrides = _train_overrides(steps=steps)
+            the_run = new_run(ws, stream, strategy, overrides, None, str(base) if base else None, run_id, [slice_])
+        phase = add_slice(the_run, slice_)
+        with _progress_display(quiet or fmt == Format.json) as on_event:
+            results = run_phases(the_run, phases=[phase], progress=on_event)
+    _finish(the_run, results, fmt)
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(run)
+    app.command()(train)
