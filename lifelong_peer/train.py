@@ -302,6 +302,41 @@ class Run:
         self.ledger = UsageLedger.from_tensors(ledger, meta["ledger"])
         return {"tensors": tensors, "meta": meta}
 
+    def load_latest(self) -> dict:
+        """Model, Fisher and ledger of the last finished phase (or the starting model) — for
+        inspecting or editing a run between phases. Refuses a run stopped mid-phase."""
+        state = self.state()
+        if state["checkpoint"] is None:
+            base = self.checkpoints / "base.safetensors"
+            if not base.exists():
+                raise UserError(
+                    f"run {self.config.run!r} has no model yet; start it with lpeer run --resume {self.config.run}"
+                )
+            self.model = load_model(base, device=self.device)
+            return {"phase": None, "checkpoint": base}
+        if state.get("step") is not None:
+            raise UserError(
+                f"run {self.config.run!r} stopped in the middle of phase {state['phase']}; "
+                f"finish it first with lpeer run --resume {self.config.run}"
+            )
+        self.load_checkpoint(self.dir / state["checkpoint"])
+        return {"phase": state["phase"], "checkpoint": self.dir / state["checkpoint"]}
+
+    def save_edit(self, what: dict) -> Path:
+        """Publish the model edited after ``load_latest`` (growth or freezing by hand) in place of that
+        checkpoint, atomically, and log the edit in edits.jsonl. The next phase starts from it."""
+        from .checkpoint import save_model
+
+        state = self.state()
+        if state["checkpoint"] is None:
+            path = self.checkpoints / "base.safetensors"
+            save_model(self.model, path)
+        else:
+            path = self.save_checkpoint(state["phase"], None, None, completed=state["completed_phases"])
+        with open(self.dir / "edits.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps({"time": time.time(), "checkpoint": path.name, **what}) + "\n")
+        return path
+
     def previous_model(self, phase: int) -> LanguageModel:
         """The model at the start of ``phase`` before growth: the anchor of L2-SP/EWC and the distillation teacher."""
         if phase > 0:
