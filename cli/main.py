@@ -60,6 +60,10 @@ from .run_cmds import register as _register_runs  # noqa: E402  (run, train)
 
 _register_runs(app)
 
+from .demo_cmds import register as _register_demo  # noqa: E402  (demo)
+
+_register_demo(app)
+
 
 from . import eval_cmds  # noqa: E402  (after `app`, to keep the command order of --help)
 

@@ -1,0 +1,45 @@
+"""``lpeer demo``: the shipped corpus, naive vs lifelong, forgetting side by side."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from .output import Format, emit, stdout
+from .run_cmds import _progress_display
+
+
+def demo(
+    out: Path = typer.Option(Path("lpeer-demo"), "--out", help="Workspace folder for the demo's runs and report."),
+    steps: int = typer.Option(40, help="Optimizer steps per era."),
+    seed: int = typer.Option(0, help="Seed of every random choice."),
+    fmt: Format = typer.Option(Format.human, "--format", help="human: tables; json: the comparison on stdout."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display."),
+) -> None:
+    """Run naive and lifelong over the six State of the Union eras from the shipped base; compare forgetting.
+
+    Example: lpeer demo --out lpeer-demo
+    """
+    from lifelong_peer.demo import DemoConfig, run_demo
+
+    if steps <= 0:
+        from lifelong_peer.errors import UserError
+
+        raise UserError(f"--steps must be positive, got {steps}")
+    with _progress_display(quiet or fmt == Format.json) as on_event:
+        comparison = run_demo(DemoConfig(out=out, steps=steps, seed=seed), progress=on_event)
+
+    def human(c: dict) -> None:
+        from .eval_cmds import _render_report
+
+        c = {**c, "files": c["files"]["report"]}
+        _render_report(c)
+        stdout.print(f"heatmaps: {', '.join(comparison['files']['heatmaps'])}")
+        stdout.print(f"workspace: {comparison['files']['workspace']} (try: lpeer eval demo-lifelong-s{seed} -w {out})")
+
+    emit(comparison, fmt, human)
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(demo)

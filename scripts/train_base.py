@@ -1,0 +1,60 @@
+"""Train the small base model that ships with lifelong-peer (``lifelong_peer/assets/sotu-base.safetensors``).
+
+Continual learning is about continuing a trained model (issue 4): from scratch, a byte-level model
+is still learning English in every phase and nothing looks forgotten. This script trains the base
+that the demo and the published results start from: the default model on a shuffled mix of all six
+State of the Union eras' training splits (held-out splits untouched).
+
+    python scripts/train_base.py [--steps 1500] [--out lifelong_peer/assets/sotu-base.safetensors]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from lifelong_peer.streams import ingest_default
+from lifelong_peer.train import new_run, run_phases
+from lifelong_peer.workspace import Workspace
+
+DEFAULT_MODEL = {"peer_blocks": "all", "peer": {"num_subkeys": 32, "heads": 4, "topk": 8, "dim_key": 64}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=str(Path(__file__).parents[1] / "lifelong_peer/assets/sotu-base.safetensors"))
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        ws = Workspace.init(Path(tmp) / "ws")
+        ingest_default(ws, "sotu")
+        run = new_run(
+            ws,
+            "sotu",
+            "naive",
+            {"base_steps": args.steps, "base_lr": args.lr, "seed": args.seed, "eval_tokens": 8192},
+            DEFAULT_MODEL,
+            run_id="base",
+        )
+        start = time.time()
+
+        def progress(event: dict) -> None:
+            if event["event"] == "step" and event["step"] % 100 == 0:
+                print(f"step {event['step']:5d}  loss {event['loss']:.3f}  {time.time() - start:.0f} s", flush=True)
+
+        results = run_phases(run, phases=[], progress=progress)
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(run.checkpoints / "base.safetensors", out)
+        before = results.eval["validation"].before
+        print(json.dumps({"out": str(out), "seconds": round(time.time() - start), "validation_bpb": before.bpb}))
+
+
+if __name__ == "__main__":
+    main()
