@@ -26,9 +26,15 @@ What this file adds for continual learning:
 * **Per-expert freezing.** ``frozen`` (N,) and ``frozen_subkeys`` (n, 2) are persistent bool
   buffers. They are data, honoured by the row-sparse optimizer (``lifelong_peer.optim``), which
   never writes a frozen row — not its weights, not its Adam moments, not weight decay.
-* **Row-sparse gradients.** U and V are read through ``F.embedding`` / ``F.embedding_bag`` with
-  ``sparse=True``: their gradients hold only the rows retrieved in the step, so the backward
-  pass and the optimizer cost O(rows used), not O(N).
+* **Row-sparse gradients.** With ``sparse_grad`` (default) U's and V's gradients are sparse and
+  hold only the rows retrieved in the step, so the backward pass and the optimizer cost
+  O(rows used), not O(N).
+
+Two implementations compute the same function: ``impl="naive"``, the plain code in this file (the
+reference: U and V read through ``F.embedding`` / ``F.embedding_bag(sparse=True)``), and
+``impl="fast"`` (default), ``lifelong_peer.peer_ops``: a pruned top-k candidate grid and one
+autograd Function for the experts that keeps no (tokens, h·k, dim) tensors for backward and
+returns compact, coalesced row gradients (issue 8).
 """
 
 from __future__ import annotations
@@ -39,6 +45,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from . import peer_ops
 
 QueryNorm = Literal["batchnorm", "layernorm", "none"]
 Activation = Literal["gelu", "relu"]
@@ -138,9 +146,16 @@ class PEER(nn.Module):
     holds sub-key r of both halves, so growth appends rows —, ``U`` and ``V`` (N, dim).
     """
 
-    def __init__(self, config: PEERConfig):
+    #: Implementations of the same function (module docstring); ``layer.impl`` may be switched at any time.
+    IMPLS = ("fast", "naive")
+
+    def __init__(self, config: PEERConfig, impl: str = "fast"):
         super().__init__()
+        if impl not in self.IMPLS:
+            raise ValueError(f"PEER impl must be one of {', '.join(self.IMPLS)}; got {impl!r}")
         self.config = config
+        self.impl = impl
+        peer_ops.tune_allocator()  # once per process; ~1.5–2× on fwd+bwd here (BENCHMARKS.md)
         c = config
         self.query = nn.Linear(c.dim, c.heads * c.dim_key, bias=False)
         if c.query_norm == "batchnorm":
@@ -188,6 +203,9 @@ class PEER(nn.Module):
         k, half = self.config.topk, self.config.dim_key // 2
         s1 = q[..., :half] @ self.subkeys[:, 0].T  # (T, h, n)
         s2 = q[..., half:] @ self.subkeys[:, 1].T  # (T, h, n)
+        if self.impl == "fast":
+            scores, i, j = peer_ops.product_key_topk(s1, s2, k)  # same result from a pruned grid
+            return scores, id_of(i, j)
         v1, i1 = s1.topk(k, dim=-1)  # (T, h, k)
         v2, i2 = s2.topk(k, dim=-1)
         # Eq. 5: the exact top-k of all n² sums lies among the k × k sums of the halves' top-k
@@ -223,18 +241,26 @@ class PEER(nn.Module):
         x2 = x.reshape(-1, c.dim)  # (T, d)
         scores, ids = self._retrieve(self.queries(x2))  # (T, h, k)
         gates = scores.softmax(dim=-1)  # (T, h, k)
-        flat = ids.view(x2.shape[0], -1)  # (T, h·k)
-        u = F.embedding(flat, self.U, sparse=self.sparse_grad)  # (T, h·k, d)
-        hidden = torch.einsum("thd,td->th", u, x2)  # (T, h·k): u_i · x
-        act = F.gelu(hidden) if c.activation == "gelu" else F.relu(hidden)
-        weights = act * gates.view_as(act)  # (T, h·k)
-        # Σ over heads and slots of weight · v_i, without materialising (T, h·k, d) for V
-        y = F.embedding_bag(flat, self.V, per_sample_weights=weights, mode="sum", sparse=self.sparse_grad)
+        flat = ids.view(x2.shape[0], c.heads * c.topk)  # (T, h·k)
+        if self.impl == "fast":
+            y = peer_ops.expert_mix(x2, flat, gates.view(flat.shape), self.U, self.V, c.activation, self.sparse_grad)
+        else:
+            y = self._experts_naive(x2, flat, gates)
         y = y.view(*lead, c.dim)
         if return_retrieval:
             shape = (*lead, c.heads, c.topk)
             return y, Retrieval(scores.view(shape), ids.view(shape), gates.view(shape))
         return y
+
+    def _experts_naive(self, x2: Tensor, flat: Tensor, gates: Tensor) -> Tensor:
+        """The reference for ``peer_ops.expert_mix``: x2 (T, d), flat ids (T, h·k), gates (T, h, k) → (T, d)."""
+        c = self.config
+        u = F.embedding(flat, self.U, sparse=self.sparse_grad)  # (T, h·k, d)
+        hidden = torch.einsum("thd,td->th", u, x2)  # (T, h·k): u_i · x
+        act = F.gelu(hidden) if c.activation == "gelu" else F.relu(hidden)
+        weights = act * gates.view_as(act)  # (T, h·k)
+        # Σ over heads and slots of weight · v_i, without materialising (T, h·k, d) for V
+        return F.embedding_bag(flat, self.V, per_sample_weights=weights, mode="sum", sparse=self.sparse_grad)
 
     # --- growth ----------------------------------------------------------------------------------
 

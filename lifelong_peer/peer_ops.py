@@ -1,0 +1,177 @@
+"""The fast path of the PEER layer (issue 8), in pure PyTorch. ``peer.py`` reads without it.
+
+Two pieces, each checked against the straightforward code in ``tests/test_fast_path.py``:
+
+* ``product_key_topk`` — exact top-k of the n² sums s1[i] + s2[j] from each half's top-k,
+  through a *pruned* candidate grid. If the pair of ranks (a, b) (0-based, in each half's sorted
+  top-k) is among the k best, so are all (a', b') with a' ≤ a, b' ≤ b — (a + 1)(b + 1) pairs —
+  hence only pairs with (a + 1)(b + 1) ≤ k can win: 50 candidates for k = 16 instead of k² = 256.
+* ``ExpertMix`` — the experts' part of Eq. 6–8, y_t = Σ_s w_ts v_{e(t,s)} with
+  w_ts = g_ts σ(u_{e(t,s)} · x_t), as one autograd Function. The straightforward version gathers
+  u (T, h·k, dim) and keeps it for backward; this one keeps only (T, h·k) tensors and computes
+
+      forward   hidden_ts = u_e · x_t          sampled dense-dense product (``sampled_addmm``)
+                y_t = Σ_s w_ts v_e              ``embedding_bag`` with per-sample weights
+      backward  dw_ts = v_e · dy_t              sampled product again
+                dx_t = Σ_s dh_ts u_e            ``embedding_bag``
+                dU_r = Σ_{e(t,s)=r} dh_ts x_t   entries sorted by expert id: ``embedding_bag``
+                dV_r = Σ_{e(t,s)=r} w_ts dy_t   over x / dy with one bag per distinct row
+
+  so U's and V's gradients arrive compact and coalesced: one row per distinct expert used
+  (sparse COO with ``is_coalesced=True``; the optimizer's ``coalesce()`` is then free), or dense
+  (N, dim) when the layer asks for dense gradients.
+
+``tune_allocator()`` sets glibc malloc so that big temporaries are not handed back to the OS
+after every step (RESEARCH.md "PEER speed": the page faults cost about half the time of a
+step). ``PEER`` calls it once when the first layer is built; ``LPEER_MALLOC_TUNE=0`` turns it off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+import os
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@functools.cache
+def _pruned_grid(k: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Ranks (a, b) with (a + 1)(b + 1) ≤ k, as two index tensors (P,) — see the module docstring."""
+    pairs = [(a, b) for a in range(k) for b in range(k // (a + 1))]
+    a, b = torch.tensor(pairs, dtype=torch.long, device=device).T
+    return a, b
+
+
+def product_key_topk(s1: Tensor, s2: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Exact top-k of s1[..., i] + s2[..., j] over all pairs: (scores, i, j), each (..., k), descending.
+
+    s1, s2: (..., n) the two halves' sub-key scores. Differentiable in ``scores``.
+    """
+    v1, i1 = s1.topk(k, dim=-1)  # (..., k), sorted descending
+    v2, i2 = s2.topk(k, dim=-1)
+    a, b = _pruned_grid(k, s1.device)
+    candidates = v1[..., a] + v2[..., b]  # (..., P)
+    scores, best = candidates.topk(k, dim=-1)  # (..., k)
+    return scores, i1.gather(-1, a[best]), i2.gather(-1, b[best])
+
+
+# --- experts ----------------------------------------------------------------------------------
+
+
+def _rows_dot(table: Tensor, ids: Tensor, z: Tensor) -> Tensor:
+    """out[t, s] = table[ids[t, s]] · z[t] for ids (T, S), z (T, D) → (T, S), without a (T, S, D) gather."""
+    T, S = ids.shape
+    if table.device.type != "cpu" or T == 0 or table.shape[0] < S:
+        # gathers are cheap on GPUs; sampled_addmm cannot hold more entries than the (T × N) matrix
+        return torch.einsum("tsd,td->ts", table[ids], z)
+    # a CSR pattern (T × N) with S entries per row; sampled_addmm computes just those dot products
+    crow = torch.arange(0, T * S + 1, S, device=ids.device)
+    with warnings.catch_warnings():  # torch warns that CSR support is "beta"
+        warnings.simplefilter("ignore")
+        pattern = torch.sparse_csr_tensor(crow, ids.reshape(-1), z.new_zeros(T * S), (T, table.shape[0]))
+    return torch.sparse.sampled_addmm(pattern, z, table.T, beta=0.0).values().view(T, S)
+
+
+class _RowGroups:
+    """The (T, S) entries of ``ids`` grouped by expert id, sorted once and shared by dU and dV."""
+
+    def __init__(self, ids: Tensor):
+        S = ids.shape[1]
+        sorted_ids, self.order = ids.reshape(-1).sort()  # (T·S,)
+        self.rows, counts = torch.unique_consecutive(sorted_ids, return_counts=True)  # (r,) distinct ids
+        self.offsets = counts.cumsum(0) - counts  # (r,) start of each row's entries in ``order``
+        self.tokens = self.order // S  # (T·S,) token of each sorted entry
+
+    def sum(self, weights: Tensor, z: Tensor) -> Tensor:
+        """(r, D): for each distinct id r, Σ over its entries (t, s) of weights[t, s] · z[t]. z (T, D)."""
+        w = weights.reshape(-1)[self.order]
+        return F.embedding_bag(self.tokens, z, self.offsets, mode="sum", per_sample_weights=w)
+
+
+def _table_grad(rows: Tensor, values: Tensor, table: Tensor, sparse: bool) -> Tensor:
+    if sparse:
+        return torch.sparse_coo_tensor(
+            rows.unsqueeze(0), values, table.shape, is_coalesced=True, check_invariants=False
+        )
+    return table.new_zeros(table.shape).index_copy_(0, rows, values)
+
+
+def _activation(hidden: Tensor, activation: str) -> Tensor:
+    return F.gelu(hidden) if activation == "gelu" else F.relu(hidden)
+
+
+def _activation_grad(grad: Tensor, hidden: Tensor, activation: str) -> Tensor:
+    if activation == "gelu":
+        return torch.ops.aten.gelu_backward(grad, hidden)
+    return grad * (hidden > 0)
+
+
+class ExpertMix(torch.autograd.Function):
+    """y = Σ_s gates[t, s] σ(U[ids[t, s]] · x_t) V[ids[t, s]] — see the module docstring.
+
+    x (T, dim), ids (T, S) int64, gates (T, S), U and V (N, dim) → y (T, dim).
+    """
+
+    @staticmethod
+    def forward(ctx, x, ids, gates, U, V, activation: str, sparse: bool):
+        hidden = _rows_dot(U, ids, x)  # (T, S)
+        weights = _activation(hidden, activation) * gates  # (T, S)
+        y = F.embedding_bag(ids, V, mode="sum", per_sample_weights=weights)  # (T, dim)
+        ctx.save_for_backward(x, ids, gates, hidden, U, V)
+        ctx.activation, ctx.sparse = activation, sparse
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        x, ids, gates, hidden, U, V = ctx.saved_tensors
+        need_x, _, need_gates, need_U, need_V = ctx.needs_input_grad[:5]
+        dy = dy.contiguous()
+        act = _activation(hidden, ctx.activation)  # (T, S)
+        dx = dgates = dU = dV = None
+        if need_x or need_gates or need_U:
+            dw = _rows_dot(V, ids, dy)  # (T, S): ∂L/∂weights
+            dgates = dw * act if need_gates else None
+            dh = _activation_grad(dw * gates, hidden, ctx.activation)  # ∂L/∂hidden
+            if need_x:
+                dx = F.embedding_bag(ids, U, mode="sum", per_sample_weights=dh)
+        if need_U or need_V:
+            groups = _RowGroups(ids)
+            if need_U:
+                dU = _table_grad(groups.rows, groups.sum(dh, x), U, ctx.sparse)
+            if need_V:
+                dV = _table_grad(groups.rows, groups.sum(act * gates, dy), V, ctx.sparse)
+        return dx, None, dgates, dU, dV, None, None
+
+
+def expert_mix(x: Tensor, ids: Tensor, gates: Tensor, U: Tensor, V: Tensor, activation: str, sparse: bool) -> Tensor:
+    """Functional form of ``ExpertMix``: x (T, dim), ids/gates (T, S), U/V (N, dim) → (T, dim)."""
+    return ExpertMix.apply(x, ids, gates, U, V, activation, sparse)
+
+
+# --- allocator ---------------------------------------------------------------------------------
+
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc <malloc.h>
+
+
+@functools.cache
+def tune_allocator() -> bool:
+    """Keep freed memory in the process (glibc only); returns whether the settings were applied.
+
+    ``M_MMAP_MAX = 0`` serves big blocks from the heap instead of fresh mmaps, and a 2 GiB
+    ``M_TRIM_THRESHOLD`` stops free() from returning them, so the step's temporaries reuse pages
+    that are already mapped. The heap keeps up to that much freed memory for reuse.
+    """
+    if os.environ.get("LPEER_MALLOC_TUNE", "1") == "0":
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl): nothing to tune
+        return False
+    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, (1 << 31) - 1))

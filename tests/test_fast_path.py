@@ -1,0 +1,142 @@
+"""The fast PEER path (``lifelong_peer.peer_ops``, issue 8) against the naive reference path."""
+
+import copy
+
+import pytest
+import torch
+
+from lifelong_peer import PEER, PEERConfig
+from lifelong_peer.optim import build_optimizer
+from lifelong_peer.peer_ops import expert_mix, product_key_topk
+
+
+@torch.no_grad()
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a = a.to_dense() if a.is_sparse else a
+    b = b.to_dense() if b.is_sparse else b
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def pair(seed=0, **kw) -> tuple[PEER, PEER]:
+    """Two copies of one random layer: (fast, naive)."""
+    torch.manual_seed(seed)
+    cfg = {"dim": 24, "num_subkeys": 9, "heads": 3, "topk": 5, "dim_key": 12, **kw}
+    fast = PEER(PEERConfig(**cfg))
+    with torch.no_grad():  # random v for grown experts too, so every gradient is non-trivial
+        fast.V.normal_()
+    naive = copy.deepcopy(fast)
+    naive.impl = "naive"
+    return fast, naive
+
+
+def forward_backward(layer: PEER, x: torch.Tensor, dy: torch.Tensor) -> dict[str, torch.Tensor]:
+    layer.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_()
+    y = layer(x)
+    y.backward(dy)
+    return {"y": y.detach(), "x": x.grad, **{n: p.grad for n, p in layer.named_parameters()}}
+
+
+def assert_same(fast: PEER, naive: PEER, x: torch.Tensor) -> None:
+    dy = torch.randn_like(x)
+    a, b = forward_backward(fast, x, dy), forward_backward(naive, x, dy)
+    assert a.keys() == b.keys() and {"y", "x", "query.weight", "subkeys", "U", "V"} <= a.keys()
+    for name in a:
+        assert a[name] is not None, name
+        assert rel_err(a[name], b[name]) < 1e-5, name
+        assert a[name].is_sparse == b[name].is_sparse, name
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {"query_norm": "layernorm", "activation": "relu"},
+        {"query_norm": "none", "topk": 9, "heads": 1},
+        {"num_subkeys": 40, "topk": 16, "heads": 8},
+    ],
+)
+@pytest.mark.parametrize("sparse", [True, False])
+def test_fast_equals_naive_outputs_and_gradients_before_and_after_growth(kw, sparse):
+    fast, naive = pair(**kw)
+    fast.sparse_grad = naive.sparse_grad = sparse
+    fast.freeze(torch.arange(0, fast.num_experts, 3), subkeys=True)
+    naive.load_state_dict(fast.state_dict())
+    x = torch.randn(2, 7, 24)
+    assert_same(fast, naive, x)
+    for layer in (fast, naive):
+        torch.manual_seed(1)
+        layer.grow(4)
+        with torch.no_grad():
+            layer.V[-20:].normal_()
+    assert_same(fast, naive, x)
+
+
+def test_fast_and_naive_train_alike_and_frozen_rows_stay_bit_identical():
+    fast, naive = pair(num_subkeys=12)
+    frozen = torch.arange(0, fast.num_experts, 2)
+    start = fast.U.detach().clone(), fast.V.detach().clone()
+    for layer in (fast, naive):
+        layer.freeze(frozen)
+    opts = [build_optimizer(layer, lr=1e-2, weight_decay=0.1) for layer in (fast, naive)]
+    for step in range(4):
+        x = torch.randn(16, 24, generator=torch.Generator().manual_seed(step))
+        for layer, opt in zip((fast, naive), opts, strict=True):
+            opt.zero_grad()
+            layer(x).square().mean().backward()
+            opt.step()
+    for name in ("U", "V", "subkeys", "query.weight"):
+        assert rel_err(fast.get_parameter(name), naive.get_parameter(name)) < 1e-5, name
+    assert torch.equal(fast.U[frozen], start[0][frozen]) and torch.equal(fast.V[frozen], start[1][frozen])
+    assert not torch.equal(fast.U, start[0])
+
+
+@pytest.mark.parametrize("n,k", [(1, 1), (5, 1), (5, 5), (16, 4), (33, 16)])
+def test_pruned_grid_topk_equals_full_grid(n, k):
+    g = torch.Generator().manual_seed(n * k)
+    s1, s2 = torch.randn(50, 3, n, generator=g), torch.randn(50, 3, n, generator=g)
+    scores, i, j = product_key_topk(s1, s2, k)
+    full = (s1.unsqueeze(-1) + s2.unsqueeze(-2)).flatten(-2)  # (…, n·n), index i·n + j
+    ref_scores, ref_flat = full.topk(k, dim=-1)
+    torch.testing.assert_close(scores, ref_scores, rtol=0, atol=1e-6)
+    assert torch.equal(i * n + j, ref_flat)
+
+
+@pytest.mark.parametrize("activation", ["gelu", "relu"])
+@pytest.mark.parametrize("N", [5, 9])  # S > N takes the gather fallback, S ≤ N sampled_addmm
+def test_expert_mix_gradcheck_float64(activation, N):
+    g = torch.Generator().manual_seed(0)
+    T, S, D = 4, 6, 3
+    ids = torch.randint(0, N, (T, S), generator=g)
+    ids[:, 1] = ids[:, 0]  # ids repeat within a token (two heads retrieving one expert) and across tokens
+    x, gates = torch.randn(T, D, generator=g, dtype=torch.double), torch.rand(T, S, generator=g, dtype=torch.double)
+    U, V = torch.randn(N, D, generator=g, dtype=torch.double), torch.randn(N, D, generator=g, dtype=torch.double)
+    inputs = [t.requires_grad_() for t in (x, gates, U, V)]
+
+    def fn(x, gates, U, V):
+        return expert_mix(x, ids, gates, U, V, activation, False)
+
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7)
+
+
+def test_expert_mix_sparse_gradients_are_compact_and_coalesced():
+    g = torch.Generator().manual_seed(0)
+    ids = torch.tensor([[7, 2, 7], [2, 9, 9]])
+    x, gates = torch.randn(2, 4, generator=g), torch.rand(2, 3, generator=g)
+    U, V = (torch.randn(20, 4, generator=g).requires_grad_() for _ in range(2))
+    for grad in torch.autograd.grad(expert_mix(x, ids, gates, U, V, "gelu", True).sum(), [U, V]):
+        assert grad.is_sparse and grad.is_coalesced()
+        assert grad.indices()[0].tolist() == [2, 7, 9]  # one row per distinct expert, sorted
+
+
+def test_fast_path_handles_no_tokens():
+    fast, naive = pair(query_norm="layernorm")
+    x = torch.randn(0, 24, requires_grad=True)
+    y = fast(x)
+    assert y.shape == (0, 24) and torch.equal(y, naive(x))
+    y.sum().backward()
+
+
+def test_bad_impl_is_rejected():
+    with pytest.raises(ValueError, match="impl"):
+        PEER(PEERConfig(dim=8, num_subkeys=4, topk=2, dim_key=4), impl="turbo")
