@@ -56,8 +56,13 @@ def find_run_dir(run: str, workspace: str | Path | None = None) -> Path:
 def load_run(run: str, workspace: str | Path | None = None) -> RunResults:
     run_dir = find_run_dir(run, workspace)
     if not (run_dir / RESULTS_FILE).is_file():
-        # TODO(issue 6): recompute the loss matrix from the run's phase checkpoints.
-        raise UserError(f"{run_dir / RESULTS_FILE} not found: the run has not finished a phase")
+        if not (run_dir / "checkpoints" / "base.safetensors").is_file():
+            raise UserError(f"{run_dir / RESULTS_FILE} not found and the run has no checkpoints to evaluate")
+        from .train import open_run, recompute_results
+        from .workspace import Workspace
+
+        ws = Workspace.open(workspace if workspace else run_dir.parent.parent)
+        return recompute_results(open_run(ws, str(run_dir)))
     return load_results(run_dir)
 
 

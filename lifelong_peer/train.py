@@ -513,6 +513,32 @@ def _append_eval(row: EvalRow, run: Run, model: LanguageModel, slice_name: str, 
     row.bytes.append(new.bytes[0])
 
 
+def recompute_results(run: Run) -> RunResults:
+    """Rebuild results.json from the run's base and phase-end checkpoints (when it was lost or deleted)."""
+    state = run.state()
+    base = run.checkpoints / "base.safetensors"
+    if not base.exists():
+        raise UserError(f"run {run.config.run!r} has no checkpoints to evaluate yet")
+    run.model = load_model(base, device=run.device)
+    before = evaluate_all(run, lambda event: None)
+    results = RunResults(
+        run=run.config.run,
+        strategy=run.config.train.strategy,
+        slices=list(run.config.slices),
+        phases=[],
+        eval={split: SplitEval(before=row, after=[]) for split, row in before.items()},
+        extra={"recomputed_from_checkpoints": True},  # wall times are unknown (0) in a recomputed file
+    )
+    for phase in range(state["completed_phases"]):
+        path = run.checkpoints / f"phase-{phase:03d}.safetensors"
+        run.model = _model_part(path, *load_tensors(path)).to(run.device)
+        tokens = _phase_steps(run.config.train, run.config.model.context) * run.config.train.batch_size
+        record = _phase_record(run, run.config.slices[phase], tokens * run.config.model.context, 0.0)
+        results.add_phase(record, evaluate_all(run, lambda event: None))
+    save_results(run.dir, results)
+    return results
+
+
 # --- the phase loop --------------------------------------------------------------------------------
 
 

@@ -111,3 +111,18 @@ def test_unknown_options_and_strategies_are_user_errors():
         resolve_config("naive", {"stepz": 3})
     with pytest.raises(UserError, match="replay"):
         resolve_config("naive", {"replay": 1.5})
+
+
+def test_lost_results_are_recomputed_from_checkpoints(tmp_path, memory_stream):
+    from lifelong_peer.metrics import load_results
+    from lifelong_peer.train import recompute_results
+
+    _, run = make_run(tmp_path, memory_stream, "lifelong", base_steps=4)
+    run_phases(run, phases=[0, 1])
+    original = load_results(run.dir)
+    (run.dir / "results.json").unlink()
+    rebuilt = recompute_results(run)
+    for split in ("validation", "test"):
+        assert rebuilt.eval[split].before.nll == original.eval[split].before.nll
+        assert [r.nll for r in rebuilt.eval[split].after] == [r.nll for r in original.eval[split].after]
+    assert [p.num_experts for p in rebuilt.phases] == [p.num_experts for p in original.phases]
