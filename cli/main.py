@@ -70,6 +70,10 @@ from . import eval_cmds  # noqa: E402  (after `app`, to keep the command order o
 app.command("eval")(eval_cmds.eval_cmd)
 app.command("report")(eval_cmds.report_cmd)
 
+from .index_cmds import register as _register_index  # noqa: E402  (inspect, grow, freeze)
+
+_register_index(app)
+
 
 def main() -> None:
     """Entry point: user errors → one line on stderr and exit 2; internal errors → exit 1."""
