@@ -131,8 +131,8 @@ def inspect(
 
 def _render_grow(d: dict) -> None:
     table = Table(title=f"growth of run {d['run']}" + (f" for slice {d['slice']}" if d["slice"] else ""))
-    for col in ("layer", "K", "sub-keys", "experts", "placement", "poorly served", "old re-routed", "new hit"):
-        table.add_column(col, justify="left" if col == "placement" else "right")
+    for col in ("layer", "K", "sub-keys", "experts", "placed", "poor new", "old changed", "new hit"):
+        table.add_column(col, justify="left" if col == "placed" else "right")
     for r in d["layers"]:
         table.add_row(
             str(r["layer"]),
@@ -145,6 +145,10 @@ def _render_grow(d: dict) -> None:
             _num(r["new_hit"], "{:.1%}"),
         )
     stdout.print(table)
+    message(
+        "poor new: the new slice's query halves its sub-keys serve poorly; old changed: old-slice tokens "
+        "whose retrieved experts changed; new hit: new-slice tokens retrieving a new expert"
+    )
     message(f"saved {d['checkpoint']}" if d["checkpoint"] else "nothing grew; the run is unchanged")
 
 

@@ -203,6 +203,11 @@ def test_grow_subkeys_saves_the_grown_model(ws):
     assert after.ledger.get("2001", 0).ids.tolist() == before.ledger.get("2001", 0).ids.tolist()
     edit = json.loads((ws / "runs/r/edits.jsonl").read_text().splitlines()[-1])
     assert edit["command"] == "grow" and edit["subkeys"] == 2
+    again = cli("grow", "r", "-w", ws, "--subkeys", 1, "--slice", 2002, "--layer", 1)
+    assert again["old_slices"] == ["2001"]  # a trained --slice is the new one, not an old one
+    assert [(r["layer"], r["experts_after"]) for r in again["layers"]] == [(1, 81)]
+    human = runner.invoke(app, ["grow", "r", "-w", str(ws), "--subkeys", "1", "--layer", "0"])
+    assert human.exit_code == 0 and "100 → 121" in human.stdout and "saved" in human.stderr
 
 
 def test_grow_for_a_new_slice_places_subkeys_and_auto_decides_k(ws):
@@ -260,7 +265,8 @@ def test_freeze_policies_and_unfreeze_reach_the_checkpoint(ws):
     assert frozen_ids(ws) == [set(range(64)) - {0, 3, 4, 5}, set(range(64))]
     assert bool(load(ws).model.peer_layers()[0].frozen_subkeys.all())  # sub-keys only with --subkeys
 
-    cli("freeze", "r", "-w", ws, "--unfreeze", "all")
+    human = runner.invoke(app, ["freeze", "r", "-w", str(ws), "--unfreeze", "all"])
+    assert human.exit_code == 0 and "unfreeze all" in human.stdout and "saved" in human.stderr
     after = load(ws).model.peer_layers()
     assert not any(bool(p.frozen.any()) or bool(p.frozen_subkeys.any()) for p in after)
     edits = [json.loads(line) for line in (ws / "runs/r/edits.jsonl").read_text().splitlines()]
