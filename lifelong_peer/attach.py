@@ -311,11 +311,19 @@ def load_attached(
     """Rebuild an ``AttachedLM`` saved by ``save_attached`` on ``base_model`` (default: ``load_base`` of
     the recorded name/path). Refuses a base whose weights do not match the recorded fingerprint."""
     tensors, meta = load_tensors(path)
-    if meta.get("format") != ATTACHED_FORMAT:
+    if meta.get("format") != ATTACHED_FORMAT or "attach_config" not in meta:
         raise CheckpointError(f"{path}: not an attached-model checkpoint (format {meta.get('format')!r})")
+    return attached_from_tensors(path, tensors, meta["attach_config"], base_model).to(device)
+
+
+def attached_from_tensors(
+    path: str | os.PathLike, tensors: dict[str, Tensor], config: dict, base_model: nn.Module | None = None
+) -> AttachedLM:
+    """``load_attached`` on tensors already read (``delta_state_dict`` names) and an ``AttachConfig`` dict —
+    for files that hold more than the model, such as the trainer's run checkpoints."""
     try:
-        config = AttachConfig.from_dict(meta["attach_config"])
-    except (KeyError, TypeError, ValueError) as e:
+        config = AttachConfig.from_dict(config)
+    except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: invalid attach config ({e})") from None
     if base_model is None:
         if not config.base:
@@ -332,7 +340,7 @@ def load_attached(
     model = _build(base_model, config)
     check_state(path, model.delta_state_dict(), tensors)
     model.hf.load_state_dict(tensors, strict=False)
-    return model.to(device)
+    return model
 
 
 # --- loading from Hugging Face -------------------------------------------------------------------------
@@ -442,6 +450,7 @@ __all__ = [
     "HFTokenizer",
     "PEERBranch",
     "attach",
+    "attached_from_tensors",
     "decoder_blocks",
     "fingerprint",
     "load_attached",

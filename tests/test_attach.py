@@ -7,7 +7,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from lifelong_peer import PEERConfig, UserError  # noqa: E402
+from lifelong_peer import CheckpointError, LanguageModel, ModelConfig, PEERConfig, UserError  # noqa: E402
 from lifelong_peer import attach as attach_fn  # noqa: E402
 from lifelong_peer.attach import (  # noqa: E402
     AttachedLM,
@@ -19,7 +19,7 @@ from lifelong_peer.attach import (  # noqa: E402
     peer_layers,
     save_attached,
 )
-from lifelong_peer.checkpoint import load_tensors  # noqa: E402
+from lifelong_peer.checkpoint import load_tensors, save_model  # noqa: E402
 from lifelong_peer.index import collect_usage  # noqa: E402
 from lifelong_peer.optim import build_optimizer  # noqa: E402
 from lifelong_peer.train import evaluate  # noqa: E402
@@ -90,6 +90,18 @@ def test_add_mode_keeps_logits_and_the_branch_is_live(arch):
         model.peer_layers()[0].V.normal_()
         changed, _ = model(idx)
     assert (changed - before).abs().max() > 1e-3
+
+
+def test_a_bfloat16_base_keeps_its_logits_and_trains_a_float32_peer():
+    base = make_base("llama").to(torch.bfloat16)
+    idx = tokens()
+    before = base_logits(base, idx)
+    model = attach_fn(base, layers=[1], peer=PEER_CFG)
+    assert model.config.dtype == "bfloat16" and model.peer_layers()[0].U.dtype == torch.float32
+    with torch.no_grad():
+        assert torch.equal(model(idx)[0], before)
+    train_steps(model, steps=1)
+    assert model.peer_layers()[0].V.any()
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -194,6 +206,9 @@ def test_wrong_base_is_refused(tmp_path):
         load_attached(path, base_model=make_base("llama"))
     with pytest.raises(UserError, match="built in memory; pass it"):
         load_attached(path)
+    save_model(LanguageModel(ModelConfig(dim=32, heads=2, layers=1)), tmp_path / "byte.safetensors")
+    with pytest.raises(CheckpointError, match="not an attached-model checkpoint"):
+        load_attached(tmp_path / "byte.safetensors", base_model=make_base("gpt2"))
 
 
 def test_local_base_loads_offline_and_missing_files_are_named(tmp_path, monkeypatch):
