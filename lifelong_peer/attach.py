@@ -195,7 +195,9 @@ def attach(
     layers = sorted({i % n for i in layers})
     hidden = _hidden_size(model)
     hf_config = getattr(model, "config", None)
-    max_pos = getattr(hf_config, "max_position_embeddings", None) or 1024
+    max_pos = getattr(hf_config, "max_position_embeddings", None)
+    if context and max_pos and context > max_pos:
+        raise UserError(f"attach: context {context} exceeds the base's max_position_embeddings ({max_pos})")
     params = list(model.parameters())
     config = AttachConfig(
         base=base if base is not None else str(getattr(model, "name_or_path", "") or ""),
@@ -205,7 +207,7 @@ def attach(
         mode=mode,
         peer=dataclasses.replace(peer or PEERConfig(), dim=hidden),
         trainable=list(trainable),
-        context=int(context or max_pos),
+        context=int(context or max_pos or 1024),
         vocab_size=int(getattr(hf_config, "vocab_size", 0) or model.get_output_embeddings().weight.shape[0]),
     )
     return _build(model, config)
@@ -214,16 +216,19 @@ def attach(
 def _build(model: nn.Module, config: AttachConfig) -> AttachedLM:
     """Insert the PEER layers ``config`` describes (v = 0) and freeze the base; no checks on the config."""
     blocks = decoder_blocks(model)
-    for param in model.parameters():
-        param.requires_grad_(False)
+    names = [name for name, _ in model.named_parameters()]
+    for pattern in config.trainable:
+        if not fnmatch.filter(names, pattern):
+            raise UserError(
+                f"attach: trainable pattern {pattern!r} matches no parameter of the base (e.g. {names[0]!r})"
+            )
     for name, param in model.named_parameters():
-        if any(fnmatch.fnmatchcase(name, pattern) for pattern in config.trainable):
-            param.requires_grad_(True)
+        param.requires_grad_(any(fnmatch.fnmatchcase(name, pattern) for pattern in config.trainable))
     for pos, b in enumerate(config.layers):
         block = blocks[b]
         slot = _mlp_name(block)
         mlp = getattr(block, slot)
-        device = next(mlp.parameters()).device if any(True for _ in mlp.parameters()) else "cpu"
+        device = next(block.parameters()).device
         layer = PEER(config.peer_config(pos))
         with torch.no_grad():
             layer.V.zero_()  # the branch outputs exactly zero until trained (module docstring)

@@ -132,6 +132,10 @@ def test_layer_choice_and_refusals():
         attach_fn(model.hf, layers=[0], peer=PEER_CFG)
     with pytest.raises(UserError, match="2 blocks"):
         attach_fn(make_base("gpt2"), layers=[2], peer=PEER_CFG)
+    with pytest.raises(UserError, match=r"'nope\.\*' matches no parameter"):
+        attach_fn(make_base("gpt2"), peer=PEER_CFG, trainable=["nope.*"])
+    with pytest.raises(UserError, match="exceeds the base's max_position_embeddings"):
+        attach_fn(make_base("gpt2"), peer=PEER_CFG, context=65)
     with pytest.raises(UserError, match="no decoder blocks"):
         attach_fn(torch.nn.Sequential(torch.nn.Linear(4, 4)), peer=PEER_CFG)
 
