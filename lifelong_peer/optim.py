@@ -97,7 +97,8 @@ class PEEROptimizer(torch.optim.Optimizer):
         pv = p.data.view(rows_total, -1)  # (R, D)
         rows, grad = _touched_rows(p.grad, rows_total)  # (r,), (r, D)
         keep = ~mask[rows]
-        rows, grad = rows[keep], grad[keep]
+        if not bool(keep.all()):  # drop frozen rows (copies the gradient only when some are frozen)
+            rows, grad = rows[keep], grad[keep]
         state = self._row_state(p, rows_total, pv.shape[1])
         if rows.numel() == 0:
             return
@@ -112,11 +113,12 @@ class PEEROptimizer(torch.optim.Optimizer):
         # bias corrections in float64: 1 - 0.999**t loses ~1e-5 relative in float32
         td = t.double().unsqueeze(1)
         bc1, bc2 = (1 - b1**td).to(grad.dtype), (1 - b2**td).sqrt().to(grad.dtype)
-        denom = (v.sqrt() / bc2).add_(eps)  # torch.optim.AdamW's order of operations
+        # in place on the gathered copies (m and v are stored already): fewer passes over r × D
+        denom = v.sqrt_().div_(bc2).add_(eps)  # torch.optim.AdamW's order of operations
         w = pv.index_select(0, rows)
         if wd:
             w.mul_(1 - lr * wd)  # decoupled weight decay, on the touched, unfrozen rows only
-        w.addcdiv_(m / bc1, denom, value=-lr)
+        w.addcdiv_(m.div_(bc1), denom, value=-lr)
         pv.index_copy_(0, rows, w)
 
     def _row_state(self, p: Tensor, rows_total: int, width: int) -> dict:
@@ -187,8 +189,13 @@ class PEEROptimizer(torch.optim.Optimizer):
 def _touched_rows(grad: Tensor, rows_total: int) -> tuple[Tensor, Tensor]:
     """(rows, values): the distinct rows a gradient touches and their summed gradient (r,), (r, D)."""
     if grad.is_sparse:
-        g = grad.coalesce()
-        return g.indices()[0], g.values().reshape(g.values().shape[0], -1)
+        rows = grad._indices()[0]
+        # The fast PEER path hands over sorted, distinct rows, but autograd's accumulation drops
+        # the is_coalesced flag; checking is O(r) where coalescing again would sort and copy.
+        if not (grad.is_coalesced() or rows.numel() < 2 or bool((rows[1:] > rows[:-1]).all())):
+            grad = grad.coalesce()
+            rows = grad._indices()[0]
+        return rows, grad._values().reshape(rows.shape[0], -1)
     g = grad.reshape(rows_total, -1)
     rows = g.ne(0).any(dim=1).nonzero().squeeze(1)  # lazy: a row with no gradient is not "used"
     return rows, g.index_select(0, rows)

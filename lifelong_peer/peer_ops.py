@@ -47,17 +47,54 @@ def _pruned_grid(k: int, device: torch.device) -> tuple[Tensor, Tensor]:
     return a, b
 
 
-def product_key_topk(s1: Tensor, s2: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Exact top-k of s1[..., i] + s2[..., j] over all pairs: (scores, i, j), each (..., k), descending.
+def product_key_topk(q: Tensor, subkeys: Tensor, k: int, sparse_backward: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+    """Exact top-k of q1·c_i + q2·c'_j over all pairs (i, j): (scores, i, j), each (..., k), descending.
 
-    s1, s2: (..., n) the two halves' sub-key scores. Differentiable in ``scores``.
+    q (..., dim_key) queries, subkeys (n, 2, dim_key/2). Differentiable in ``scores`` with respect
+    to q and subkeys; with ``sparse_backward`` through ``SubkeyTopK``, whose backward costs O(k)
+    per query instead of the O(n) of back-propagating through the full score matrix.
     """
-    v1, i1 = s1.topk(k, dim=-1)  # (..., k), sorted descending
-    v2, i2 = s2.topk(k, dim=-1)
-    a, b = _pruned_grid(k, s1.device)
+    half = q.shape[-1] // 2
+    lead = q.shape[:-1]
+    halves = []
+    for h, qh in enumerate((q[..., :half], q[..., half:])):
+        qh = qh.reshape(-1, half)  # (R, half)
+        if sparse_backward:
+            halves.append(SubkeyTopK.apply(qh, subkeys[:, h], k))
+        else:
+            halves.append((qh @ subkeys[:, h].T).topk(k, dim=-1))
+    (v1, i1), (v2, i2) = ((v.view(*lead, k), i.view(*lead, k)) for v, i in halves)
+    a, b = _pruned_grid(k, q.device)
     candidates = v1[..., a] + v2[..., b]  # (..., P)
     scores, best = candidates.topk(k, dim=-1)  # (..., k)
     return scores, i1.gather(-1, a[best]), i2.gather(-1, b[best])
+
+
+class SubkeyTopK(torch.autograd.Function):
+    """(values, indices) = top-k over n of the scores q · c_i, each (R, k); q (R, D), keys (n, D).
+
+    Only the k selected scores carry gradient, so backward needs just those keys and queries:
+    dq_r = Σ_a dv_ra c_{i_ra} and dc_i = Σ_{(r, a): i_ra = i} dv_ra q_r (O(R·k·D), not O(R·n·D)).
+    """
+
+    @staticmethod
+    def forward(ctx, q, keys, k: int):
+        values, indices = (q @ keys.T).topk(k, dim=-1)  # (R, k)
+        ctx.save_for_backward(q, keys, indices)
+        ctx.mark_non_differentiable(indices)
+        return values, indices
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dv, _):
+        q, keys, indices = ctx.saved_tensors
+        dv = dv.contiguous()
+        dq = F.embedding_bag(indices, keys, mode="sum", per_sample_weights=dv) if ctx.needs_input_grad[0] else None
+        dkeys = None
+        if ctx.needs_input_grad[1]:
+            groups = _RowGroups(indices)
+            dkeys = keys.new_zeros(keys.shape).index_copy_(0, groups.rows, groups.sum(dv, q))
+        return dq, dkeys, None
 
 
 # --- experts ----------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import torch
 
 from lifelong_peer import PEER, PEERConfig
 from lifelong_peer.optim import build_optimizer
-from lifelong_peer.peer_ops import expert_mix, product_key_topk
+from lifelong_peer.peer_ops import SubkeyTopK, expert_mix, product_key_topk
 
 
 @torch.no_grad()
@@ -94,12 +94,28 @@ def test_fast_and_naive_train_alike_and_frozen_rows_stay_bit_identical():
 @pytest.mark.parametrize("n,k", [(1, 1), (5, 1), (5, 5), (16, 4), (33, 16)])
 def test_pruned_grid_topk_equals_full_grid(n, k):
     g = torch.Generator().manual_seed(n * k)
-    s1, s2 = torch.randn(50, 3, n, generator=g), torch.randn(50, 3, n, generator=g)
-    scores, i, j = product_key_topk(s1, s2, k)
+    q, subkeys = torch.randn(50, 3, 8, generator=g), torch.randn(n, 2, 4, generator=g)
+    scores, i, j = product_key_topk(q, subkeys, k)
+    s1, s2 = q[..., :4] @ subkeys[:, 0].T, q[..., 4:] @ subkeys[:, 1].T  # (50, 3, n)
     full = (s1.unsqueeze(-1) + s2.unsqueeze(-2)).flatten(-2)  # (…, n·n), index i·n + j
     ref_scores, ref_flat = full.topk(k, dim=-1)
-    torch.testing.assert_close(scores, ref_scores, rtol=0, atol=1e-6)
+    torch.testing.assert_close(scores, ref_scores, rtol=0, atol=1e-5)
     assert torch.equal(i * n + j, ref_flat)
+
+
+def test_subkey_topk_sparse_backward_equals_dense_backward():
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 30, 3, 10, generator=g, dtype=torch.double).requires_grad_()
+    subkeys = torch.randn(12, 2, 5, generator=g, dtype=torch.double).requires_grad_()
+    dy = torch.randn(2, 30, 3, 4, generator=g, dtype=torch.double)
+    grads = []
+    for sparse in (True, False):
+        scores, _, _ = product_key_topk(q, subkeys, 4, sparse_backward=sparse)
+        grads.append(torch.autograd.grad(scores, [q, subkeys], dy))
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    fn = lambda q, subkeys: SubkeyTopK.apply(q, subkeys[:, 0], 4)[0]  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (q[0, :, 0, :5].detach().requires_grad_(), subkeys), eps=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("activation", ["gelu", "relu"])
