@@ -14,6 +14,7 @@ def demo(
     out: Path = typer.Option(Path("lpeer-demo"), "--out", help="Workspace folder for the demo's runs and report."),
     steps: int = typer.Option(40, help="Optimizer steps per era."),
     seed: int = typer.Option(0, help="Seed of every random choice."),
+    eval_tokens: int = typer.Option(4096, help="Held-out tokens scored per era and split."),
     fmt: Format = typer.Option(Format.human, "--format", help="human: tables; json: the comparison on stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display."),
 ) -> None:
@@ -22,13 +23,14 @@ def demo(
     Example: lpeer demo --out lpeer-demo
     """
     from lifelong_peer.demo import DemoConfig, run_demo
+    from lifelong_peer.errors import UserError
 
-    if steps <= 0:
-        from lifelong_peer.errors import UserError
-
-        raise UserError(f"--steps must be positive, got {steps}")
+    for name, value in (("--steps", steps), ("--eval-tokens", eval_tokens)):
+        if value <= 0:
+            raise UserError(f"{name} must be positive, got {value}")
+    config = DemoConfig(out=out, steps=steps, seed=seed, eval_tokens=eval_tokens)
     with _progress_display(quiet or fmt == Format.json) as on_event:
-        comparison = run_demo(DemoConfig(out=out, steps=steps, seed=seed), progress=on_event)
+        comparison = run_demo(config, progress=on_event)
 
     def human(c: dict) -> None:
         from .eval_cmds import _render_report
