@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import traceback
+import warnings
 
 import typer
 
@@ -21,6 +22,9 @@ app = typer.Typer(
 )
 
 FormatOpt = typer.Option(Format.human, "--format", help="human: tables; json: machine-readable on stdout.")
+
+
+_default_showwarning = warnings.showwarning
 
 
 def _version(value: bool) -> None:
@@ -75,12 +79,30 @@ from .index_cmds import register as _register_index  # noqa: E402  (inspect, gro
 _register_index(app)
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """lifelong-peer's own warnings (a damaged checkpoint skipped, ...) as one line on stderr."""
+    from lifelong_peer.checkpoint import IntegrityWarning
+
+    if issubclass(category, IntegrityWarning):
+        stderr.print(f"[yellow]warning:[/yellow] {message}", highlight=False)
+    else:
+        _default_showwarning(message, category, filename, lineno, file, line)
+
+
 def main() -> None:
-    """Entry point: user errors → one line on stderr and exit 2; internal errors → exit 1."""
+    """Entry point: user errors → one line on stderr and exit 2; internal errors → exit 1.
+
+    Errors of the environment (a missing or unreadable file, a full disk) are user errors too.
+    """
+    warnings.showwarning = _show_warning
     try:
         app(standalone_mode=False)
     except UserError as e:
         stderr.print(f"[red]error:[/red] {e}", highlight=False)
+        sys.exit(2)
+    except OSError as e:
+        where = f": {e.filename}" if e.filename else ""
+        stderr.print(f"[red]error:[/red] {e.strerror or e}{where}", highlight=False)
         sys.exit(2)
     except typer.Exit as e:
         sys.exit(e.exit_code)

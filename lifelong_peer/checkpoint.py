@@ -5,10 +5,20 @@ A model file is one ``.safetensors`` file whose header metadata holds the JSON c
 loading builds the right shapes (a grown pool, its frozen masks) before reading a single tensor.
 Loading never executes code: safetensors and JSON are data formats, and a pickle / ``torch.save``
 file is refused by its magic bytes with a message.
+
+Integrity (issue 10): every file carries a sha256 of its content (metadata JSON + every tensor's
+name, dtype, shape and bytes) in its header, checked on every load, so a flipped byte is an error
+naming the file wherever the file travels; runs also record each file's size and sha256
+(``file_record`` / ``verify_file``) to tell a truncated file from an altered one. Before any tensor
+is allocated, shapes are derived from the config on PyTorch's ``meta`` device, so a hostile header
+announcing 10^12 parameters costs nothing. Writes that fail for lack of space or permission are
+one-line ``UserError``s naming the path; the temp file + rename leaves the previous file intact.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
 import struct
@@ -20,33 +30,56 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .errors import CheckpointError
+from .errors import CheckpointError, UserError
 from .model import LanguageModel, ModelConfig
 
 MODEL_FORMAT = "lifelong-peer/model/1"
 META_KEY = "lifelong_peer"
+#: header key of the content checksum (``content_sha256``); files written before it load unchecked
+DIGEST_KEY = "lifelong_peer_sha256"
 #: a safetensors header larger than this is not one of ours (guards against absurd allocations)
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+class IntegrityWarning(UserWarning):
+    """A damaged file was skipped or rebuilt (the command line prints it as one line on stderr)."""
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """Call ``write(tmp_path)``, fsync, and rename onto ``path``: readers see the old or the new file, never half."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; published files get the usual permissions
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; published files get the usual permissions
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno in _RESOURCE_ERRORS:
+            raise UserError(
+                f"cannot write {path}: {_RESOURCE_ERRORS[e.errno]} ({e.strerror}); the previous version is intact"
+            ) from None
         raise
     _fsync_dir(path.parent)
+
+
+#: write failures a user fixes (free space, permissions), not bugs
+_RESOURCE_ERRORS = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is exceeded",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+    errno.EROFS: "the file system is read-only",
+}
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -73,13 +106,28 @@ def _fsync_dir(path: Path) -> None:
 def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict) -> None:
     """Write ``tensors`` and the JSON-able ``meta`` to one safetensors file, atomically."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    header = {META_KEY: json.dumps(meta, sort_keys=True)}
+    meta_json = json.dumps(meta, sort_keys=True)
+    header = {META_KEY: meta_json, DIGEST_KEY: content_sha256(meta_json, tensors)}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
+
+
+def content_sha256(meta_json: str, tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 of the metadata and of every tensor (name, dtype, shape, bytes), independent of file layout."""
+    h = hashlib.sha256(meta_json.encode("utf-8"))
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        h.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode("utf-8"))
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 def read_meta(path: str | os.PathLike) -> dict:
     """The JSON metadata of a safetensors file we wrote, without reading its tensors."""
-    path = Path(path)
+    return _read_header(Path(path))[0]
+
+
+def _read_header(path: Path) -> tuple[dict, str, str | None]:
+    """(meta, meta JSON as stored, content sha256 or None) of a safetensors file we wrote."""
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     with open(path, "rb") as f:
@@ -90,23 +138,49 @@ def read_meta(path: str | os.PathLike) -> dict:
             raise CheckpointError(f"{path}: not a valid safetensors file (header size {size} is out of range)")
         raw = f.read(size)
     try:
-        header = json.loads(raw)
-        meta = json.loads(header["__metadata__"][META_KEY])
-    except (ValueError, KeyError, TypeError):
+        stored = json.loads(raw)["__metadata__"]
+        meta_json, digest = stored[META_KEY], stored.get(DIGEST_KEY)
+        meta = json.loads(meta_json)
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
         raise CheckpointError(f"{path}: not a lifelong-peer checkpoint (no {META_KEY!r} metadata)") from None
     if not isinstance(meta, dict):
         raise CheckpointError(f"{path}: metadata is not a JSON object")
-    return meta
+    return meta, meta_json, digest
 
 
 def load_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
-    """Read a file written by ``save_tensors``: (tensors, meta). Refuses anything else with a message."""
-    meta = read_meta(path)
+    """Read a file written by ``save_tensors``: (tensors, meta). Refuses anything else with a message,
+    and a file whose content does not match its checksum."""
+    meta, meta_json, digest = _read_header(Path(path))
     try:
         tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
+    except (SafetensorError, OSError, ValueError, TypeError, RuntimeError) as e:
         raise CheckpointError(f"{path}: corrupted safetensors data ({e})") from None
+    if digest is not None and content_sha256(meta_json, tensors) != digest:
+        raise CheckpointError(f"{path}: corrupted or altered (its content does not match the checksum in its header)")
     return tensors, meta
+
+
+def file_record(path: str | os.PathLike) -> dict:
+    """``{"size": bytes, "sha256": hex}`` of a file, for a run's integrity listing (state.json)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return {"size": Path(path).stat().st_size, "sha256": h.hexdigest()}
+
+
+def verify_file(path: str | os.PathLike, record: dict) -> None:
+    """Raise ``CheckpointError`` naming ``path`` when it is missing, truncated or altered since ``record``."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing (recorded with {record['size']:,} bytes)")
+    size = path.stat().st_size
+    if size != record["size"]:
+        what = "truncated" if size < record["size"] else "altered"
+        raise CheckpointError(f"{path}: {what} ({size:,} bytes, recorded {record['size']:,})")
+    if file_record(path)["sha256"] != record["sha256"]:
+        raise CheckpointError(f"{path}: altered (its sha256 differs from the one recorded when it was written)")
 
 
 def _refuse_foreign(path: Path, head: bytes) -> None:
@@ -134,12 +208,16 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> L
 def model_from_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict) -> LanguageModel:
     if meta.get("format") != MODEL_FORMAT:
         raise CheckpointError(f"{path}: unsupported checkpoint format {meta.get('format')!r} (expected {MODEL_FORMAT})")
+    layers = meta.get("model_config", {}).get("layers") if isinstance(meta.get("model_config"), dict) else None
+    if isinstance(layers, int) and layers > len(tensors):  # every block has tensors: refuse before building
+        raise CheckpointError(f"{path}: its config announces {layers:,} blocks, but it holds {len(tensors)} tensors")
     try:
         config = ModelConfig.from_dict(meta["model_config"])
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise CheckpointError(f"{path}: invalid model config ({e})") from None
+    with torch.device("meta"):  # shapes without memory: a config announcing absurd sizes fails here, cheaply
+        check_state(path, LanguageModel(config).state_dict(), tensors)
     model = LanguageModel(config)
-    check_state(path, model.state_dict(), tensors)
     model.load_state_dict(tensors, strict=True)
     return model
 
@@ -157,4 +235,20 @@ def check_state(path: str | os.PathLike, expected: dict[str, torch.Tensor], tens
             raise CheckpointError(
                 f"{path}: tensor {name} has shape {tuple(t.shape)} {t.dtype}, the config implies "
                 f"{tuple(ref.shape)} {ref.dtype}"
+            )
+
+
+def check_optimizer_state(path: str | os.PathLike, params: dict[str, torch.Tensor], tensors: dict) -> None:
+    """Optimizer state ``{"<param>::<key>": tensor}`` fits ``params``: each tensor a scalar, one number
+    per row (row-sparse step counts), or shaped like the parameter or its (rows, width) view (moments)."""
+    for key, t in tensors.items():
+        name = key.rpartition("::")[0]
+        p = params.get(name)
+        if p is None:
+            raise CheckpointError(f"{path}: optimizer state {key} belongs to no parameter of the model")
+        width = p.shape[-1] if p.dim() else 1
+        allowed = {(), (p.numel() // width,), tuple(p.shape), (p.numel() // width, width)}
+        if tuple(t.shape) not in allowed or not (t.is_floating_point() or t.dtype in (torch.int32, torch.int64)):
+            raise CheckpointError(
+                f"{path}: optimizer state {key} has shape {tuple(t.shape)} {t.dtype}, which does not fit {name}"
             )

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import regularize
+from . import distributed, regularize
 from .checkpoint import MODEL_FORMAT, atomic_write_json, load_model, load_tensors, model_from_tensors, save_tensors
 from .errors import UserError
 from .metrics import EvalRow, PhaseRecord, RunResults, SplitEval, load_results, save_results, write_run_outputs
@@ -250,8 +250,44 @@ class Run:
         return self.dir / "checkpoints"
 
     def state(self) -> dict:
+        """state.json, validated: ``completed_phases``, ``checkpoint`` (the latest, relative to the run
+        directory), its ``phase`` and ``step``, and ``files``: {relative path: {"size", "sha256"}} of
+        every checkpoint the run has written and still keeps (issue 10). No file: a run not started."""
+        import re
+
+        from .errors import CheckpointError
+
         path = self.dir / "state.json"
-        return json.loads(path.read_text()) if path.exists() else {"completed_phases": 0, "checkpoint": None}
+        if not path.exists():
+            return {"completed_phases": 0, "checkpoint": None, "phase": None, "step": None, "files": {}}
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:
+            raise CheckpointError(f"{path}: corrupted, not valid JSON ({e})") from None
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{path}: corrupted (not a JSON object)")
+        data.setdefault("files", {})  # state files written before issue 10 have no listing
+        ints = {k: data.get(k) for k in ("completed_phases", "phase", "step")}
+        checkpoint, files = data.get("checkpoint"), data["files"]
+        problem = next((k for k, v in ints.items() if v is not None and (type(v) is not int or v < 0)), None)
+        if problem or not isinstance(ints["completed_phases"], int):
+            problem = f"{problem or 'completed_phases'} is not a count"
+        elif checkpoint is not None and not (
+            isinstance(checkpoint, str)
+            and re.fullmatch(r"checkpoints/phase-\d{3,}(-step-\d{6,})?\.safetensors", checkpoint)
+        ):
+            problem = f"checkpoint {checkpoint!r} is not a checkpoint of this run"
+        elif not isinstance(files, dict) or not all(
+            re.fullmatch(r"(checkpoints/)?[A-Za-z0-9_-][A-Za-z0-9._-]*", k)
+            and isinstance(r, dict)
+            and type(r.get("size")) is int
+            and isinstance(r.get("sha256"), str)
+            for k, r in files.items()
+        ):
+            problem = "files is not a listing of {path: {size, sha256}}"
+        if problem:
+            raise CheckpointError(f"{path}: corrupted ({problem})")
+        return data
 
     def slice_data(self, name: str):
         return self.stream.slice(name)
@@ -263,6 +299,9 @@ class Run:
     def save_checkpoint(self, phase: int, step: int | None, opt: PEEROptimizer | None, completed: int) -> Path:
         """Everything needed to continue; then the state pointer moves to it (both writes atomic)."""
         name = f"phase-{phase:03d}.safetensors" if step is None else f"phase-{phase:03d}-step-{step:06d}.safetensors"
+        if not distributed.is_main():  # rank 0 writes; the others wait until it has (issue 9)
+            distributed.barrier()
+            return self.checkpoints / name
         tensors = {f"model::{k}": v for k, v in self.model.state_dict().items()}
         tensors.update({f"fisher::{k}": v for k, v in self.fisher.items()})
         ledger_tensors, ledger_meta = self.ledger.to_tensors()
@@ -279,27 +318,67 @@ class Run:
         }
         path = self.checkpoints / name
         save_tensors(path, tensors, meta)
+        # integrity listing (issue 10): size + sha256 of every checkpoint kept, published with the pointer
+        from .checkpoint import file_record
+
+        stale = [old for old in self.checkpoints.glob("phase-*-step-*.safetensors") if old.name != name]
+        files = {k: r for k, r in self.state()["files"].items() if self.dir / k not in stale}
+        base = self.checkpoints / "base.safetensors"
+        if "checkpoints/base.safetensors" not in files and base.exists():
+            files["checkpoints/base.safetensors"] = file_record(base)
+        files[f"checkpoints/{name}"] = file_record(path)
         atomic_write_json(
             self.dir / "state.json",
-            {"completed_phases": completed, "checkpoint": f"checkpoints/{name}", "phase": phase, "step": step},
+            {
+                "completed_phases": completed,
+                "checkpoint": f"checkpoints/{name}",
+                "phase": phase,
+                "step": step,
+                "files": files,
+            },
         )
         # mid-phase checkpoints are superseded by the next one
-        for old in self.checkpoints.glob("phase-*-step-*.safetensors"):
-            if old.name != name:
-                old.unlink(missing_ok=True)
+        for old in stale:
+            old.unlink(missing_ok=True)
+        distributed.barrier()
         return path
 
     def load_checkpoint(self, path: Path) -> dict:
-        """Restore model, Fisher and ledger from ``path``; returns its tensors and meta for the rest."""
+        """Restore model, Fisher and ledger from ``path``; returns its tensors and meta for the rest.
+
+        The file must match its size and sha256 in state.json (when listed there) and its own content
+        checksum; every tensor is checked against the saved config. Any problem is a CheckpointError
+        naming the file, raised before the run's objects change."""
+        from .checkpoint import check_optimizer_state, check_state, verify_file
+        from .errors import CheckpointError
         from .index import UsageLedger
 
+        path = Path(path)
+        try:
+            rel = path.resolve().relative_to(self.dir.resolve()).as_posix()
+        except ValueError:
+            rel = None
+        record = self.state()["files"].get(rel)
+        if record is not None:
+            verify_file(path, record)
         tensors, meta = load_tensors(path)
         if meta.get("format") != RUN_CHECKPOINT_FORMAT:
-            raise UserError(f"{path}: not a run checkpoint (format {meta.get('format')!r})")
-        self.model = _model_part(path, tensors, meta).to(self.device)
-        self.fisher = {k.split("::", 1)[1]: v.to(self.device) for k, v in tensors.items() if k.startswith("fisher::")}
-        ledger = {k.split("::", 1)[1]: v for k, v in tensors.items() if k.startswith("ledger::")}
-        self.ledger = UsageLedger.from_tensors(ledger, meta["ledger"])
+            raise CheckpointError(f"{path}: not a run checkpoint (format {meta.get('format')!r})")
+        for key, kinds in (("phase", (int,)), ("step", (int, type(None))), ("completed_phases", (int,))):
+            if type(meta.get(key)) not in kinds or (meta[key] or 0) < 0:
+                raise CheckpointError(f"{path}: metadata {key!r} is missing or not a count")
+        if not isinstance(meta.get("ledger"), dict):
+            raise CheckpointError(f"{path}: metadata 'ledger' is missing or not an object")
+        model = _model_part(path, tensors, meta)
+        params = dict(model.named_parameters())
+        part = lambda prefix: {k.split("::", 1)[1]: v for k, v in tensors.items() if k.startswith(prefix)}  # noqa: E731
+        fisher = part("fisher::")
+        check_state(path, {k: params[k] for k in fisher if k in params}, fisher)
+        check_optimizer_state(path, params, part("opt::"))
+        ledger = UsageLedger.from_tensors(part("ledger::"), meta["ledger"])
+        self.model = model.to(self.device)
+        self.fisher = {k: v.to(self.device) for k, v in fisher.items()}
+        self.ledger = ledger
         return {"tensors": tensors, "meta": meta}
 
     def load_latest(self) -> dict:
@@ -560,6 +639,7 @@ def run_phases(run: Run, phases: list[int] | None = None, progress: Progress | N
         opt_state, start_step = (resume["opt"], resume["step"]) if resume and resume["phase"] == phase else (None, 0)
         if start_step == 0:
             grow_and_freeze(run, phase, emit)
+            distributed.sync_decisions(run.model)  # every rank takes rank 0's growth and freezing
         tokens = train_phase(run, phase, slice_name, start_step, opt_state, emit)
         rows = evaluate_all(run, emit)
         record_usage(run, slice_name)
@@ -567,8 +647,10 @@ def run_phases(run: Run, phases: list[int] | None = None, progress: Progress | N
             update_fisher(run, phase)
         results.add_phase(_phase_record(run, slice_name, tokens, time.time() - started), rows)
         run.save_checkpoint(phase, None, None, completed=phase + 1)
-        save_results(run.dir, results)
-        write_run_outputs(run.dir, results)
+        if distributed.is_main():
+            save_results(run.dir, results)
+            write_run_outputs(run.dir, results)
+        distributed.barrier()
         emit({"event": "phase_end", "phase": phase, "slice": slice_name, "rows": rows})
         resume = None
     return results
@@ -632,16 +714,18 @@ def train_phase(run: Run, phase: int, slice_name: str, start_step: int, opt_stat
     pools, replay_pools = _pools(run, phase)
     emit({"event": "phase_start", "phase": phase, "slice": slice_name, "steps": steps, "start": start_step})
     model.train()
+    distributed.sync_batchnorm(model)  # query BatchNorm statistics over the global batch
     step = start_step
     try:
         for step in range(start_step, steps):
             gen = torch.Generator().manual_seed(_seed(tc.seed, phase, step))
-            batch = sample_batch(pools, replay_pools, tc, context, gen).to(run.device)
+            batch = sample_batch(pools, replay_pools, tc, context, gen)  # the global batch, the same on every rank
+            local = distributed.shard(batch).to(run.device)  # this rank's rows of it (issue 9)
             lr_scale = _lr_scale(step, steps, tc)
             for group in opt.param_groups:
                 group["lr"] = group.setdefault("peak_lr", group["lr"]) * lr_scale
             t0 = time.perf_counter()
-            logits, loss = model(batch[:, :-1], batch[:, 1:])
+            logits, loss = model(local[:, :-1], local[:, 1:])
             total = loss
             if tc.l2sp:
                 total = total + tc.l2sp * regularize.l2sp(model, anchor)
@@ -649,16 +733,17 @@ def train_phase(run: Run, phase: int, slice_name: str, start_step: int, opt_stat
                 total = total + tc.ewc * regularize.ewc(model, anchor, run.fisher)
             if tc.distill:
                 with torch.no_grad():
-                    teacher_logits, _ = previous(batch[:, :-1])
+                    teacher_logits, _ = previous(local[:, :-1])
                 total = total + tc.distill * regularize.distillation(logits, teacher_logits, tc.distill_temperature)
             opt.zero_grad(set_to_none=True)
             total.backward()
+            distributed.average_gradients(model)  # global-batch gradient; experts exchanged row-sparse
             if tc.grad_clip:
                 opt.clip_grad_norm_(tc.grad_clip)
             opt.step()
             del logits, total
             elapsed = time.perf_counter() - t0
-            _log_step(run, phase, step, loss.item(), opt, batch, elapsed, emit)
+            _log_step(run, phase, step, distributed.mean(loss.item()), opt, batch, elapsed, emit)
             if tc.checkpoint_every and (step + 1) % tc.checkpoint_every == 0 and step + 1 < steps:
                 run.save_checkpoint(phase, step + 1, opt, completed=phase)
     except KeyboardInterrupt:
@@ -751,8 +836,9 @@ def _log_step(run: Run, phase: int, step: int, loss: float, opt, batch, elapsed:
         "experts": experts,
         "frozen_fraction": frozen,
     }
-    with open(run.dir / "metrics.jsonl", "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
+    if distributed.is_main():
+        with open(run.dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
     emit({"event": "step", **record})
 
 
@@ -783,19 +869,71 @@ def _results(run: Run, emit: Progress) -> RunResults:
         phases=[],
         eval={split: SplitEval(before=row, after=[]) for split, row in before.items()},
     )
-    save_results(run.dir, results)
+    if distributed.is_main():
+        save_results(run.dir, results)
     return results
 
 
 def _restore(run: Run, state: dict, emit: Progress) -> dict | None:
-    """Load the latest checkpoint (or build the starting model); returns mid-phase resume info."""
-    if state["checkpoint"] is None:
+    """Load the latest intact checkpoint (or build the starting model); returns mid-phase resume info.
+
+    Issue 10: a checkpoint that fails its recorded size/sha256 or its own checks is named in an
+    ``IntegrityWarning`` and the next older one listed in state.json is tried (none left: start over,
+    which is deterministic). A lost or damaged results.json is recomputed from the phase checkpoints.
+    ``state`` is updated in place to the checkpoint used; results.json and metrics.jsonl are cut back
+    to it, so a resumed run never mixes work from before and after the point it continues from.
+    """
+    import re
+    import warnings
+
+    from .checkpoint import IntegrityWarning
+    from .errors import CheckpointError
+
+    for tmp in [*run.dir.glob(".*.tmp"), *run.checkpoints.glob(".*.tmp")]:  # left by a write cut short
+        tmp.unlink(missing_ok=True)
+    results = None
+    if state["checkpoint"] is not None:
+        try:
+            results = load_results(run.dir)
+        except UserError as e:  # lost or damaged: rebuild it, its rows are deterministic evaluations
+            warnings.warn(f"{e}; recomputing it from the phase checkpoints", IntegrityWarning, stacklevel=2)
+            results = recompute_results(run)
+
+    def order(rel: str) -> tuple[int, float]:
+        m = re.fullmatch(r"checkpoints/phase-(\d+)(?:-step-(\d+))?\.safetensors", rel)
+        return (int(m[1]), int(m[2]) if m[2] else math.inf) if m else (-1, -1)
+
+    newest = order(state["checkpoint"]) if state["checkpoint"] else (-1, -1)
+    older = sorted((k for k in state["files"] if (-1, -1) < order(k) < newest), key=order, reverse=True)
+    loaded = None
+    for rel in [state["checkpoint"], *older] if state["checkpoint"] else []:
+        try:
+            candidate = run.load_checkpoint(run.dir / rel)
+        except CheckpointError as e:
+            warnings.warn(f"{e}; falling back to the previous checkpoint", IntegrityWarning, stacklevel=2)
+            continue
+        if results is not None and candidate["meta"]["completed_phases"] > len(results.phases):
+            continue  # stopped between this phase's checkpoint and its results: redo that phase
+        loaded = candidate
+        break
+    if loaded is None:
+        if state["checkpoint"] is not None:
+            warnings.warn(f"run {run.config.run!r}: no intact checkpoint left; starting over", IntegrityWarning, 2)
+            (run.dir / "state.json").unlink()  # its listing describes files about to be rewritten
+        state.update(completed_phases=0, checkpoint=None, phase=None, step=None, files={})
         _start_model(run, emit)
-        return None
-    loaded = run.load_checkpoint(run.dir / state["checkpoint"])
-    meta, tensors = loaded["meta"], loaded["tensors"]
+        meta = {"phase": 0, "step": 0, "completed_phases": 0}
+    else:
+        meta, tensors = loaded["meta"], loaded["tensors"]
+        state.update(completed_phases=meta["completed_phases"], checkpoint=rel, phase=meta["phase"], step=meta["step"])
+    if results is not None and len(results.phases) > meta["completed_phases"]:
+        n = meta["completed_phases"]
+        results.phases = results.phases[:n]
+        for evals in results.eval.values():
+            evals.after = evals.after[:n]
+        save_results(run.dir, results)
     _truncate_metrics(run, meta["phase"], meta["step"], meta["completed_phases"])
-    if meta["step"] is None:
+    if loaded is None or meta["step"] is None:
         return None
     opt = {k.split("::", 1)[1]: v for k, v in tensors.items() if k.startswith("opt::")}
     emit({"event": "resume", "phase": meta["phase"], "step": meta["step"]})
@@ -817,7 +955,9 @@ def _start_model(run: Run, emit: Progress) -> None:
     run.checkpoints.mkdir(parents=True, exist_ok=True)
     from .checkpoint import save_model
 
-    save_model(run.model, run.checkpoints / "base.safetensors")
+    if distributed.is_main():
+        save_model(run.model, run.checkpoints / "base.safetensors")
+    distributed.barrier()
 
 
 def train_base(run: Run, emit: Progress) -> None:
@@ -829,23 +969,25 @@ def train_base(run: Run, emit: Progress) -> None:
     opt = build_optimizer(run.model, lr=tc.lr, weight_decay=tc.weight_decay)
     emit({"event": "phase_start", "phase": -1, "slice": "base", "steps": tc.steps, "start": 0})
     run.model.train()
+    distributed.sync_batchnorm(run.model)
     for step in range(tc.steps):
         gen = torch.Generator().manual_seed(_seed(tc.seed, -1, step))
-        batch = sample_batch(pools, [], tc, cfg.model.context, gen).to(run.device)
+        batch = distributed.shard(sample_batch(pools, [], tc, cfg.model.context, gen)).to(run.device)
         for group in opt.param_groups:
             group["lr"] = group.setdefault("peak_lr", group["lr"]) * _lr_scale(step, tc.steps, tc)
         _, loss = run.model(batch[:, :-1], batch[:, 1:])
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        distributed.average_gradients(run.model)
         opt.clip_grad_norm_(tc.grad_clip or math.inf)
         opt.step()
-        emit({"event": "step", "phase": -1, "step": step, "loss": loss.item()})
+        emit({"event": "step", "phase": -1, "step": step, "loss": distributed.mean(loss.item())})
 
 
 def _truncate_metrics(run: Run, phase: int, step: int | None, completed: int) -> None:
     """Drop metrics.jsonl lines written after the checkpoint we resume from (they will be redone)."""
     path = run.dir / "metrics.jsonl"
-    if not path.exists():
+    if not path.exists() or not distributed.is_main():
         return
     keep = []
     for line in path.read_text(encoding="utf-8").splitlines():
