@@ -137,9 +137,12 @@ def run(
 
     Example: lpeer run --stream sotu --strategy lifelong --steps 100
     """
+    from lifelong_peer import distributed
     from lifelong_peer.train import new_run, open_run, run_phases
     from lifelong_peer.workspace import Workspace
 
+    distributed.init_from_env()  # under torchrun (WORLD_SIZE > 1): one data-parallel run over all ranks
+    main = distributed.is_main()
     ws = Workspace.open(workspace)
     overrides = _train_overrides(
         steps=steps,
@@ -158,7 +161,7 @@ def run(
         seed=seed,
         device=device,
     )
-    with ws.lock():
+    with ws.lock() if main else contextlib.nullcontext():  # rank 0 holds the lock for all ranks
         if resume:
             if overrides or stream or config or base or name:
                 raise UserError("--resume continues a run with its saved config; drop the other options")
@@ -167,13 +170,19 @@ def run(
             if not stream:
                 raise UserError("--stream is required (see `lpeer streams`), or --resume RUN")
             slice_names = [s.strip() for s in slices.split(",")] if slices else None
-            the_run = new_run(
-                ws, stream, strategy, overrides, None, str(base) if base else None, name, slice_names, config
+            run_id = distributed.decide_on_main(  # rank 0 creates the run, the others open it
+                lambda: new_run(
+                    ws, stream, strategy, overrides, None, str(base) if base else None, name, slice_names, config
+                ).config.run
             )
-            stderr.print(f"run [bold]{the_run.config.run}[/bold] in {the_run.dir}")
-        with _progress_display(quiet or fmt == Format.json) as on_event:
+            the_run = open_run(ws, run_id)
+            if main:
+                stderr.print(f"run [bold]{the_run.config.run}[/bold] in {the_run.dir}")
+        with _progress_display(quiet or fmt == Format.json or not main) as on_event:
             results = run_phases(the_run, progress=on_event)
-    _finish(the_run, results, fmt)
+    if main:
+        _finish(the_run, results, fmt)
+    distributed.shutdown()
 
 
 def train(
