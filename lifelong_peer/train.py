@@ -614,7 +614,8 @@ def recompute_results(run: Run) -> RunResults:
         tokens = _phase_steps(run.config.train, run.config.model.context) * run.config.train.batch_size
         record = _phase_record(run, run.config.slices[phase], tokens * run.config.model.context, 0.0)
         results.add_phase(record, evaluate_all(run, lambda event: None))
-    save_results(run.dir, results)
+    if distributed.is_main():
+        save_results(run.dir, results)
     return results
 
 
@@ -889,7 +890,8 @@ def _restore(run: Run, state: dict, emit: Progress) -> dict | None:
     from .checkpoint import IntegrityWarning
     from .errors import CheckpointError
 
-    for tmp in [*run.dir.glob(".*.tmp"), *run.checkpoints.glob(".*.tmp")]:  # left by a write cut short
+    # left by a write cut short; only rank 0 writes (issue 9), so no other rank's write is in flight
+    for tmp in [*run.dir.glob(".*.tmp"), *run.checkpoints.glob(".*.tmp")] if distributed.is_main() else []:
         tmp.unlink(missing_ok=True)
     results = None
     if state["checkpoint"] is not None:
@@ -919,7 +921,8 @@ def _restore(run: Run, state: dict, emit: Progress) -> dict | None:
     if loaded is None:
         if state["checkpoint"] is not None:
             warnings.warn(f"run {run.config.run!r}: no intact checkpoint left; starting over", IntegrityWarning, 2)
-            (run.dir / "state.json").unlink()  # its listing describes files about to be rewritten
+            if distributed.is_main():
+                (run.dir / "state.json").unlink()  # its listing describes files about to be rewritten
         state.update(completed_phases=0, checkpoint=None, phase=None, step=None, files={})
         _start_model(run, emit)
         meta = {"phase": 0, "step": 0, "completed_phases": 0}
@@ -931,7 +934,8 @@ def _restore(run: Run, state: dict, emit: Progress) -> dict | None:
         results.phases = results.phases[:n]
         for evals in results.eval.values():
             evals.after = evals.after[:n]
-        save_results(run.dir, results)
+        if distributed.is_main():
+            save_results(run.dir, results)
     _truncate_metrics(run, meta["phase"], meta["step"], meta["completed_phases"])
     if loaded is None or meta["step"] is None:
         return None
