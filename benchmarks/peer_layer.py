@@ -15,6 +15,7 @@ Each timing is the median over repeats after warm-up. Usage::
     python benchmarks/peer_layer.py            # everything (~5 minutes on 2 cores, ~16 GB RAM)
     python benchmarks/peer_layer.py --quick    # smoke run (seconds)
     python benchmarks/peer_layer.py --sections layer step
+    python benchmarks/peer_layer.py --threads 1   # steadier when other processes share the CPU
 """
 
 from __future__ import annotations
@@ -122,11 +123,33 @@ def step_seconds(dim: int, n: int, tokens: int, repeats: int, dense: bool) -> fl
     return seconds
 
 
+def available_bytes() -> int:
+    """MemAvailable from /proc/meminfo (Linux), else unlimited."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62
+
+
+def fits(dim: int, n: int, dense: bool) -> bool:
+    """Whether U, V and their Adam moments (and dense gradients) fit in free memory, with 30% slack."""
+    tables = 2 * n * n * dim * 4
+    need = tables * (4 if dense else 3)
+    return need * 1.3 < available_bytes()
+
+
 def bench_steps(dim: int, sizes: list[int], dense_sizes: list[int], tokens: int, repeats: int) -> list[dict]:
     rows = []
     for n in sizes:
+        if not fits(dim, n, dense=False):
+            print(f"  skipped dim {dim} N {n}²: not enough free memory", file=sys.stderr)
+            rows.append({"dim": dim, "n": n, "N": n * n, "skipped": "not enough free memory"})
+            continue
         row = {"dim": dim, "n": n, "N": n * n, "sparse_ms": 1e3 * step_seconds(dim, n, tokens, repeats, dense=False)}
-        if n in dense_sizes:
+        if n in dense_sizes and fits(dim, n, dense=True):
             row["dense_ms"] = 1e3 * step_seconds(dim, n, tokens, repeats, dense=True)
             row["dense_over_sparse"] = row["dense_ms"] / row["sparse_ms"]
         rows.append(row)
@@ -150,6 +173,9 @@ def print_tables(res: dict) -> None:
         print(f"\nTraining step (fwd+bwd+optimizer), section {section!r}")
         print(f"{'dim':>5}{'N':>14}{'row-sparse ms':>15}{'dense AdamW ms':>16}{'dense/sparse':>14}")
         for r in res[section]:
+            if "skipped" in r:
+                print(f"{r['dim']:>5}{r['N']:>14,}  skipped: {r['skipped']}")
+                continue
             dense = (
                 f"{r['dense_ms']:>16.1f}{r['dense_over_sparse']:>14.2f}" if "dense_ms" in r else f"{'-':>16}{'-':>14}"
             )
@@ -175,9 +201,9 @@ def checks(res: dict) -> dict:
     if "peer_fast_vs_ffn" in res.get("layer", {}):
         check("layer_vs_ffn_pure_pytorch", res["layer"]["peer_fast_vs_ffn"], ">=")
     for r in res.get("step", []):
-        if r["n"] == 1024 and "dense_over_sparse" in r:
+        if r["n"] == 1024 and "skipped" not in r and "dense_over_sparse" in r:
             check("sparse_vs_dense_step_1024sq_dim256", r["dense_over_sparse"], ">=")
-    scale = {r["n"]: r for r in res.get("scale", [])}
+    scale = {r["n"]: r for r in res.get("scale", []) if "skipped" not in r}
     if 1024 in scale and 2048 in scale:
         check("step_2048sq_over_1024sq_dim128", scale[2048]["sparse_ms"] / scale[1024]["sparse_ms"], "<=")
     if "dense_over_sparse" in scale.get(1024, {}):
@@ -190,7 +216,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--quick", action="store_true", help="tiny smoke run: few tokens, small pools, 2 repeats")
     ap.add_argument("--sections", nargs="+", default=["layer", "step", "scale"], choices=["layer", "step", "scale"])
     ap.add_argument("--out", type=Path, default=RESULTS, help="JSON output path")
+    ap.add_argument(
+        "--threads", type=int, default=None, help="torch threads (1 avoids stalls at thread barriers on a busy machine)"
+    )
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     impls = list(getattr(PEER, "IMPLS", ["default"]))
     tokens, repeats = (256, 2) if args.quick else (8 * 128, 5)
     step_sizes = [32, 64] if args.quick else [128, 256, 512, 1024]
@@ -199,10 +230,11 @@ def main(argv: list[str] | None = None) -> dict:
     res["quick"] = args.quick
     if "layer" in args.sections:
         res["layer"] = bench_layer(tokens, repeats, impls)
+    step_repeats = max(2, repeats - 2)
     if "step" in args.sections:
-        res["step"] = bench_steps(256, step_sizes, step_sizes, tokens, repeats)
+        res["step"] = bench_steps(256, step_sizes, step_sizes, tokens, step_repeats)
     if "scale" in args.sections:
-        res["scale"] = bench_steps(128, scale_sizes, scale_sizes[:1], tokens, repeats)
+        res["scale"] = bench_steps(128, scale_sizes, scale_sizes[:1], tokens, step_repeats)
     res["checks"] = checks(res) if not args.quick else {}
     print_tables(res)
     args.out.parent.mkdir(parents=True, exist_ok=True)

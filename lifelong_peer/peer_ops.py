@@ -193,16 +193,19 @@ def expert_mix(x: Tensor, ids: Tensor, gates: Tensor, U: Tensor, V: Tensor, acti
 
 # --- allocator ---------------------------------------------------------------------------------
 
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc <malloc.h>
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc <malloc.h>
+_MMAP_THRESHOLD = 256 << 20
+_TRIM_THRESHOLD = 1 << 30
 
 
 @functools.cache
 def tune_allocator() -> bool:
-    """Keep freed memory in the process (glibc only); returns whether the settings were applied.
+    """Keep a step's freed temporaries in the process (glibc only); returns whether it was applied.
 
-    ``M_MMAP_MAX = 0`` serves big blocks from the heap instead of fresh mmaps, and a 2 GiB
-    ``M_TRIM_THRESHOLD`` stops free() from returning them, so the step's temporaries reuse pages
-    that are already mapped. The heap keeps up to that much freed memory for reuse.
+    By default glibc serves blocks over ~32 MB (a (tokens, h·k, dim) gather is 134 MB) with fresh
+    mmaps and unmaps them on free, so every step page-faults them in again. Here blocks up to
+    256 MB come from the heap and up to 1 GiB of freed heap is kept for reuse; bigger blocks
+    (the expert tables of a large pool) still use mmap, so freeing a pool returns its memory.
     """
     if os.environ.get("LPEER_MALLOC_TUNE", "1") == "0":
         return False
@@ -211,4 +214,4 @@ def tune_allocator() -> bool:
         mallopt = libc.mallopt
     except (OSError, AttributeError):  # not glibc (macOS, Windows, musl): nothing to tune
         return False
-    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, (1 << 31) - 1))
+    return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
