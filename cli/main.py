@@ -110,9 +110,12 @@ def main() -> None:
         stderr.print("aborted")
         sys.exit(130)
     except Exception as e:
-        import click
+        try:  # typer ≥ 0.16 vendors its own click: usage errors are its exceptions, not click's
+            from typer._click.exceptions import ClickException
+        except ImportError:  # pragma: no cover - older typer
+            from click.exceptions import ClickException
 
-        if isinstance(e, click.exceptions.ClickException):
+        if isinstance(e, ClickException):
             e.show()
             sys.exit(e.exit_code)
         if os.environ.get("LPEER_DEBUG") == "1":

@@ -44,6 +44,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if isinstance(self.peer, dict):
             self.peer = PEERConfig(**self.peer)
+        if not isinstance(self.peer, PEERConfig):
+            raise ValueError(f"ModelConfig.peer must be a table of PEER settings, got {self.peer!r}")
         for name in ("vocab_size", "dim", "layers", "heads", "context", "ffn_mult"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:

@@ -30,7 +30,7 @@ def parse_time(value: object) -> int:
     if isinstance(value, np.datetime64):
         if np.isnat(value):
             raise ValueError("missing time")
-        return int(value.astype("datetime64[s]").astype(np.int64))
+        return _checked(int(value.astype("datetime64[s]").astype(np.int64)))
     if isinstance(value, datetime):
         return _from_datetime(value)
     if isinstance(value, date):
@@ -38,7 +38,7 @@ def parse_time(value: object) -> int:
     if isinstance(value, (int, np.integer)):
         return _from_number(str(int(value)))
     if isinstance(value, (float, np.floating)):
-        return int(value)
+        return _checked(int(value))
     if not isinstance(value, str):
         raise ValueError(f"{value!r} ({type(value).__name__}) is not a time")
     text = value.strip()
@@ -67,13 +67,24 @@ def _from_number(text: str) -> int:
         if not 1 <= year <= 9999:
             raise ValueError(f"year {year} is out of range 1..9999")
         return calendar.timegm((year, 1, 1, 0, 0, 0))
-    return int(float(text))
+    return _checked(int(float(text)))
+
+
+#: epoch seconds of 0001-01-01 and 9999-12-31T23:59:59 (what ``datetime`` can format)
+_MIN_SECONDS, _MAX_SECONDS = -62_135_596_800, 253_402_300_799
+
+
+def _checked(seconds: int) -> int:
+    """Epoch seconds outside years 1..9999 are refused here, not by a crash when formatting (issue 10 fuzz)."""
+    if not _MIN_SECONDS <= seconds <= _MAX_SECONDS:
+        raise ValueError(f"epoch seconds {seconds} lie outside the years 1..9999")
+    return seconds
 
 
 def _from_datetime(value: datetime) -> int:
     if value.tzinfo is None:
         value = value.replace(tzinfo=UTC)
-    return (value - _EPOCH0) // timedelta(seconds=1)
+    return _checked((value - _EPOCH0) // timedelta(seconds=1))
 
 
 def to_datetime(seconds: int) -> datetime:
