@@ -171,9 +171,11 @@ def run(
                 raise UserError("--stream is required (see `lpeer streams`), or --resume RUN")
             slice_names = [s.strip() for s in slices.split(",")] if slices else None
             run_id = distributed.decide_on_main(  # rank 0 creates the run, the others open it
-                lambda: new_run(
-                    ws, stream, strategy, overrides, None, str(base) if base else None, name, slice_names, config
-                ).config.run
+                lambda: (
+                    new_run(
+                        ws, stream, strategy, overrides, None, str(base) if base else None, name, slice_names, config
+                    ).config.run
+                )
             )
             the_run = open_run(ws, run_id)
             if main:

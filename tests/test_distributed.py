@@ -245,3 +245,43 @@ def test_a_dead_rank_fails_the_run_and_resume_continues(tmp_path, single):
     run_phases(resumed)
     _assert_close_weights(_final(run.dir), _final(single))
     torch.testing.assert_close(_losses(run.dir), _losses(single), rtol=1e-5, atol=0)
+
+
+@pytest.mark.slow
+def test_lpeer_run_under_torchrun(tmp_path):
+    """The user's command: ``torchrun --nproc_per_node 2 -m lifelong_peer.cli run ...`` trains one
+    run (created by rank 0, opened by rank 1), rank 0 alone writes its files and prints the summary."""
+    import subprocess
+    import sys
+
+    from typer.testing import CliRunner
+
+    from lifelong_peer.cli.main import app
+
+    words = ["peer ", "expert ", "stream ", "slice ", "time ", "the ", "and "]
+    docs = [
+        {"text": "".join(words[(i * 7 + j * 3) % len(words)] for j in range(60)), "time": f"20{10 + i % 2}-05-01"}
+        for i in range(40)
+    ]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    ws = str(tmp_path / "ws")
+    runner = CliRunner()
+    assert runner.invoke(app, ["init", ws]).exit_code == 0
+    assert runner.invoke(app, ["ingest", str(tmp_path / "docs.jsonl"), "--name", "toy", "-w", ws]).exit_code == 0
+    (tmp_path / "tiny.toml").write_text(
+        "[train]\neval_tokens = 128\nusage_tokens = 128\nwarmup = 1\n"
+        "[model]\ndim = 32\nlayers = 2\nheads = 2\ncontext = 32\n"
+        "[model.peer]\nnum_subkeys = 8\nheads = 2\ntopk = 4\ndim_key = 16\n"
+    )
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command = [*torchrun, "-m", "lifelong_peer.cli", "run", "--stream", "toy", "--strategy", "lifelong"]
+    command += ["--config", str(tmp_path / "tiny.toml"), "--steps", "2", "--batch-size", "4", "--name", "dp"]
+    command += ["--workspace", ws, "--format", "json"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LPEER_DIST_TIMEOUT_S": "60"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=DEADLINE_S, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout)  # one JSON document: rank 1 printed nothing
+    assert summary["run"] == "dp"
+    run_dir = Path(ws) / "runs" / "dp"
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 2 * 2  # 2 slices × 2 steps, once
+    assert json.loads((run_dir / "state.json").read_text())["completed_phases"] == 2
