@@ -129,6 +129,17 @@ def _primitives() -> None:
     except UserError as e:
         assert str(e) == "bad option"
     assert distributed.mean(float(rank)) == (world - 1) / 2
+    # a replica that drifted is noticed and repaired from rank 0 (bool buffers included)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    model.register_buffer("mask", torch.tensor([True, False]))
+    assert distributed.replicas_equal(model)
+    if rank == 1:
+        model.weight.data[0, 0] += 1e-6
+        model.mask[1] = True
+    assert not distributed.replicas_equal(model)
+    distributed.broadcast_model(model)
+    assert distributed.replicas_equal(model) and model.mask.tolist() == [True, False]
 
 
 def test_combine_rows_sums_duplicates_across_parts():
