@@ -106,6 +106,7 @@ class TrainConfig:
     """auto (CUDA when present), cpu, or cuda."""
 
     def __post_init__(self) -> None:
+        _check_types(self)
         positive = ("steps", "batch_size", "ewc_batches")
         for name in positive:
             if getattr(self, name) <= 0:
@@ -126,6 +127,25 @@ class TrainConfig:
         if grow not in ("none", "auto") and not (grow.isdigit() and int(grow) > 0):
             raise UserError(f"grow must be none, auto or a positive number of sub-keys, got {self.grow!r}")
         self.grow = grow
+
+
+_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
+
+
+def _check_types(config) -> None:
+    """Every field of the type its annotation names (config files and JSON carry any type)."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if f.name == "grow" and type(value) is int:  # `grow = 8` in TOML means 8 sub-keys
+            value = str(value)
+            setattr(config, f.name, value)
+        names = [t.strip() for t in str(f.type).split("|")]
+        if value is None and "None" in names:
+            continue
+        allowed = tuple(t for name in names for t in _TYPES.get(name, (object,)))
+        if (isinstance(value, bool) and bool not in allowed) or not isinstance(value, allowed):
+            want = " or ".join(n for n in names if n != "None")
+            raise UserError(f"{f.name} must be {want}, got {value!r}")
 
 
 @dataclass
@@ -541,7 +561,10 @@ def new_run(
             raise UserError(f"{base}: not a model checkpoint ({e})") from None
         if model_over:
             raise UserError("model options cannot be changed when starting from --base (its shape is fixed)")
-    model_over = {"peer": {**base_model.peer.to_dict(), **model_over.pop("peer", {})}, **model_over}
+    peer_over = model_over.pop("peer", {})
+    if not isinstance(peer_over, dict):
+        raise UserError(f"[model.peer] must be a table of PEER settings, got {peer_over!r}")
+    model_over = {"peer": {**base_model.peer.to_dict(), **peer_over}, **model_over}
     model_cfg, train_cfg = resolve_config(strategy, {**train_over, "model": model_over}, base_model)
     run_id = run_id or _new_run_id(workspace, f"{stream_name}-{strategy}")
     cfg = RunConfig(run=run_id, stream=stream_name, slices=slices, model=model_cfg, train=train_cfg, base=base)

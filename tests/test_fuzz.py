@@ -11,7 +11,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -211,11 +210,6 @@ known_tables = st.fixed_dictionaries(
 )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="TrainConfig does not check value types: [train] steps = 'x' raises TypeError (internal error, "
-    "exit 1) instead of a UserError; the fix belongs in train.py (TrainConfig.__post_init__)",
-)
 @FAST
 @example(tables={"train": {"steps": "many"}, "model": {}, "model.peer": {}}, strategy="naive")
 @given(tables=known_tables, strategy=st.sampled_from(["naive", "lifelong", "dense"]))
