@@ -34,7 +34,9 @@ Two implementations compute the same function: ``impl="naive"``, the plain code 
 reference: U and V read through ``F.embedding`` / ``F.embedding_bag(sparse=True)``), and
 ``impl="fast"`` (default), ``lifelong_peer.peer_ops``: a pruned top-k candidate grid and one
 autograd Function for the experts that keeps no (tokens, h·k, dim) tensors for backward and
-returns compact, coalesced row gradients (issue 8).
+returns compact, coalesced row gradients (issue 8). ``impl="native"`` runs the same two pieces as
+C++ kernels (``lifelong_peer.kernels``, compiled at first use and cached) and falls back to
+``"fast"`` by itself where they are unavailable (no compiler, ``LPEER_NATIVE=0``, CUDA, autocast).
 """
 
 from __future__ import annotations
@@ -147,7 +149,7 @@ class PEER(nn.Module):
     """
 
     #: Implementations of the same function (module docstring); ``layer.impl`` may be switched at any time.
-    IMPLS = ("fast", "naive")
+    IMPLS = ("fast", "naive", "native")
 
     def __init__(self, config: PEERConfig, impl: str = "fast"):
         super().__init__()
@@ -201,8 +203,8 @@ class PEER(nn.Module):
     def _retrieve(self, q: Tensor) -> tuple[Tensor, Tensor]:
         """Queries (T, h, dk) → (scores, ids), each (T, h, k), scores descending."""
         k, half = self.config.topk, self.config.dim_key // 2
-        if self.impl == "fast":  # the same result from a pruned grid, with an O(k) backward
-            scores, i, j = peer_ops.product_key_topk(q, self.subkeys, k)
+        if self.impl != "naive":  # the same result from a pruned grid, with an O(k) backward
+            scores, i, j = peer_ops.product_key_topk(q, self.subkeys, k, native=self.impl == "native")
             return scores, id_of(i, j)
         s1 = q[..., :half] @ self.subkeys[:, 0].T  # (T, h, n)
         s2 = q[..., half:] @ self.subkeys[:, 1].T  # (T, h, n)
@@ -242,8 +244,10 @@ class PEER(nn.Module):
         scores, ids = self._retrieve(self.queries(x2))  # (T, h, k)
         gates = scores.softmax(dim=-1)  # (T, h, k)
         flat = ids.view(x2.shape[0], c.heads * c.topk)  # (T, h·k)
-        if self.impl == "fast":
-            y = peer_ops.expert_mix(x2, flat, gates.view(flat.shape), self.U, self.V, c.activation, self.sparse_grad)
+        if self.impl != "naive":
+            y = peer_ops.expert_mix(
+                x2, flat, gates.view(flat.shape), self.U, self.V, c.activation, self.sparse_grad, self.impl == "native"
+            )
         else:
             y = self._experts_naive(x2, flat, gates)
         y = y.view(*lead, c.dim)

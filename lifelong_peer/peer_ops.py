@@ -21,6 +21,11 @@ Two pieces, each checked against the straightforward code in ``tests/test_fast_p
   (sparse COO with ``is_coalesced=True``; the optimizer's ``coalesce()`` is then free), or dense
   (N, dim) when the layer asks for dense gradients.
 
+With ``native=True`` (``PEER(impl="native")``) both pieces run the C++ kernels of
+``lifelong_peer.kernels`` when they are available and the tensors are CPU fp32/fp64 (same maths;
+the product-key top-k by filtering instead of ``torch.topk``, the experts over entries sorted by
+expert id with one fused backward), and this module's pure-PyTorch code otherwise.
+
 ``tune_allocator()`` sets glibc malloc so that big temporaries are not handed back to the OS
 after every step (RESEARCH.md "PEER speed": the page faults cost about half the time of a
 step). ``PEER`` calls it once when the first layer is built; ``LPEER_MALLOC_TUNE=0`` turns it off.
@@ -38,6 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import kernels
+
 
 @functools.cache
 def _pruned_grid(k: int, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -47,15 +54,31 @@ def _pruned_grid(k: int, device: torch.device) -> tuple[Tensor, Tensor]:
     return a, b
 
 
-def product_key_topk(q: Tensor, subkeys: Tensor, k: int, sparse_backward: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+def native_kernels(*tensors: Tensor):
+    """The compiled kernels if they can take these tensors (CPU, one dtype of fp32/fp64, no autocast), else None."""
+    dtype = tensors[0].dtype
+    if dtype not in (torch.float32, torch.float64) or torch.is_autocast_enabled("cpu"):
+        return None
+    if any(t.device.type != "cpu" or (t.is_floating_point() and t.dtype != dtype) for t in tensors):
+        return None
+    return kernels.load()
+
+
+def product_key_topk(
+    q: Tensor, subkeys: Tensor, k: int, sparse_backward: bool = True, native: bool = False
+) -> tuple[Tensor, Tensor, Tensor]:
     """Exact top-k of q1·c_i + q2·c'_j over all pairs (i, j): (scores, i, j), each (..., k), descending.
 
     q (..., dim_key) queries, subkeys (n, 2, dim_key/2). Differentiable in ``scores`` with respect
     to q and subkeys; with ``sparse_backward`` through ``SubkeyTopK``, whose backward costs O(k)
-    per query instead of the O(n) of back-propagating through the full score matrix.
+    per query instead of the O(n) of back-propagating through the full score matrix. ``native``:
+    the C++ kernel (``NativeProductKeyTopK``) where available.
     """
     half = q.shape[-1] // 2
     lead = q.shape[:-1]
+    if native and (ext := native_kernels(q, subkeys)) is not None:
+        scores, i, j = NativeProductKeyTopK.apply(q.reshape(-1, q.shape[-1]), subkeys, k, ext)
+        return scores.view(*lead, k), i.view(*lead, k), j.view(*lead, k)
     halves = []
     for h, qh in enumerate((q[..., :half], q[..., half:])):
         qh = qh.reshape(-1, half)  # (R, half)
@@ -97,14 +120,39 @@ class SubkeyTopK(torch.autograd.Function):
         return dq, dkeys, None
 
 
+class NativeProductKeyTopK(torch.autograd.Function):
+    """``product_key_topk`` in C++: (scores, i, j) each (R, k) for q (R, dim_key), subkeys (n, 2, dim_key/2).
+
+    Forward: per block of rows, sub-key scores by GEMM, each half's top-k by filtering, the pruned
+    grid. Backward: scores[r, t] = q1_r · c_{i[r,t]} + q2_r · c'_{j[r,t]}, so dq and dsubkeys need
+    only the k winners' sub-keys (O(k) per query, as ``SubkeyTopK``).
+    """
+
+    @staticmethod
+    def forward(ctx, q, subkeys, k: int, ext):
+        scores, i, j = ext.pk_topk(q, subkeys, k)
+        ctx.save_for_backward(q, subkeys, i, j)
+        ctx.ext = ext
+        ctx.mark_non_differentiable(i, j)
+        return scores, i, j
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, ds, _di, _dj):
+        q, subkeys, i, j = ctx.saved_tensors
+        dq, dsubkeys = ctx.ext.pk_topk_backward(ds, q, subkeys, i, j, *ctx.needs_input_grad[:2])
+        return dq, dsubkeys, None, None
+
+
 # --- experts ----------------------------------------------------------------------------------
 
 
 def _rows_dot(table: Tensor, ids: Tensor, z: Tensor) -> Tensor:
     """out[t, s] = table[ids[t, s]] · z[t] for ids (T, S), z (T, D) → (T, S), without a (T, S, D) gather."""
     T, S = ids.shape
-    if table.device.type != "cpu" or T == 0 or table.shape[0] < S:
+    if table.device.type != "cpu" or T == 0 or table.shape[0] < S or table.dtype not in (torch.float32, torch.float64):
         # gathers are cheap on GPUs; sampled_addmm cannot hold more entries than the (T × N) matrix
+        # and has no bf16/fp16 CPU kernel
         return torch.einsum("tsd,td->ts", table[ids], z)
     # a CSR pattern (T × N) with S entries per row; sampled_addmm computes just those dot products
     crow = torch.arange(0, T * S + 1, S, device=ids.device)
@@ -186,8 +234,47 @@ class ExpertMix(torch.autograd.Function):
         return dx, None, dgates, dU, dV, None, None
 
 
-def expert_mix(x: Tensor, ids: Tensor, gates: Tensor, U: Tensor, V: Tensor, activation: str, sparse: bool) -> Tensor:
-    """Functional form of ``ExpertMix``: x (T, dim), ids/gates (T, S), U/V (N, dim) → (T, dim)."""
+class NativeExpertMix(torch.autograd.Function):
+    """``ExpertMix`` in C++: the (token, slot) entries sorted by expert id once in forward (kept for
+    backward), so each retrieved row of U and V is read once per pass; backward is one fused pass
+    giving dx, dgates and compact dU/dV rows. Same arguments and result as ``ExpertMix``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, ids, gates, U, V, activation: str, sparse: bool, ext):
+        act = 0 if activation == "gelu" else 1
+        y, hidden, order, rows, starts = ext.mix_forward(x, ids, gates, U, V, act)
+        ctx.save_for_backward(x, gates, hidden, U, V, order, rows, starts)
+        ctx.act, ctx.sparse, ctx.ext = act, sparse, ext
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        x, gates, hidden, U, V, order, rows, starts = ctx.saved_tensors
+        need_x, _, need_gates, need_U, need_V = ctx.needs_input_grad[:5]
+        dx, dgates, dU, dV = ctx.ext.mix_backward(dy, x, gates, hidden, U, V, order, rows, starts, ctx.act)
+        return (
+            dx if need_x else None,
+            None,
+            dgates if need_gates else None,
+            _table_grad(rows, dU, U, ctx.sparse) if need_U else None,
+            _table_grad(rows, dV, V, ctx.sparse) if need_V else None,
+            None,
+            None,
+            None,
+        )
+
+
+def expert_mix(
+    x: Tensor, ids: Tensor, gates: Tensor, U: Tensor, V: Tensor, activation: str, sparse: bool, native: bool = False
+) -> Tensor:
+    """Functional form of ``ExpertMix``: x (T, dim), ids/gates (T, S), U/V (N, dim) → (T, dim).
+
+    ``native``: ``NativeExpertMix`` where the compiled kernels are available.
+    """
+    if native and (ext := native_kernels(x, gates, U, V)) is not None:
+        return NativeExpertMix.apply(x, ids, gates, U, V, activation, sparse, ext)
     return ExpertMix.apply(x, ids, gates, U, V, activation, sparse)
 
 

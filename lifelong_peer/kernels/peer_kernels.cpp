@@ -1,0 +1,359 @@
+// Native CPU kernels for the PEER layer (issue 8); loaded by lifelong_peer/kernels/__init__.py and
+// wrapped in autograd Functions by lifelong_peer/peer_ops.py, which documents the maths. fp32 and fp64.
+//
+// * pk_topk / pk_topk_backward: product-key top-k. Sub-key scores are computed per block of rows
+//   (a GEMM into a buffer that stays in cache) and each row's top-k is found by *filtering* (row_topk):
+//   block maxima give a lower bound of the k-th best score, and only the few scores above it are
+//   sorted — about n compares per row instead of torch.topk's selection.
+//   Then the pruned grid ((a+1)(b+1) <= k) gives the exact top-k of the n² sums.
+// * mix_forward / mix_backward: y_t = Σ_s g_ts σ(u_e · x_t) v_e over (token, slot) entries sorted by
+//   expert id e, so each retrieved row of U and V is read once per pass (x, y, dy, dx — T × dim — stay
+//   in cache). The backward is one fused pass producing dx, dgates and compact dU/dV rows.
+//
+// Threads: work is split into a fixed number of chunks (one per thread) whose partial sums are added in
+// chunk order, so results are deterministic for a given thread count.
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <functional>
+#include <limits>
+#include <utility>
+#include <vector>
+
+namespace {
+
+template <typename T>
+struct Item {
+  T v;
+  int64_t i;
+};
+
+// "a before b": higher score first, ties to the lower index.
+struct Better {
+  template <typename T>
+  bool operator()(const Item<T>& a, const Item<T>& b) const {
+    return a.v > b.v || (a.v == b.v && a.i < b.i);
+  }
+};
+
+// The k best of s[0..n) into out[0..k), best first (k <= n). `maxima` holds 2n scores, `buf` n items.
+// Filtering: cut the row into ~4k blocks; the k-th largest block maximum `thr` is a lower bound of the
+// k-th largest score (those k maxima are k scores ≥ thr), so only blocks whose maximum reaches thr can
+// hold winners, and in them only scores ≥ thr. That leaves a few dozen candidates to sort.
+template <typename T>
+void row_topk(const T* s, int64_t n, int64_t k, T* maxima, Item<T>* buf, Item<T>* out) {
+  const int64_t width = std::max<int64_t>(1, n / (4 * k));
+  const int64_t blocks = n / width;  // the last block also takes the remainder
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t end = b + 1 == blocks ? n : (b + 1) * width;
+    T m = s[b * width];
+    for (int64_t i = b * width + 1; i < end; ++i) m = std::max(m, s[i]);
+    maxima[b] = m;
+  }
+  T thr = -std::numeric_limits<T>::infinity();
+  if (blocks > k) {
+    T* sel = maxima + blocks;  // a copy to select in, keeping maxima[b] for the block test below
+    std::copy(maxima, maxima + blocks, sel);
+    std::nth_element(sel, sel + (k - 1), sel + blocks, std::greater<T>());
+    thr = sel[k - 1];
+  }
+  int64_t size = 0;
+  for (int64_t b = 0; b < blocks; ++b) {
+    if (maxima[b] < thr) continue;
+    const int64_t end = b + 1 == blocks ? n : (b + 1) * width;
+    for (int64_t i = b * width; i < end; ++i)
+      if (s[i] >= thr) buf[size++] = {s[i], i};
+  }
+  std::partial_sort(buf, buf + k, buf + size, Better());
+  std::copy(buf, buf + k, out);
+}
+
+template <typename T>
+inline T dot(const T* a, const T* b, int64_t D) {
+  T acc = 0;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t d = 0; d < D; ++d) acc += a[d] * b[d];
+  return acc;
+}
+
+template <typename T>
+inline void axpy(T* y, T w, const T* x, int64_t D) {
+#pragma omp simd
+  for (int64_t d = 0; d < D; ++d) y[d] += w * x[d];
+}
+
+template <typename T>
+inline void prefetch_row(const T* p, int64_t D) {
+  for (int64_t d = 0; d < D; d += 64 / sizeof(T)) __builtin_prefetch(p + d);
+}
+
+// activation: 0 = gelu (exact, erf), 1 = relu
+template <typename T>
+inline T act_fn(T h, int64_t act) {
+  if (act == 1) return h > 0 ? h : T(0);
+  return T(0.5) * h * (T(1) + std::erf(h * T(M_SQRT1_2)));
+}
+
+template <typename T>
+inline T act_grad(T h, int64_t act) {
+  if (act == 1) return h > 0 ? T(1) : T(0);
+  const T cdf = T(0.5) * (T(1) + std::erf(h * T(M_SQRT1_2)));
+  const T pdf = std::exp(T(-0.5) * h * h) * T(0.3989422804014327);  // 1/sqrt(2π)
+  return cdf + h * pdf;
+}
+
+// Chunk boundaries over [0, n) for `chunks` threads: chunk c covers [bounds[c], bounds[c+1]).
+// With `starts` (prefix sums of entries per item) the split balances entries, not items.
+std::vector<int64_t> split(int64_t n, int64_t chunks, const int64_t* starts = nullptr) {
+  std::vector<int64_t> bounds(chunks + 1, n);
+  bounds[0] = 0;
+  for (int64_t c = 1; c < chunks; ++c) {
+    if (starts == nullptr) {
+      bounds[c] = n * c / chunks;
+    } else {
+      const int64_t target = starts[n] * c / chunks;
+      bounds[c] = std::lower_bound(starts, starts + n, target) - starts;
+    }
+    bounds[c] = std::max(bounds[c], bounds[c - 1]);
+  }
+  return bounds;
+}
+
+int64_t num_chunks(int64_t work) { return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), work)); }
+
+}  // namespace
+
+// q (R, dk), subkeys (n, 2, dk/2) → scores (R, k) descending, i (R, k), j (R, k) sub-key indices.
+std::vector<at::Tensor> pk_topk(at::Tensor q, at::Tensor subkeys, int64_t k) {
+  q = q.contiguous();
+  subkeys = subkeys.contiguous();
+  const int64_t R = q.size(0), dk = q.size(1), half = dk / 2, n = subkeys.size(0);
+  TORCH_CHECK(subkeys.size(2) == half && k >= 1 && k <= n, "pk_topk: bad shapes or k");
+  auto scores = at::empty({R, k}, q.options());
+  auto ii = at::empty({R, k}, q.options().dtype(at::kLong));
+  auto jj = at::empty({R, k}, q.options().dtype(at::kLong));
+  std::vector<std::pair<int64_t, int64_t>> grid;  // rank pairs (a, b) with (a+1)(b+1) <= k, a-major
+  for (int64_t a = 0; a < k; ++a)
+    for (int64_t b = 0; b < k / (a + 1); ++b) grid.emplace_back(a, b);
+  const int64_t P = grid.size();
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "pk_topk", [&] {
+    const at::Tensor c1t = subkeys.select(1, 0).t(), c2t = subkeys.select(1, 1).t();  // (half, n)
+    const int64_t C = std::max<int64_t>(16, 65536 / n);  // rows per block: C × n scores (256 KB) stay in cache
+    const int64_t blocks = (R + C - 1) / C;
+    auto* out_s = scores.data_ptr<scalar_t>();
+    auto* out_i = ii.data_ptr<int64_t>();
+    auto* out_j = jj.data_ptr<int64_t>();
+    at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+      std::vector<Item<scalar_t>> h1(k), h2(k), buf(n), cand(P);
+      std::vector<scalar_t> maxima(2 * n);
+      for (int64_t blk = b0; blk < b1; ++blk) {
+        const int64_t r0 = blk * C, rows = std::min(R, r0 + C) - r0;
+        const at::Tensor qb = q.narrow(0, r0, rows);
+        const at::Tensor s1 = at::mm(qb.narrow(1, 0, half), c1t).contiguous();  // (rows, n)
+        const at::Tensor s2 = at::mm(qb.narrow(1, half, half), c2t).contiguous();
+        const scalar_t* p1 = s1.data_ptr<scalar_t>();
+        const scalar_t* p2 = s2.data_ptr<scalar_t>();
+        for (int64_t r = 0; r < rows; ++r) {
+          row_topk(p1 + r * n, n, k, maxima.data(), buf.data(), h1.data());
+          row_topk(p2 + r * n, n, k, maxima.data(), buf.data(), h2.data());
+          for (int64_t p = 0; p < P; ++p) cand[p] = {h1[grid[p].first].v + h2[grid[p].second].v, p};
+          std::partial_sort(cand.begin(), cand.begin() + k, cand.end(), Better());
+          const int64_t o = (r0 + r) * k;
+          for (int64_t t = 0; t < k; ++t) {
+            const int64_t p = cand[t].i;
+            out_s[o + t] = cand[t].v;
+            out_i[o + t] = h1[grid[p].first].i;
+            out_j[o + t] = h2[grid[p].second].i;
+          }
+        }
+      }
+    });
+  });
+  return {scores, ii, jj};
+}
+
+// Gradients of scores[r, t] = q1_r · c_{i[r,t]} + q2_r · c'_{j[r,t]}: dq (R, dk), dsubkeys (n, 2, dk/2).
+std::vector<at::Tensor> pk_topk_backward(at::Tensor ds, at::Tensor q, at::Tensor subkeys, at::Tensor ii, at::Tensor jj,
+                                         bool need_q, bool need_subkeys) {
+  ds = ds.contiguous();
+  q = q.contiguous();
+  subkeys = subkeys.contiguous();
+  ii = ii.contiguous();
+  jj = jj.contiguous();
+  const int64_t R = q.size(0), dk = q.size(1), half = dk / 2, n = subkeys.size(0), k = ds.size(1);
+  at::Tensor dq, dsub;
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "pk_topk_backward", [&] {
+    const scalar_t* pds = ds.data_ptr<scalar_t>();
+    const scalar_t* pq = q.data_ptr<scalar_t>();
+    const scalar_t* pc = subkeys.data_ptr<scalar_t>();  // row i: [c_i (half) ; c'_i (half)]
+    const int64_t* pi = ii.data_ptr<int64_t>();
+    const int64_t* pj = jj.data_ptr<int64_t>();
+    if (need_q) {
+      dq = at::zeros({R, dk}, q.options());
+      scalar_t* pdq = dq.data_ptr<scalar_t>();
+      at::parallel_for(0, R, 64, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r)
+          for (int64_t t = 0; t < k; ++t) {
+            const scalar_t w = pds[r * k + t];
+            axpy(pdq + r * dk, w, pc + pi[r * k + t] * dk, half);
+            axpy(pdq + r * dk + half, w, pc + pj[r * k + t] * dk + half, half);
+          }
+      });
+    }
+    if (need_subkeys) {
+      const int64_t chunks = num_chunks(R / 256 + 1);
+      const auto bounds = split(R, chunks);
+      std::vector<at::Tensor> parts(chunks);
+      at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+        for (int64_t c = c0; c < c1; ++c) {
+          parts[c] = at::zeros({n, 2, half}, q.options());
+          scalar_t* acc = parts[c].data_ptr<scalar_t>();
+          for (int64_t r = bounds[c]; r < bounds[c + 1]; ++r)
+            for (int64_t t = 0; t < k; ++t) {
+              const scalar_t w = pds[r * k + t];
+              axpy(acc + pi[r * k + t] * dk, w, pq + r * dk, half);
+              axpy(acc + pj[r * k + t] * dk + half, w, pq + r * dk + half, half);
+            }
+        }
+      });
+      dsub = parts[0];
+      for (int64_t c = 1; c < chunks; ++c) dsub.add_(parts[c]);
+    }
+  });
+  return {dq, dsub};
+}
+
+// x (T, D), ids (T, S), gates (T, S), U/V (N, D) →
+// y (T, D), hidden (T, S), order (T·S,) entries sorted by id, rows (r,) distinct ids, starts (r + 1,).
+std::vector<at::Tensor> mix_forward(at::Tensor x, at::Tensor ids, at::Tensor gates, at::Tensor U, at::Tensor V,
+                                    int64_t act) {
+  x = x.contiguous();
+  ids = ids.contiguous();
+  gates = gates.contiguous();
+  U = U.contiguous();
+  V = V.contiguous();
+  const int64_t T = x.size(0), D = x.size(1), S = ids.size(1), E = T * S;
+  auto y = at::zeros({T, D}, x.options());
+  auto hidden = at::empty({T, S}, x.options());
+  // stable sort: entries of one expert keep token order, so sums are deterministic
+  auto sorted = at::sort(ids.reshape({-1}), /*stable=*/true, /*dim=*/0, /*descending=*/false);
+  const at::Tensor sorted_ids = std::get<0>(sorted), order = std::get<1>(sorted);
+  std::vector<int64_t> rows_v, starts_v;
+  rows_v.reserve(E);
+  starts_v.reserve(E + 1);
+  const int64_t* ps = sorted_ids.data_ptr<int64_t>();
+  for (int64_t e = 0; e < E; ++e)
+    if (e == 0 || ps[e] != ps[e - 1]) {
+      rows_v.push_back(ps[e]);
+      starts_v.push_back(e);
+    }
+  starts_v.push_back(E);
+  const int64_t nrows = rows_v.size();
+  auto rows = at::from_blob(rows_v.data(), {nrows}, at::kLong).clone();
+  auto starts = at::from_blob(starts_v.data(), {nrows + 1}, at::kLong).clone();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mix_forward", [&] {
+    const scalar_t* px = x.data_ptr<scalar_t>();
+    const scalar_t* pg = gates.data_ptr<scalar_t>();
+    const scalar_t* pU = U.data_ptr<scalar_t>();
+    const scalar_t* pV = V.data_ptr<scalar_t>();
+    const int64_t* po = order.data_ptr<int64_t>();
+    const int64_t* pst = starts_v.data();
+    scalar_t* ph = hidden.data_ptr<scalar_t>();
+    const int64_t chunks = num_chunks(nrows / 1024 + 1);
+    const auto bounds = split(nrows, chunks, pst);
+    std::vector<at::Tensor> parts(chunks);
+    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        parts[c] = c == 0 ? y : at::zeros({T, D}, x.options());  // per-chunk partial y
+        scalar_t* py = parts[c].data_ptr<scalar_t>();
+        for (int64_t r = bounds[c]; r < bounds[c + 1]; ++r) {
+          const scalar_t* u = pU + rows_v[r] * D;
+          const scalar_t* v = pV + rows_v[r] * D;
+          if (r + 1 < bounds[c + 1]) {
+            prefetch_row(pU + rows_v[r + 1] * D, D);
+            prefetch_row(pV + rows_v[r + 1] * D, D);
+          }
+          for (int64_t e = pst[r]; e < pst[r + 1]; ++e) {
+            const int64_t ent = po[e], t = ent / S;
+            const scalar_t h = dot(u, px + t * D, D);
+            ph[ent] = h;
+            axpy(py + t * D, act_fn(h, act) * pg[ent], v, D);
+          }
+        }
+      }
+    });
+    for (int64_t c = 1; c < chunks; ++c) y.add_(parts[c]);
+  });
+  return {y, hidden, order, rows, starts};
+}
+
+// One pass over the rows retrieved: dx (T, D), dgates (T, S), dU and dV compact (r, D) in `rows` order.
+std::vector<at::Tensor> mix_backward(at::Tensor dy, at::Tensor x, at::Tensor gates, at::Tensor hidden, at::Tensor U,
+                                     at::Tensor V, at::Tensor order, at::Tensor rows, at::Tensor starts, int64_t act) {
+  dy = dy.contiguous();
+  x = x.contiguous();
+  U = U.contiguous();
+  V = V.contiguous();
+  const int64_t T = x.size(0), D = x.size(1), S = gates.size(1), nrows = rows.size(0);
+  auto dx = at::zeros({T, D}, x.options());
+  auto dgates = at::empty({T, S}, x.options());
+  auto dU = at::empty({nrows, D}, x.options());
+  auto dV = at::empty({nrows, D}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mix_backward", [&] {
+    const scalar_t* pdy = dy.data_ptr<scalar_t>();
+    const scalar_t* px = x.data_ptr<scalar_t>();
+    const scalar_t* pg = gates.data_ptr<scalar_t>();
+    const scalar_t* ph = hidden.data_ptr<scalar_t>();
+    const scalar_t* pU = U.data_ptr<scalar_t>();
+    const scalar_t* pV = V.data_ptr<scalar_t>();
+    const int64_t* po = order.data_ptr<int64_t>();
+    const int64_t* prow = rows.data_ptr<int64_t>();
+    const int64_t* pst = starts.data_ptr<int64_t>();
+    scalar_t* pdg = dgates.data_ptr<scalar_t>();
+    scalar_t* pdU = dU.data_ptr<scalar_t>();
+    scalar_t* pdV = dV.data_ptr<scalar_t>();
+    const int64_t chunks = num_chunks(nrows / 1024 + 1);
+    const auto bounds = split(nrows, chunks, pst);
+    std::vector<at::Tensor> parts(chunks);
+    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        parts[c] = c == 0 ? dx : at::zeros({T, D}, x.options());  // per-chunk partial dx
+        scalar_t* pdx = parts[c].data_ptr<scalar_t>();
+        for (int64_t r = bounds[c]; r < bounds[c + 1]; ++r) {
+          const scalar_t* u = pU + prow[r] * D;
+          const scalar_t* v = pV + prow[r] * D;
+          if (r + 1 < bounds[c + 1]) {
+            prefetch_row(pU + prow[r + 1] * D, D);
+            prefetch_row(pV + prow[r + 1] * D, D);
+          }
+          scalar_t* du = pdU + r * D;
+          scalar_t* dv = pdV + r * D;
+          std::fill(du, du + D, scalar_t(0));
+          std::fill(dv, dv + D, scalar_t(0));
+          for (int64_t e = pst[r]; e < pst[r + 1]; ++e) {
+            const int64_t ent = po[e], t = ent / S;
+            const scalar_t h = ph[ent], g = pg[ent], a = act_fn(h, act);
+            const scalar_t dw = dot(v, pdy + t * D, D);  // ∂L/∂(weight of this entry)
+            pdg[ent] = dw * a;
+            const scalar_t dh = act_grad(h, act) * dw * g;  // ∂L/∂hidden
+            axpy(pdx + t * D, dh, u, D);
+            axpy(du, dh, px + t * D, D);
+            axpy(dv, a * g, pdy + t * D, D);
+          }
+        }
+      }
+    });
+    for (int64_t c = 1; c < chunks; ++c) dx.add_(parts[c]);
+  });
+  return {dx, dgates, dU, dV};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("pk_topk", &pk_topk, "product-key top-k by filtering");
+  m.def("pk_topk_backward", &pk_topk_backward, "gradients of the product-key scores");
+  m.def("mix_forward", &mix_forward, "experts' mix over entries sorted by expert id");
+  m.def("mix_backward", &mix_backward, "fused backward: dx, dgates, compact dU/dV rows");
+}

@@ -1,0 +1,236 @@
+"""The native C++ kernels (``lifelong_peer.kernels``, ``PEER(impl="native")``) against the naive reference.
+
+Building the kernels takes about a minute, once per machine (cached on disk). When no build is
+cached yet these tests are marked ``slow`` (``-m "not slow"`` skips them, and the build); they are
+skipped where the kernels cannot be built at all.
+"""
+
+import copy
+
+import pytest
+import torch
+
+from lifelong_peer import PEER, PEERConfig, kernels, peer_ops
+from lifelong_peer.optim import build_optimizer
+from lifelong_peer.peer_ops import NativeExpertMix, NativeProductKeyTopK, product_key_topk
+
+if not kernels.is_built():
+    pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def ext():
+    module = kernels.load()
+    if module is None:
+        pytest.skip("native PEER kernels unavailable here (LPEER_NATIVE=0, no compiler, or a failed build)")
+    return module
+
+
+@torch.no_grad()
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a = a.to_dense() if a.is_sparse else a
+    b = b.to_dense() if b.is_sparse else b
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def pair(seed=0, **kw) -> tuple[PEER, PEER]:
+    """Two copies of one random layer: (native, naive)."""
+    torch.manual_seed(seed)
+    cfg = {"dim": 24, "num_subkeys": 9, "heads": 3, "topk": 5, "dim_key": 12, **kw}
+    native = PEER(PEERConfig(**cfg), impl="native")
+    with torch.no_grad():  # random v, so every gradient is non-trivial
+        native.V.normal_()
+    naive = copy.deepcopy(native)
+    naive.impl = "naive"
+    return native, naive
+
+
+def forward_backward(layer: PEER, x: torch.Tensor, dy: torch.Tensor) -> dict[str, torch.Tensor]:
+    layer.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_()
+    y, retrieval = layer(x, return_retrieval=True)
+    y.backward(dy)
+    return {"y": y.detach(), "ids": retrieval.ids, "x": x.grad, **{n: p.grad for n, p in layer.named_parameters()}}
+
+
+def assert_same(native: PEER, naive: PEER, x: torch.Tensor, ext) -> None:
+    dy = torch.randn_like(x)
+    calls = {"topk": 0, "mix": 0}
+    with _counting(calls):
+        a = forward_backward(native, x, dy)
+    assert calls == {"topk": 1, "mix": 1}  # the kernels ran, not the fallback
+    b = forward_backward(naive, x, dy)
+    assert a.keys() == b.keys() and {"y", "x", "query.weight", "subkeys", "U", "V"} <= a.keys()
+    assert torch.equal(a.pop("ids"), b.pop("ids"))
+    for name in a:
+        assert a[name] is not None, name
+        assert rel_err(a[name], b[name]) < 1e-5, name
+        assert a[name].is_sparse == b[name].is_sparse, name
+
+
+class _counting:
+    """Counts calls of the native autograd Functions while active."""
+
+    def __init__(self, calls: dict):
+        self.calls, self.saved = calls, (NativeProductKeyTopK.forward, NativeExpertMix.forward)
+
+    def __enter__(self):
+        topk, mix = self.saved
+
+        def count_topk(*args):
+            self.calls["topk"] += 1
+            return topk(*args)
+
+        def count_mix(*args):
+            self.calls["mix"] += 1
+            return mix(*args)
+
+        NativeProductKeyTopK.forward, NativeExpertMix.forward = staticmethod(count_topk), staticmethod(count_mix)
+
+    def __exit__(self, *exc):
+        NativeProductKeyTopK.forward, NativeExpertMix.forward = (staticmethod(f) for f in self.saved)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {"query_norm": "layernorm", "activation": "relu"},
+        {"query_norm": "none", "topk": 9, "heads": 1},
+        {"num_subkeys": 40, "topk": 16, "heads": 8},
+    ],
+)
+@pytest.mark.parametrize("sparse", [True, False])
+def test_native_equals_naive_outputs_and_gradients_before_and_after_growth(ext, kw, sparse):
+    native, naive = pair(**kw)
+    native.sparse_grad = naive.sparse_grad = sparse
+    native.freeze(torch.arange(0, native.num_experts, 3), subkeys=True)
+    naive.load_state_dict(native.state_dict())
+    x = torch.randn(2, 37, 24)
+    assert_same(native, naive, x, ext)
+    for layer in (native, naive):
+        torch.manual_seed(1)
+        layer.grow(4)
+        with torch.no_grad():
+            layer.V[-20:].normal_()
+    assert_same(native, naive, x, ext)
+
+
+def test_native_with_threads_equals_naive(ext):
+    """Work split over several chunks (threads) adds partial sums; results stay within tolerance."""
+    native, naive = pair(num_subkeys=64, topk=8, heads=4)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        assert_same(native, naive, torch.randn(700, 24), ext)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_native_and_naive_train_alike_and_frozen_rows_stay_bit_identical(ext):
+    native, naive = pair(num_subkeys=12)
+    frozen = torch.arange(0, native.num_experts, 2)
+    start = native.U.detach().clone(), native.V.detach().clone()
+    for layer in (native, naive):
+        layer.freeze(frozen)
+    opts = [build_optimizer(layer, lr=1e-2, weight_decay=0.1) for layer in (native, naive)]
+    for step in range(4):
+        x = torch.randn(16, 24, generator=torch.Generator().manual_seed(step))
+        for layer, opt in zip((native, naive), opts, strict=True):
+            opt.zero_grad()
+            layer(x).square().mean().backward()
+            opt.step()
+    for name in ("U", "V", "subkeys", "query.weight"):
+        assert rel_err(native.get_parameter(name), naive.get_parameter(name)) < 1e-5, name
+    assert torch.equal(native.U[frozen], start[0][frozen]) and torch.equal(native.V[frozen], start[1][frozen])
+    assert not torch.equal(native.U, start[0])
+
+
+@pytest.mark.parametrize("n,k", [(1, 1), (5, 1), (5, 5), (16, 4), (33, 16), (300, 16)])
+def test_native_topk_equals_full_grid(ext, n, k):
+    g = torch.Generator().manual_seed(n * k)
+    q, subkeys = torch.randn(150, 3, 8, generator=g), torch.randn(n, 2, 4, generator=g)
+    scores, i, j = product_key_topk(q, subkeys, k, native=True)
+    s1, s2 = q[..., :4] @ subkeys[:, 0].T, q[..., 4:] @ subkeys[:, 1].T  # (150, 3, n)
+    full = (s1.unsqueeze(-1) + s2.unsqueeze(-2)).flatten(-2)  # (…, n·n), index i·n + j
+    ref_scores, ref_flat = full.topk(k, dim=-1)
+    torch.testing.assert_close(scores, ref_scores, rtol=0, atol=1e-5)
+    assert torch.equal(i * n + j, ref_flat)
+
+
+def test_native_topk_ties_keep_the_lower_index(ext):
+    """Equal scores (duplicated sub-keys) still give k distinct pairs: the lowest flat indices i·n + j."""
+    scores, i, j = product_key_topk(torch.ones(1, 4), torch.ones(6, 2, 2), 3, native=True)
+    assert torch.equal(scores, torch.full((1, 3), 4.0))
+    assert list(zip(i[0].tolist(), j[0].tolist(), strict=True)) == [(0, 0), (0, 1), (0, 2)]
+
+
+def test_native_topk_gradcheck_float64(ext):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(20, 10, generator=g, dtype=torch.double).requires_grad_()
+    subkeys = torch.randn(12, 2, 5, generator=g, dtype=torch.double).requires_grad_()
+    fn = lambda q, subkeys: NativeProductKeyTopK.apply(q, subkeys, 4, ext)[0]  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (q, subkeys), eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("activation", ["gelu", "relu"])
+def test_native_expert_mix_gradcheck_float64(ext, activation):
+    g = torch.Generator().manual_seed(0)
+    T, S, D, N = 5, 6, 3, 9
+    ids = torch.randint(0, N, (T, S), generator=g)
+    ids[:, 1] = ids[:, 0]  # ids repeat within a token (two heads retrieving one expert) and across tokens
+    x, gates = torch.randn(T, D, generator=g, dtype=torch.double), torch.rand(T, S, generator=g, dtype=torch.double)
+    U, V = torch.randn(N, D, generator=g, dtype=torch.double), torch.randn(N, D, generator=g, dtype=torch.double)
+    inputs = [t.requires_grad_() for t in (x, gates, U, V)]
+
+    def fn(x, gates, U, V):
+        return NativeExpertMix.apply(x, ids, gates, U, V, activation, False, ext)
+
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7)
+
+
+def test_native_sparse_gradients_are_compact_and_coalesced(ext):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.tensor([[7, 2, 7], [2, 9, 9]])
+    x, gates = torch.randn(2, 4, generator=g), torch.rand(2, 3, generator=g)
+    U, V = (torch.randn(20, 4, generator=g).requires_grad_() for _ in range(2))
+    y = peer_ops.expert_mix(x, ids, gates, U, V, "gelu", True, native=True)
+    assert y.grad_fn.name() == "NativeExpertMixBackward"
+    for grad in torch.autograd.grad(y.sum(), [U, V]):
+        assert grad.is_sparse and grad.is_coalesced()
+        assert grad.indices()[0].tolist() == [2, 7, 9]  # one row per distinct expert, sorted
+
+
+def test_native_handles_no_tokens(ext):
+    native, naive = pair(query_norm="layernorm")
+    x = torch.randn(0, 24, requires_grad=True)
+    y = native(x)
+    assert y.shape == (0, 24) and torch.equal(y, naive(x))
+    y.sum().backward()
+
+
+def test_unsupported_inputs_fall_back_to_the_pure_pytorch_path():
+    """bf16 (or CUDA, autocast) tensors never reach the kernels: impl="native" runs the fast path."""
+    native, naive = pair()
+    native, naive = native.to(torch.bfloat16), naive.to(torch.bfloat16)
+    fast = copy.deepcopy(native)
+    fast.impl = "fast"
+    x = torch.randn(10, 24, dtype=torch.bfloat16)
+    assert torch.equal(native(x), fast(x))
+    assert peer_ops.native_kernels(x) is None
+
+
+def test_switch_off_and_missing_compiler_give_none_and_the_layer_still_works(monkeypatch):
+    native, naive = pair()
+    x = torch.randn(10, 24)
+    try:
+        for env, value in (("LPEER_NATIVE", "0"), ("CXX", "/nonexistent/c++")):
+            kernels.load.cache_clear()
+            with monkeypatch.context() as m:
+                m.setenv(env, value)
+                if env == "CXX":  # a missing compiler matters only when nothing is built yet
+                    m.setenv("LPEER_CACHE", "/nonexistent-lpeer-cache")
+                assert kernels.load() is None
+                assert rel_err(native(x), naive(x)) < 1e-5
+    finally:
+        kernels.load.cache_clear()
