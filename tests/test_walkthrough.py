@@ -59,9 +59,17 @@ def write_news(path: Path) -> None:
                 f.write(json.dumps({"id": f"n{q}-{d}", "text": words, "date": date}) + "\n")
 
 
-@pytest.mark.slow
-def test_readme_walkthrough_runs(tmp_path, monkeypatch):
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest on one thread."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.slow
+def test_readme_walkthrough_runs(tmp_path, monkeypatch, one_thread):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("LPEER_WORKSPACE", raising=False)
     write_news(tmp_path / "news.jsonl")
