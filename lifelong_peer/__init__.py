@@ -7,4 +7,13 @@ from .peer import PEER, PEERConfig
 
 __version__ = "0.1.0"
 
-__all__ = ["PEER", "CheckpointError", "LanguageModel", "ModelConfig", "PEERConfig", "UserError", "__version__", "attach"]
+__all__ = [
+    "PEER",
+    "CheckpointError",
+    "LanguageModel",
+    "ModelConfig",
+    "PEERConfig",
+    "UserError",
+    "__version__",
+    "attach",
+]
