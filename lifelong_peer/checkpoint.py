@@ -132,7 +132,8 @@ def _read_header(path: Path) -> tuple[dict, str, str | None]:
         raise CheckpointError(f"{path}: no such checkpoint file")
     with open(path, "rb") as f:
         head = f.read(8)
-        _refuse_foreign(path, head)
+        _refuse_foreign(path, head + f.read(1))
+        f.seek(8)
         (size,) = struct.unpack("<Q", head)
         if size > MAX_HEADER_BYTES or size > path.stat().st_size - 8:
             raise CheckpointError(f"{path}: not a valid safetensors file (header size {size} is out of range)")
@@ -186,7 +187,9 @@ def verify_file(path: str | os.PathLike, record: dict) -> None:
 def _refuse_foreign(path: Path, head: bytes) -> None:
     if len(head) < 8:
         raise CheckpointError(f"{path}: file is empty or truncated, not a checkpoint")
-    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+    # a pickle starts with 0x80 (PROTO); so does a safetensors file whose header size is 128 mod 256,
+    # but its header, from byte 8 on, is a JSON object
+    if head.startswith(b"PK\x03\x04") or (head[:1] == b"\x80" and head[8:9] != b"{"):
         raise CheckpointError(
             f"{path}: this is a pickle/torch.save file; lifelong-peer only loads safetensors checkpoints "
             "(pickle can run arbitrary code on load)"

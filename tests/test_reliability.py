@@ -430,3 +430,20 @@ def test_crash_torture_sigkill_and_resume_is_bit_identical(tmp_path):
         )
     assert report["kills"] == 4, report["events"]
     assert report["ok"], report["problems"]
+
+
+def test_a_safetensors_header_size_of_128_mod_256_is_not_taken_for_a_pickle(tmp_path):
+    """Both start with byte 0x80 (a pickle's PROTO opcode; here the header size's low byte): the JSON
+    header that follows tells them apart. Found by an attached run's mid-phase checkpoint (issue 11)."""
+    path = tmp_path / "a.safetensors"
+    for pad in range(256):
+        save_tensors(path, {"w": torch.arange(3.0)}, {"pad": "x" * pad})
+        if path.read_bytes()[0] == 0x80:
+            break
+    assert path.read_bytes()[0] == 0x80
+    tensors, meta = load_tensors(path)
+    assert torch.equal(tensors["w"], torch.arange(3.0)) and meta["pad"]
+    torch.save({"w": torch.arange(3.0)}, path, _use_new_zipfile_serialization=False)  # a bare pickle
+    assert path.read_bytes()[0] == 0x80
+    with pytest.raises(CheckpointError, match="pickle"):
+        load_tensors(path)
