@@ -113,6 +113,21 @@ def run(
     resume: str | None = typer.Option(None, "--resume", help="Continue this run (id or directory) where it stopped."),
     name: str | None = typer.Option(None, "--name", help="Run id (default: STREAM-STRATEGY-N)."),
     base: Path | None = typer.Option(None, "--base", help="Start from this model checkpoint (.safetensors)."),
+    base_model: str | None = typer.Option(
+        None, "--base-model", help="Attach PEER to this Hugging Face causal LM (name or local directory) and train it."
+    ),
+    attach: str | None = typer.Option(
+        None, "--attach", help="With --base-model: add (PEER beside the MLP, default) | replace (PEER instead)."
+    ),
+    layers: str | None = typer.Option(
+        None, "--layers", help="With --base-model: blocks that get PEER, e.g. 6 or 4,8 (default: the middle one)."
+    ),
+    trainable: list[str] | None = typer.Option(
+        None, "--trainable", help="With --base-model: base weights left trainable (fnmatch pattern, repeatable)."
+    ),
+    context: int | None = typer.Option(
+        None, "--context", help="With --base-model: tokens per window (default: the base's maximum, at most 1024)."
+    ),
     slices: str | None = typer.Option(None, "--slices", help="Comma-separated slice names (default: all, in order)."),
     steps: int | None = typer.Option(None, help="Optimizer steps per phase."),
     tokens: int | None = typer.Option(None, help="Training tokens per phase (instead of --steps)."),
@@ -136,6 +151,7 @@ def run(
     """Train one model through a stream's slices, one phase per slice, and report forgetting.
 
     Example: lpeer run --stream sotu --strategy lifelong --steps 100
+    (your own model: lpeer run --stream news --base-model gpt2 --attach add --layers 6 --strategy lifelong)
     """
     from lifelong_peer import distributed
     from lifelong_peer.train import new_run, open_run, run_phases
@@ -161,9 +177,10 @@ def run(
         seed=seed,
         device=device,
     )
+    attach_opts = _attach_options(base_model, attach, layers, trainable, context)
     with ws.lock() if main else contextlib.nullcontext():  # rank 0 holds the lock for all ranks
         if resume:
-            if overrides or stream or config or base or name:
+            if overrides or stream or config or base or name or attach_opts:
                 raise UserError("--resume continues a run with its saved config; drop the other options")
             the_run = open_run(ws, resume)
         else:
@@ -173,7 +190,16 @@ def run(
             run_id = distributed.decide_on_main(  # rank 0 creates the run, the others open it
                 lambda: (
                     new_run(
-                        ws, stream, strategy, overrides, None, str(base) if base else None, name, slice_names, config
+                        ws,
+                        stream,
+                        strategy,
+                        overrides,
+                        None,
+                        str(base) if base else None,
+                        name,
+                        slice_names,
+                        config,
+                        attach_opts,
                     ).config.run
                 )
             )
@@ -185,6 +211,22 @@ def run(
     if main:
         _finish(the_run, results, fmt)
     distributed.shutdown()
+
+
+def _attach_options(base_model, mode, layers, trainable, context) -> dict:
+    """The --base-model options that were given → AttachOptions fields; the others need --base-model."""
+    given = {"mode": mode, "layers": layers, "trainable": trainable or None, "context": context}
+    if base_model is None:
+        extra = [f"--{'attach' if k == 'mode' else k}" for k, v in given.items() if v is not None]
+        if extra:
+            raise UserError(f"{', '.join(extra)} only apply with --base-model NAME_OR_PATH")
+        return {}
+    if layers is not None:
+        try:
+            given["layers"] = [int(x) for x in layers.split(",")]
+        except ValueError:
+            raise UserError(f"--layers {layers!r} must be block numbers like 6 or 4,8") from None
+    return {"base_model": base_model} | {k: v for k, v in given.items() if v is not None}
 
 
 def train(

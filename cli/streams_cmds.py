@@ -50,6 +50,9 @@ def ingest(
     on_bad_record: str = typer.Option("error", help="error: list bad records and stop; skip: skip and count them."),
     max_document_mb: float = typer.Option(16.0, help="A larger document is an error naming it."),
     block_size: int = typer.Option(4096, help="Tokens per stored block (storage only)."),
+    tokenizer: str = typer.Option(
+        "bytes", help="bytes (UTF-8, vocabulary 256) | hf:NAME_OR_PATH (a Hugging Face model's own tokenizer)."
+    ),
     hf_split: str | None = typer.Option(None, help="Hugging Face datasets: read only this split."),
     replace: bool = typer.Option(False, "--replace", help="Re-ingest a stream whose source or options changed."),
     workspace: Path | None = WorkspaceOpt,
@@ -90,6 +93,7 @@ def ingest(
                 encoding=encoding,
                 max_document_mb=max_document_mb,
                 hf_split=hf_split,
+                tokenizer=tokenizer,
                 **common,
             )
     for line in summary["warnings"] + summary["bad_records"]:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import hashlib
+import json
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -390,6 +391,22 @@ def _load_error(what: str, name: str, error: Exception) -> UserError:
     )
 
 
+def load_base_config(name_or_path: str):
+    """The ``transformers`` config of a base model (vocabulary, positions) without loading its weights;
+    same sources and offline rules as ``load_base``."""
+    try:
+        from transformers import AutoConfig
+    except ImportError:
+        raise UserError("loading a base model needs transformers: pip install 'lifelong-peer[hf]'") from None
+    local = Path(name_or_path).expanduser()
+    if local.exists() or name_or_path.startswith((".", "/", "~")):
+        _check_local_dir(name_or_path, weights=True)
+    try:
+        return AutoConfig.from_pretrained(str(local) if local.exists() else name_or_path, local_files_only=_offline())
+    except (OSError, ValueError) as e:
+        raise _load_error("base model", name_or_path, e) from None
+
+
 def load_base(name_or_path: str, dtype: str | None = None, device: str | torch.device = "cpu") -> nn.Module:
     """A ``transformers`` causal LM from a local directory or the Hugging Face cache/hub, in eval mode.
 
@@ -444,6 +461,13 @@ class HFTokenizer:
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
 
+    def fingerprint(self) -> str:
+        """sha256 of what fixes the ids: the full tokenizer definition (fast tokenizers) or the vocabulary,
+        plus the separator. Equal for the same tokenizer however it was named (hub name or local copy)."""
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        definition = backend.to_str() if backend is not None else json.dumps(sorted(self.tokenizer.get_vocab().items()))
+        return hashlib.sha256(f"{definition}\n{self.separator_id}".encode()).hexdigest()
+
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(list(ids))
 
@@ -460,6 +484,7 @@ __all__ = [
     "fingerprint",
     "load_attached",
     "load_base",
+    "load_base_config",
     "peer_layers",
     "save_attached",
 ]

@@ -2,7 +2,7 @@
 
 A run lives in its own directory (``Workspace.run_dir``):
 
-    config.json         the resolved run configuration (stream, slices, strategy, model, training)
+    config.json         the resolved run configuration (stream, slices, strategy, model or attach, training)
     state.json          where the run stands: finished phases and the latest checkpoint (atomic pointer)
     checkpoints/        phase-NNN.safetensors after each phase; phase-NNN-step-SSSSSS.safetensors mid-phase
     metrics.jsonl       one line per training step: phase, step, loss, lr, tok/s, experts, frozen fraction
@@ -12,6 +12,12 @@ Exact resume: batches are drawn from a generator seeded by (seed, phase, step), 
 seeded by (seed, phase), and a checkpoint holds everything else (weights, masks, optimizer moments,
 Fisher, usage ledger), so a run killed at any point and resumed ends bit-identical on CPU.
 Each phase starts a fresh optimizer with warm-up + cosine decay (continual pretraining re-warms).
+
+Bring your own model (issue 11): with ``RunConfig.attach`` the run starts from a Hugging Face causal LM
+with PEER layers attached (``lifelong_peer.attach``) instead of a byte-level ``LanguageModel``; its
+checkpoints hold only the delta (PEER layers + trainable base weights) and the ``AttachConfig``, and
+every model is rebuilt on a copy of the base loaded once per run (``Run.read_model``), whose weights
+must match the fingerprint recorded at attach time.
 """
 
 from __future__ import annotations
@@ -29,11 +35,21 @@ import numpy as np
 import torch
 
 from . import distributed, regularize
-from .checkpoint import MODEL_FORMAT, atomic_write_json, load_model, load_tensors, model_from_tensors, save_tensors
-from .errors import UserError
+from .attach import ATTACHED_FORMAT, AttachedLM, attached_from_tensors, save_attached
+from .checkpoint import (
+    MODEL_FORMAT,
+    atomic_write_json,
+    load_model,
+    load_tensors,
+    model_from_tensors,
+    save_model,
+    save_tensors,
+)
+from .errors import CheckpointError, UserError
 from .metrics import EvalRow, PhaseRecord, RunResults, SplitEval, load_results, save_results, write_run_outputs
 from .model import LanguageModel, ModelConfig
 from .optim import PEEROptimizer, build_optimizer
+from .peer import PEERConfig
 from .strategies import strategy_overrides
 
 RUN_CHECKPOINT_FORMAT = "lifelong-peer/run-checkpoint/1"
@@ -142,10 +158,57 @@ def _check_types(config) -> None:
         names = [t.strip() for t in str(f.type).split("|")]
         if value is None and "None" in names:
             continue
-        allowed = tuple(t for name in names for t in _TYPES.get(name, (object,)))
+        allowed = tuple(t for name in names if name != "None" for t in _TYPES.get(name, (object,)))
         if (isinstance(value, bool) and bool not in allowed) or not isinstance(value, allowed):
             want = " or ".join(n for n in names if n != "None")
             raise UserError(f"{f.name} must be {want}, got {value!r}")
+
+
+@dataclass
+class AttachOptions:
+    """Bring your own model (issue 11): start from a Hugging Face causal LM with PEER layers attached."""
+
+    base_model: str
+    """Hugging Face model name or local directory, loaded through transformers (nothing fetched when local)."""
+    layers: list[int] | None = None
+    """Decoder blocks (0-based, negative from the end) that get a PEER layer; None: the middle block (§3)."""
+    mode: str = "add"
+    """add: PEER beside the block's MLP (the base's own logits until trained); replace: PEER instead of it."""
+    peer: PEERConfig = field(default_factory=PEERConfig)
+    """PEER layer template; its dim is set to the base's hidden size."""
+    trainable: list[str] = field(default_factory=list)
+    """fnmatch patterns of base parameters left trainable (e.g. "*.ln_2.*"); every other base weight is frozen."""
+    context: int | None = None
+    """Training window in tokens; None: the base's max_position_embeddings, at most 1024 (set by create_run)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.peer, dict):
+            try:
+                self.peer = PEERConfig(**self.peer)
+            except (TypeError, ValueError) as e:
+                raise UserError(f"invalid [attach.peer] settings: {e}") from None
+        if not isinstance(self.base_model, str) or not self.base_model:
+            raise UserError(f"attach: base_model must name a Hugging Face model or directory, got {self.base_model!r}")
+        if self.mode not in ("add", "replace"):
+            raise UserError(f"attach mode must be add or replace, got {self.mode!r}")
+        if self.layers is not None and (
+            not isinstance(self.layers, list) or not self.layers or not all(type(i) is int for i in self.layers)
+        ):
+            raise UserError(f"attach: layers must be a list of block indices, got {self.layers!r}")
+        if not isinstance(self.trainable, list) or not all(isinstance(t, str) for t in self.trainable):
+            raise UserError(f"attach: trainable must be a list of name patterns, got {self.trainable!r}")
+        if self.context is not None and (type(self.context) is not int or self.context <= 0):
+            raise UserError(f"attach: context must be a positive number of tokens, got {self.context!r}")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> AttachOptions:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise UserError(f"unknown attach option(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        if "base_model" not in data:
+            raise UserError("attach: base_model is required (lpeer run --base-model NAME_OR_PATH)")
+        return cls(**data)
 
 
 @dataclass
@@ -155,18 +218,35 @@ class RunConfig:
     run: str
     stream: str
     slices: list[str]
-    model: ModelConfig
+    model: ModelConfig | None
+    """Shape of the byte-level model; None when the run attaches PEER to a base model (``attach``)."""
     train: TrainConfig
     base: str | None = None
     """Base checkpoint the run started from, if any."""
     extra: dict = field(default_factory=dict)
+    attach: AttachOptions | None = None
+    """Bring your own model: the run starts from this Hugging Face base with PEER attached (issue 11)."""
+
+    def __post_init__(self) -> None:
+        if (self.model is None) == (self.attach is None):
+            raise ValueError("a run config needs exactly one of model (byte-level) and attach (a base model)")
+        if self.attach is not None and self.base is not None:
+            raise UserError(
+                "--base starts from a byte-level checkpoint and --base-model from a Hugging Face model; give one"
+            )
+
+    @property
+    def context(self) -> int | None:
+        """Tokens per training and evaluation window."""
+        return self.attach.context if self.attach is not None else self.model.context
 
     def to_dict(self) -> dict:
         return {
             "run": self.run,
             "stream": self.stream,
             "slices": self.slices,
-            "model": self.model.to_dict(),
+            "model": self.model.to_dict() if self.model is not None else None,
+            "attach": dataclasses.asdict(self.attach) if self.attach is not None else None,
             "train": dataclasses.asdict(self.train),
             "base": self.base,
             "extra": self.extra,
@@ -178,10 +258,11 @@ class RunConfig:
             run=data["run"],
             stream=data["stream"],
             slices=list(data["slices"]),
-            model=ModelConfig.from_dict(data["model"]),
+            model=ModelConfig.from_dict(data["model"]) if data["model"] is not None else None,
             train=TrainConfig(**data["train"]),
             base=data.get("base"),
             extra=data.get("extra", {}),
+            attach=AttachOptions.from_dict(data["attach"]) if data.get("attach") is not None else None,
         )
 
 
@@ -258,7 +339,8 @@ class Run:
         self.config = config
         self.stream = stream
         self.device = _device(config.train.device)
-        self.model: LanguageModel | None = None
+        self.model: LanguageModel | AttachedLM | None = None
+        self._base = None  # an attach run's plain base model, loaded once (``base_model``)
         self.fisher: dict[str, torch.Tensor] = {}
         from .index import UsageLedger
 
@@ -313,7 +395,7 @@ class Run:
         return self.stream.slice(name)
 
     def windows(self, name: str, split: str, max_tokens: int) -> torch.Tensor:
-        return eval_windows(self.slice_data(name).tokens(split), self.config.model.context, max_tokens)
+        return eval_windows(self.slice_data(name).tokens(split), self.config.context, max_tokens)
 
     # checkpoints --------------------------------------------------------------------------------
     def save_checkpoint(self, phase: int, step: int | None, opt: PEEROptimizer | None, completed: int) -> Path:
@@ -322,7 +404,8 @@ class Run:
         if not distributed.is_main():  # rank 0 writes; the others wait until it has (issue 9)
             distributed.barrier()
             return self.checkpoints / name
-        tensors = {f"model::{k}": v for k, v in self.model.state_dict().items()}
+        model_tensors, model_meta = _model_record(self.model)
+        tensors = {f"model::{k}": v for k, v in model_tensors.items()}
         tensors.update({f"fisher::{k}": v for k, v in self.fisher.items()})
         ledger_tensors, ledger_meta = self.ledger.to_tensors()
         tensors.update({f"ledger::{k}": v for k, v in ledger_tensors.items()})
@@ -330,7 +413,7 @@ class Run:
             tensors.update({f"opt::{k}": v for k, v in opt.state_tensors(dict(self.model.named_parameters())).items()})
         meta = {
             "format": RUN_CHECKPOINT_FORMAT,
-            "model_config": self.model.config.to_dict(),
+            **model_meta,
             "phase": phase,
             "step": step,
             "completed_phases": completed,
@@ -389,7 +472,7 @@ class Run:
                 raise CheckpointError(f"{path}: metadata {key!r} is missing or not a count")
         if not isinstance(meta.get("ledger"), dict):
             raise CheckpointError(f"{path}: metadata 'ledger' is missing or not an object")
-        model = _model_part(path, tensors, meta)
+        model = self.read_model(path, tensors, meta)
         params = dict(model.named_parameters())
         part = lambda prefix: {k.split("::", 1)[1]: v for k, v in tensors.items() if k.startswith(prefix)}  # noqa: E731
         fisher = part("fisher::")
@@ -411,7 +494,7 @@ class Run:
                 raise UserError(
                     f"run {self.config.run!r} has no model yet; start it with lpeer run --resume {self.config.run}"
                 )
-            self.model = load_model(base, device=self.device)
+            self.model = self.read_model(base).to(self.device)
             return {"phase": None, "checkpoint": base}
         if state.get("step") is not None:
             raise UserError(
@@ -424,32 +507,61 @@ class Run:
     def save_edit(self, what: dict) -> Path:
         """Publish the model edited after ``load_latest`` (growth or freezing by hand) in place of that
         checkpoint, atomically, and log the edit in edits.jsonl. The next phase starts from it."""
-        from .checkpoint import save_model
-
         state = self.state()
         if state["checkpoint"] is None:
             path = self.checkpoints / "base.safetensors"
-            save_model(self.model, path)
+            _save_model(self.model, path)
         else:
             path = self.save_checkpoint(state["phase"], None, None, completed=state["completed_phases"])
         with open(self.dir / "edits.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps({"time": time.time(), "checkpoint": path.name, **what}) + "\n")
         return path
 
-    def previous_model(self, phase: int) -> LanguageModel:
+    def previous_model(self, phase: int) -> LanguageModel | AttachedLM:
         """The model at the start of ``phase`` before growth: the anchor of L2-SP/EWC and the distillation teacher."""
-        if phase > 0:
-            path = self.checkpoints / f"phase-{phase - 1:03d}.safetensors"
-            model = _model_part(path, *load_tensors(path))
-        else:
-            model = load_model(self.checkpoints / "base.safetensors")
-        return model.to(self.device).eval()
+        name = f"phase-{phase - 1:03d}.safetensors" if phase > 0 else "base.safetensors"
+        return self.read_model(self.checkpoints / name).to(self.device).eval()
+
+    def read_model(self, path: Path, tensors: dict | None = None, meta: dict | None = None):
+        """The model stored in ``path`` (on the CPU): a run checkpoint's ``model::`` part or a base file,
+        byte-level (``MODEL_FORMAT``) or attached (``ATTACHED_FORMAT``: its delta put on a copy of
+        ``base_model``, refused when the base's fingerprint differs). Every reader of run files uses it.
+        ``tensors``, ``meta``: the file's content when already read."""
+        if tensors is None:
+            tensors, meta = load_tensors(path)
+        if meta.get("format") == RUN_CHECKPOINT_FORMAT:
+            tensors = {k.split("::", 1)[1]: v for k, v in tensors.items() if k.startswith("model::")}
+            kind = ATTACHED_FORMAT if "attach_config" in meta else MODEL_FORMAT
+            meta = {k: v for k, v in meta.items() if k in ("model_config", "attach_config")} | {"format": kind}
+        attached = meta.get("format") == ATTACHED_FORMAT
+        if attached != (self.config.attach is not None):
+            want = "an attached model" if self.config.attach is not None else "a byte-level model"
+            raise CheckpointError(f"{path}: does not hold {want}, which is what run {self.config.run!r} trains")
+        if attached:
+            return attached_from_tensors(path, tensors, meta.get("attach_config"), self.base_model())
+        return model_from_tensors(path, tensors, meta)
+
+    def base_model(self):
+        """A fresh copy of an attach run's plain base model (``load_base``, read once per run): what
+        ``attach`` or ``attached_from_tensors`` modifies in place."""
+        if self._base is None:
+            from .attach import load_base
+
+            self._base = load_base(self.config.attach.base_model)
+        return copy.deepcopy(self._base)
 
 
-def _model_part(path: Path, tensors: dict, meta: dict) -> LanguageModel:
-    """The model stored under ``model::`` in a run checkpoint."""
-    part = {k.split("::", 1)[1]: v for k, v in tensors.items() if k.startswith("model::")}
-    return model_from_tensors(path, part, {**meta, "format": MODEL_FORMAT})
+def _model_record(model) -> tuple[dict, dict]:
+    """(tensors, metadata entry) of what a checkpoint keeps of ``model``: all of a byte-level model; of an
+    attached one only the delta (PEER layers + trainable base weights) and its ``AttachConfig``."""
+    if isinstance(model, AttachedLM):
+        return model.delta_state_dict(), {"attach_config": model.config.to_dict()}
+    return model.state_dict(), {"model_config": model.config.to_dict()}
+
+
+def _save_model(model, path: Path) -> None:
+    """A run's base.safetensors: ``save_model`` or, for an attached model, ``save_attached`` (the delta)."""
+    (save_attached if isinstance(model, AttachedLM) else save_model)(model, path)
 
 
 def _device(name: str) -> torch.device:
@@ -474,23 +586,62 @@ def create_run(workspace, cfg: RunConfig, stream=None) -> Run:
     directory = workspace.run_dir(cfg.run)
     if directory.exists() and any(directory.iterdir()):
         raise UserError(f"run {cfg.run!r} already exists in {workspace.root}; resume it with --resume {cfg.run}")
-    if cfg.model.vocab_size != stream.tokenizer.vocab_size:
+    if cfg.attach is not None:
+        _check_base_model(cfg.attach, stream_name, stream.tokenizer)
+    elif cfg.model.vocab_size < stream.tokenizer.vocab_size:
         raise UserError(
-            f"model vocab_size {cfg.model.vocab_size} does not match the stream's tokenizer ({stream.tokenizer.vocab_size})"
+            f"model vocab_size {cfg.model.vocab_size} is smaller than the stream's tokenizer ({stream.tokenizer.vocab_size})"
         )
     for name in cfg.slices:
         data = stream.slice(name)
         for split in ("train", "validation"):
             n = len(data.tokens(split))
-            if n < 2 or (split == "train" and n <= cfg.model.context):
+            if n < 2 or (split == "train" and n <= cfg.context):
                 raise UserError(
                     f"slice {name!r} of stream {stream_name!r} has only {n} {split} tokens; "
-                    f"training needs more than the context ({cfg.model.context}) — use a coarser --slice"
+                    f"training needs more than the context ({cfg.context}) — use a coarser --slice"
                 )
     directory.mkdir(parents=True, exist_ok=True)
     atomic_write_json(directory / "config.json", cfg.to_dict())
     workspace.register_run(cfg.run, {"stream": stream_name, "strategy": cfg.train.strategy, "dir": str(directory)})
     return Run(directory, cfg, stream)
+
+
+def _check_base_model(opts: AttachOptions, stream_name: str, tokenizer) -> None:
+    """An attach run's base fits its stream: the stream was tokenized by the base's own tokenizer (the
+    same definition, however named), whose ids the base's vocabulary covers (Hugging Face models often
+    pad it); sets ``opts.context`` when not given. Reads the base's config and tokenizer, not its weights."""
+    from .attach import HFTokenizer, load_base_config
+
+    base = opts.base_model
+    hf_config = load_base_config(base)
+    vocab = int(hf_config.vocab_size)
+    max_pos = getattr(hf_config, "max_position_embeddings", None)
+    again = f"ingest it again with --tokenizer hf:{base}"
+    if not tokenizer.name.startswith("hf:"):
+        raise UserError(
+            f"stream {stream_name!r} was ingested with tokenizer {tokenizer.name!r}, but base model {base!r} "
+            f"reads its own tokens; {again}"
+        )
+    if tokenizer.name != f"hf:{base}":
+        try:
+            own = HFTokenizer(base)
+        except UserError:  # a base directory without tokenizer files: the stream's is taken as its own
+            own = None
+        if own is not None and own.fingerprint() != tokenizer.fingerprint():
+            raise UserError(
+                f"stream {stream_name!r} was ingested with tokenizer {tokenizer.name!r}, which is not the "
+                f"tokenizer of base model {base!r}; {again}"
+            )
+    if tokenizer.vocab_size > vocab:
+        raise UserError(
+            f"stream {stream_name!r}: tokenizer {tokenizer.name!r} has {tokenizer.vocab_size:,} tokens, more than "
+            f"the {vocab:,} rows of base model {base!r}'s vocabulary"
+        )
+    if opts.context is None:
+        opts.context = min(int(max_pos), 1024) if max_pos else 1024
+    if max_pos and opts.context > max_pos:
+        raise UserError(f"context {opts.context} exceeds base model {base!r}'s max_position_embeddings ({max_pos})")
 
 
 def open_run(workspace, run: str, stream=None) -> Run:
@@ -508,9 +659,10 @@ def open_run(workspace, run: str, stream=None) -> Run:
 
 
 def load_config_file(path: str | Path) -> dict:
-    """A TOML run config: ``[train]`` (TrainConfig fields), ``[model]`` and ``[model.peer]``.
+    """A TOML run config: ``[train]`` (TrainConfig fields), ``[model]`` and ``[model.peer]``, or for a
+    run on a base model ``[attach]`` (AttachOptions fields) and ``[attach.peer]``.
 
-    Returns ``{"train": {...}, "model": {...}}``; unknown tables are a UserError naming the file.
+    Returns ``{"train": {...}, "model": {...}, "attach": {...}}``; unknown tables are a UserError naming the file.
     """
     import tomllib
 
@@ -521,10 +673,12 @@ def load_config_file(path: str | Path) -> dict:
         raise UserError(f"{path}: config file not found") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: not valid TOML ({e})") from None
-    unknown = sorted(set(data) - {"train", "model"})
+    unknown = sorted(set(data) - {"train", "model", "attach"})
     if unknown:
-        raise UserError(f"{path}: unknown table(s) {', '.join(unknown)}; expected [train], [model], [model.peer]")
-    return {"train": dict(data.get("train", {})), "model": dict(data.get("model", {}))}
+        raise UserError(
+            f"{path}: unknown table(s) {', '.join(unknown)}; expected [train], [model], [model.peer], [attach]"
+        )
+    return {name: dict(data.get(name, {})) for name in ("train", "model", "attach")}
 
 
 def new_run(
@@ -537,10 +691,13 @@ def new_run(
     run_id: str | None = None,
     slices: list[str] | None = None,
     config_file: str | Path | None = None,
+    attach: dict | None = None,
 ) -> Run:
     """Resolve a run's configuration (preset < config file < overrides) and create its directory.
 
-    With a ``base`` checkpoint the model's shape comes from the checkpoint.
+    With a ``base`` checkpoint the model's shape comes from the checkpoint. With ``attach``
+    (AttachOptions fields over the config file's ``[attach]`` table; either one names ``base_model``)
+    the run starts from that Hugging Face model with PEER attached instead of a byte-level model.
     """
     from .checkpoint import read_meta
     from .streams.store import open_stream
@@ -549,9 +706,22 @@ def new_run(
     slices = slices or [s.name for s in stream.slices]
     for name in slices:
         stream.slice(name)  # UserError listing the slices when unknown
-    file_cfg = load_config_file(config_file) if config_file else {"train": {}, "model": {}}
+    file_cfg = load_config_file(config_file) if config_file else {"train": {}, "model": {}, "attach": {}}
     train_over = {**file_cfg["train"], **(overrides or {})}
     model_over = {**file_cfg["model"], **(model_overrides or {})}
+    run_id = run_id or _new_run_id(workspace, f"{stream_name}-{strategy}")
+    if attach or file_cfg["attach"]:
+        if base:
+            raise UserError(
+                "--base starts from a byte-level checkpoint and --base-model from a Hugging Face model; give one"
+            )
+        if model_over or strategy_overrides(strategy).get("model"):
+            what = f"strategy {strategy!r}" if not model_over else "[model] options"
+            raise UserError(f"{what} shape the byte-level model and do not apply with --base-model; use [attach]")
+        options = AttachOptions.from_dict({**file_cfg["attach"], **(attach or {})})
+        _, train_cfg = resolve_config(strategy, train_over)
+        cfg = RunConfig(run=run_id, stream=stream_name, slices=slices, model=None, train=train_cfg, attach=options)
+        return create_run(workspace, cfg, stream=stream)
     base_model = ModelConfig(vocab_size=stream.tokenizer.vocab_size)
     if base:
         meta = read_meta(base)
@@ -566,7 +736,6 @@ def new_run(
         raise UserError(f"[model.peer] must be a table of PEER settings, got {peer_over!r}")
     model_over = {"peer": {**base_model.peer.to_dict(), **peer_over}, **model_over}
     model_cfg, train_cfg = resolve_config(strategy, {**train_over, "model": model_over}, base_model)
-    run_id = run_id or _new_run_id(workspace, f"{stream_name}-{strategy}")
     cfg = RunConfig(run=run_id, stream=stream_name, slices=slices, model=model_cfg, train=train_cfg, base=base)
     return create_run(workspace, cfg, stream=stream)
 
@@ -597,7 +766,7 @@ def add_slice(run: Run, slice_name: str) -> int:
             models = [run.checkpoints / "base.safetensors"]
             models += [run.checkpoints / f"phase-{i:03d}.safetensors" for i in range(len(evals.after))]
             for row, path in zip([evals.before, *evals.after], models, strict=True):
-                model = load_model(path) if path.name == "base.safetensors" else _model_part(path, *load_tensors(path))
+                model = run.read_model(path)
                 _append_eval(row, run, model.to(run.device), slice_name, split)
         save_results(run.dir, results)
     atomic_write_json(run.dir / "config.json", run.config.to_dict())
@@ -621,7 +790,7 @@ def recompute_results(run: Run) -> RunResults:
     base = run.checkpoints / "base.safetensors"
     if not base.exists():
         raise UserError(f"run {run.config.run!r} has no checkpoints to evaluate yet")
-    run.model = load_model(base, device=run.device)
+    run.model = run.read_model(base).to(run.device)
     before = evaluate_all(run, lambda event: None)
     results = RunResults(
         run=run.config.run,
@@ -633,9 +802,9 @@ def recompute_results(run: Run) -> RunResults:
     )
     for phase in range(state["completed_phases"]):
         path = run.checkpoints / f"phase-{phase:03d}.safetensors"
-        run.model = _model_part(path, *load_tensors(path)).to(run.device)
-        tokens = _phase_steps(run.config.train, run.config.model.context) * run.config.train.batch_size
-        record = _phase_record(run, run.config.slices[phase], tokens * run.config.model.context, 0.0)
+        run.model = run.read_model(path).to(run.device)
+        tokens = _phase_steps(run.config.train, run.config.context) * run.config.train.batch_size
+        record = _phase_record(run, run.config.slices[phase], tokens * run.config.context, 0.0)
         results.add_phase(record, evaluate_all(run, lambda event: None))
     if distributed.is_main():
         save_results(run.dir, results)
@@ -692,7 +861,7 @@ def grow_and_freeze(run: Run, phase: int, emit: Progress) -> None:
     new_slice, old_slices = run.config.slices[phase], run.config.slices[:phase]
     existed = [p.num_experts for p in layers]
     gen = torch.Generator().manual_seed(_seed(tc.seed, phase, -1))
-    new_windows = eval_windows(run.slice_data(new_slice).tokens("train"), run.config.model.context, tc.usage_tokens)
+    new_windows = eval_windows(run.slice_data(new_slice).tokens("train"), run.config.context, tc.usage_tokens)
     new_windows = new_windows[:, :-1]  # model inputs (the windows carry one extra target token)
     fresh = phase == 0 and run.config.base is None and tc.base_steps == 0
     if tc.grow != "none" and not fresh:
@@ -720,7 +889,7 @@ def grow_and_freeze(run: Run, phase: int, emit: Progress) -> None:
 def train_phase(run: Run, phase: int, slice_name: str, start_step: int, opt_state, emit: Progress) -> int:
     """Train on one slice for the phase budget; returns the training tokens consumed."""
     cfg, tc, model = run.config, run.config.train, run.model
-    context = cfg.model.context
+    context = cfg.context
     steps = _phase_steps(tc, context)
     for p in regularize.shared_parameters(model).values():
         p.requires_grad_(tc.train_shared)
@@ -744,6 +913,7 @@ def train_phase(run: Run, phase: int, slice_name: str, start_step: int, opt_stat
         for step in range(start_step, steps):
             gen = torch.Generator().manual_seed(_seed(tc.seed, phase, step))
             batch = sample_batch(pools, replay_pools, tc, context, gen)  # the global batch, the same on every rank
+            torch.manual_seed(_seed(tc.seed, phase, step))  # dropout of a Hugging Face base: exact on resume too
             local = distributed.shard(batch).to(run.device)  # this rank's rows of it (issue 9)
             lr_scale = _lr_scale(step, steps, tc)
             for group in opt.param_groups:
@@ -814,7 +984,7 @@ def update_fisher(run: Run, phase: int) -> None:
     tc = run.config.train
     pools, _ = _pools(run, phase)
     gen = torch.Generator().manual_seed(_seed(tc.seed, phase, -2))
-    batches = [sample_batch(pools, [], tc, run.config.model.context, gen).to(run.device) for _ in range(tc.ewc_batches)]
+    batches = [sample_batch(pools, [], tc, run.config.context, gen).to(run.device) for _ in range(tc.ewc_batches)]
     new = regularize.fisher_diagonal(run.model, batches)
     for name, f in new.items():
         run.fisher[name] = run.fisher.get(name, torch.zeros_like(f)) + f
@@ -968,10 +1138,20 @@ def _restore(run: Run, state: dict, emit: Progress) -> dict | None:
 
 
 def _start_model(run: Run, emit: Progress) -> None:
-    """The model before phase 0: a base checkpoint, a freshly trained base, or a fresh init."""
+    """The model before phase 0: a base checkpoint, the Hugging Face base with PEER attached (issue 11),
+    a freshly trained base, or a fresh init."""
     cfg, tc = run.config, run.config.train
     torch.manual_seed(tc.seed)
-    if cfg.base:
+    if cfg.attach is not None:
+        from .attach import attach
+
+        o = cfg.attach
+        run.model = attach(
+            run.base_model(), o.layers, o.mode, o.peer, o.trainable, base=o.base_model, context=o.context
+        ).to(run.device)
+        if tc.base_steps:
+            train_base(run, emit)
+    elif cfg.base:
         run.model = load_model(cfg.base, device=run.device)
         if run.model.config.vocab_size != cfg.model.vocab_size:
             raise UserError(f"base {cfg.base}: vocab_size {run.model.config.vocab_size} does not match the stream's")
@@ -980,10 +1160,8 @@ def _start_model(run: Run, emit: Progress) -> None:
         if tc.base_steps:
             train_base(run, emit)
     run.checkpoints.mkdir(parents=True, exist_ok=True)
-    from .checkpoint import save_model
-
     if distributed.is_main():
-        save_model(run.model, run.checkpoints / "base.safetensors")
+        _save_model(run.model, run.checkpoints / "base.safetensors")
     distributed.barrier()
 
 
@@ -999,7 +1177,8 @@ def train_base(run: Run, emit: Progress) -> None:
     distributed.sync_batchnorm(run.model)
     for step in range(tc.steps):
         gen = torch.Generator().manual_seed(_seed(tc.seed, -1, step))
-        batch = distributed.shard(sample_batch(pools, [], tc, cfg.model.context, gen)).to(run.device)
+        torch.manual_seed(_seed(tc.seed, -1, step))
+        batch = distributed.shard(sample_batch(pools, [], tc, cfg.context, gen)).to(run.device)
         for group in opt.param_groups:
             group["lr"] = group.setdefault("peak_lr", group["lr"]) * _lr_scale(step, tc.steps, tc)
         _, loss = run.model(batch[:, :-1], batch[:, 1:])

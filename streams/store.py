@@ -37,7 +37,7 @@ from .packing import PackWriter, read_tokens
 from .slicing import SPLITS, SliceSpec, assign_slices, assign_splits, hash_unit
 from .sources import ReadOptions, open_source
 from .times import format_time, parse_time
-from .tokenize import SEPARATOR_ID, encode_array, get_tokenizer, token_dtype
+from .tokenize import SEPARATOR_ID, encode_array, get_tokenizer, token_dtype, tokenizer_fingerprint
 
 #: bumped when the stored layout or the meaning of an option changes (old fingerprints then differ)
 STORE_VERSION = 1
@@ -61,7 +61,7 @@ class IngestOptions:
     block_size: int = 4096
     """tokens per stored block (storage only: the trainer samples windows across blocks)"""
     tokenizer: str = "bytes"
-    """tokenizer name (bytes: UTF-8 bytes, vocabulary 256)"""
+    """bytes (UTF-8 bytes, vocabulary 256) or hf:NAME_OR_PATH (a Hugging Face model's own tokenizer)"""
     on_bad_record: str = "error"
     """error: stop and list the bad records; skip: skip them, count and report them"""
     max_listed: int = 10
@@ -167,7 +167,25 @@ def open_stream(workspace: Workspace | str | Path, name: str) -> Stream:
         StreamSlice(s["name"], s["start"], s["end"], s["documents"], root / s["dir"], s["splits"])
         for s in entry["slices"]
     ]
-    return Stream(name, get_tokenizer(entry["tokenizer"]), slices, entry["source"], entry["separator"])
+    tokenizer = _tokenizer(entry["tokenizer"])
+    recorded = entry.get("tokenizer_fingerprint")  # streams ingested before issue 11 have none
+    if recorded is not None and recorded != tokenizer_fingerprint(tokenizer):
+        raise UserError(
+            f"stream {name!r} was ingested with tokenizer {entry['tokenizer']!r}, whose files have changed "
+            "since; ingest it again with --replace"
+        )
+    return Stream(name, tokenizer, slices, entry["source"], entry["separator"])
+
+
+def _tokenizer(name: str):
+    """``get_tokenizer`` with unknown names and unusable tokenizers as one-line user errors."""
+    try:
+        tokenizer = get_tokenizer(name)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if tokenizer.separator_id is None:
+        raise UserError(f"tokenizer {name!r} has no end-of-text or beginning-of-text token to separate documents")
+    return tokenizer
 
 
 def list_streams(workspace: Workspace | str | Path | None = None) -> dict:
@@ -212,8 +230,9 @@ def ingest_source(ws: Workspace, src, name: str, opts: IngestOptions, progress: 
     """Ingest an opened source object (see ``sources``); the shared back end of ``ingest`` and the default."""
     started = time.perf_counter()
     spec = SliceSpec.parse(opts.slice)
+    tokenizer = _tokenizer(opts.tokenizer)
     with ws.lock():
-        fingerprint = _fingerprint(src, opts)
+        fingerprint = _fingerprint(src, opts, tokenizer)
         existing = ws.manifest()["streams"].get(name)
         if existing is not None and existing["fingerprint"] == fingerprint and (ws.root / existing["dir"]).is_dir():
             return _summary(existing, unchanged=True, seconds=time.perf_counter() - started)
@@ -230,14 +249,15 @@ def ingest_source(ws: Workspace, src, name: str, opts: IngestOptions, progress: 
         tmp = ws.root / "streams" / f".tmp-{name}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         try:
-            entries = _pack(src, opts, spec, scan, slices, slice_of, split_of, tmp, progress)
+            entries = _pack(src, opts, spec, scan, slices, slice_of, split_of, tmp, tokenizer, progress)
             entry = {
                 "name": name,
                 "source": src.label,
                 "fingerprint": fingerprint,
                 "dir": str(final.relative_to(ws.root)),
                 "tokenizer": opts.tokenizer,
-                "separator": SEPARATOR_ID,
+                "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+                "separator": tokenizer.separator_id,
                 "block_size": opts.block_size,
                 "slicing": str(spec),
                 "options": opts.result_key(),
@@ -280,10 +300,11 @@ def _summary(entry: dict, unchanged: bool, seconds: float) -> dict:
     }
 
 
-def _fingerprint(src, opts: IngestOptions) -> str:
-    key = json.dumps(
-        {"store": STORE_VERSION, "source": src.fingerprint(), "options": opts.result_key()}, sort_keys=True
-    )
+def _fingerprint(src, opts: IngestOptions, tokenizer) -> str:
+    key = {"store": STORE_VERSION, "source": src.fingerprint(), "options": opts.result_key()}
+    if opts.tokenizer != "bytes":  # the files behind a Hugging Face tokenizer's name can change
+        key["tokenizer"] = tokenizer_fingerprint(tokenizer)
+    key = json.dumps(key, sort_keys=True)
     return hashlib.sha256(key.encode()).hexdigest()
 
 
@@ -423,15 +444,13 @@ def _needed(opts: IngestOptions, spec: SliceSpec) -> list[str]:
 _FLUSH_BYTES = 32 * 2**20
 
 
-def _pack(src, opts, spec, scan: _Scan, slices, slice_of, split_of, tmp: Path, progress) -> list[dict]:
-    tokenizer = get_tokenizer(opts.tokenizer)
+def _pack(src, opts, spec, scan: _Scan, slices, slice_of, split_of, tmp: Path, tokenizer, progress) -> list[dict]:
     dtype = token_dtype(tokenizer.vocab_size)
+    sep = tokenizer.separator_id
     writers = []
     for i, _ in enumerate(slices):
         (tmp / f"{i:03d}").mkdir(parents=True)
-        writers.append(
-            [PackWriter(tmp / f"{i:03d}" / f"{s}.arrow", dtype, SEPARATOR_ID, opts.block_size) for s in SPLITS]
-        )
+        writers.append([PackWriter(tmp / f"{i:03d}" / f"{s}.arrow", dtype, sep, opts.block_size) for s in SPLITS])
     max_bytes = opts.read_options().max_document_bytes
     status = scan.status
     doc = 0

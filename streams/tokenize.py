@@ -12,10 +12,18 @@ class Tokenizer(Protocol):
 
     name: str
     vocab_size: int
+    separator_id: int
+    """token placed before every document when documents are packed together"""
 
     def encode(self, text: str) -> list[int]: ...
 
     def decode(self, ids: list[int]) -> str: ...
+
+
+#: the byte tokenizer's document separator: byte 0 (NUL). Valid UTF-8 text never needs it, and ingest
+#: refuses text containing it, so a 0 in a packed byte array always means "a new document starts here".
+#: Other tokenizers bring their own (``separator_id``: end-of-text for Hugging Face ones).
+SEPARATOR_ID = 0
 
 
 class ByteTokenizer:
@@ -23,6 +31,7 @@ class ByteTokenizer:
 
     name = "bytes"
     vocab_size = 256
+    separator_id = SEPARATOR_ID
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
@@ -31,20 +40,27 @@ class ByteTokenizer:
         return bytes(ids).decode("utf-8", errors="replace")
 
 
-#: the tokenizers a stream can name in the manifest
+#: the tokenizers a stream can name in the manifest, besides ``hf:NAME_OR_PATH``
 TOKENIZERS = {"bytes": ByteTokenizer}
-
-#: the token placed before every document when documents are packed together. For the byte
-#: tokenizer it is byte 0 (NUL): valid UTF-8 text never needs it, and ingest refuses text containing
-#: it, so a 0 in a packed array always means "a new document starts here".
-SEPARATOR_ID = 0
 
 
 def get_tokenizer(name: str) -> Tokenizer:
+    """``bytes``, or ``hf:NAME_OR_PATH``: a Hugging Face model's own tokenizer (issue 11, needs transformers)."""
+    if name.startswith("hf:") and name[3:]:
+        from lifelong_peer.attach import HFTokenizer
+
+        return HFTokenizer(name[3:])
     try:
         return TOKENIZERS[name]()
     except KeyError:
-        raise ValueError(f"unknown tokenizer {name!r} (known: {', '.join(TOKENIZERS)})") from None
+        raise ValueError(f"unknown tokenizer {name!r} (known: {', '.join(TOKENIZERS)}, hf:NAME_OR_PATH)") from None
+
+
+def tokenizer_fingerprint(tokenizer: Tokenizer) -> str:
+    """What fixes a tokenizer's output: the name of a built-in one; for a Hugging Face one, a sha256 of
+    its full definition (``HFTokenizer.fingerprint``), so changed files under the same name are noticed."""
+    fingerprint = getattr(tokenizer, "fingerprint", None)
+    return fingerprint() if callable(fingerprint) else tokenizer.name
 
 
 def encode_array(tokenizer: Tokenizer, text: str) -> np.ndarray:

@@ -187,7 +187,7 @@ def test_config_file_parser_answers_every_file(data):
         except UserError as e:
             assert str(e).startswith(str(path)) and "\n" not in str(e)
             return
-        assert set(config) == {"train", "model"}
+        assert set(config) == {"train", "model", "attach"}
 
 
 @FAST
