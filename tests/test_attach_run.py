@@ -187,12 +187,12 @@ def test_cli_run_on_a_base_model(env):
     )
     args = ["run", "-w", ws, "--stream", "news", "--base-model", base, "--attach", "add", "--layers", "1"]
     args += ["--trainable", "transformer.ln_f.*", "--context", "16", "--config", str(toml), "--strategy", "lifelong"]
-    args += ["--steps", "2", "--batch-size", "2", "--grow", "2", "--name", "cli", "--format", "json"]
+    args += ["--steps", "2", "--batch-size", "2", "--grow", "2", "--name", "byom-cli", "--format", "json"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
-    assert summary["run"] == "cli"
-    config = json.loads((env["ws"].run_dir("cli") / "config.json").read_text())
+    assert summary["run"] == "byom-cli"
+    config = json.loads((env["ws"].run_dir("byom-cli") / "config.json").read_text())
     assert config["attach"] == {
         "base_model": base,
         "layers": [1],
@@ -202,8 +202,17 @@ def test_cli_run_on_a_base_model(env):
         "context": 16,
     }
     assert config["attach"]["peer"]["dim"] == 256  # the template's; attach sets the base's width
-    _, meta = load_tensors(env["ws"].run_dir("cli") / "checkpoints" / "phase-001.safetensors")
+    _, meta = load_tensors(env["ws"].run_dir("byom-cli") / "checkpoints" / "phase-001.safetensors")
     assert meta["attach_config"]["peer"]["dim"] == 32 and meta["attach_config"]["peer_subkeys"] == [6]
+    # the run's other commands read the attached model through the same rebuild
+    for command in (
+        ["inspect", "byom-cli", "--text", "the union"],
+        ["grow", "byom-cli", "--subkeys", "1"],
+        ["eval", "byom-cli"],
+    ):
+        result = runner.invoke(app, [*command, "--workspace", ws, "--format", "json"])
+        assert result.exit_code == 0, (command, result.output)
+    assert json.loads(runner.invoke(app, ["inspect", "byom-cli", "-w", ws, "--format", "json"]).stdout)["layers"][0]["num_experts"] == 49  # fmt: skip
 
 
 @pytest.mark.parametrize(
