@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import random
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from itertools import pairwise
 from pathlib import Path
 
@@ -439,6 +439,6 @@ def test_parse_time_round_trips_iso(dt):
     assert (
         seconds
         == parse_time(dt.replace(tzinfo=None).isoformat())
-        == int((dt - datetime(1970, 1, 1, tzinfo=UTC)).total_seconds() // 1)
+        == (dt - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(seconds=1)  # exact: total_seconds() is a float
     )
     assert parse_time(format_time(seconds)) == seconds
