@@ -791,15 +791,8 @@ def recompute_results(run: Run) -> RunResults:
     if not base.exists():
         raise UserError(f"run {run.config.run!r} has no checkpoints to evaluate yet")
     run.model = run.read_model(base).to(run.device)
-    before = evaluate_all(run, lambda event: None)
-    results = RunResults(
-        run=run.config.run,
-        strategy=run.config.train.strategy,
-        slices=list(run.config.slices),
-        phases=[],
-        eval={split: SplitEval(before=row, after=[]) for split, row in before.items()},
-        extra={"recomputed_from_checkpoints": True},  # wall times are unknown (0) in a recomputed file
-    )
+    # wall times are unknown (0) in a recomputed file
+    results = _new_results(run, evaluate_all(run, lambda event: None), recomputed_from_checkpoints=True)
     for phase in range(state["completed_phases"]):
         path = run.checkpoints / f"phase-{phase:03d}.safetensors"
         run.model = run.read_model(path).to(run.device)
@@ -1051,18 +1044,23 @@ def _phase_record(run: Run, slice_name: str, tokens: int, wall: float) -> PhaseR
     )
 
 
-def _results(run: Run, emit: Progress) -> RunResults:
-    """results.json so far, or a new one holding the base model's evaluation ('before' row)."""
-    if (run.dir / "results.json").exists():
-        return load_results(run.dir)
-    before = evaluate_all(run, emit)
-    results = RunResults(
+def _new_results(run: Run, before: dict[str, EvalRow], **extra) -> RunResults:
+    """An empty results.json for ``run`` holding the starting model's evaluation (the 'before' row)."""
+    return RunResults(
         run=run.config.run,
         strategy=run.config.train.strategy,
         slices=list(run.config.slices),
         phases=[],
         eval={split: SplitEval(before=row, after=[]) for split, row in before.items()},
+        extra=extra,
     )
+
+
+def _results(run: Run, emit: Progress) -> RunResults:
+    """results.json so far, or a new one holding the base model's evaluation ('before' row)."""
+    if (run.dir / "results.json").exists():
+        return load_results(run.dir)
+    results = _new_results(run, evaluate_all(run, emit))
     if distributed.is_main():
         save_results(run.dir, results)
     return results
