@@ -30,7 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-from lifelong_peer.errors import UserError
+from lifelong_peer.checkpoint import file_record, verify_file
+from lifelong_peer.errors import CheckpointError, UserError
 from lifelong_peer.workspace import Workspace, check_name, now_iso
 
 from .packing import PackWriter, read_tokens
@@ -105,6 +106,9 @@ class IngestOptions:
 
 
 # -- reading stored streams ------------------------------------------------------------------------
+_VERIFIED: set[Path] = set()  # cache files checked by this process
+
+
 @dataclass
 class StreamSlice:
     """One time slice of a stream; its splits' tokens are memory-mapped from the Arrow cache."""
@@ -118,8 +122,20 @@ class StreamSlice:
     """split → {"documents", "bytes", "tokens"}"""
 
     def tokens(self, split: str) -> np.ndarray:
-        """(N,) packed tokens of ``split`` (``SEP doc SEP doc ...``), read-only and memory-mapped."""
-        return read_tokens(self.path / f"{_check_split(split)}.arrow")
+        """(N,) packed tokens of ``split`` (``SEP doc SEP doc ...``), read-only and memory-mapped.
+
+        The cache file is checked against the size and sha256 recorded at ingest the first time this
+        process reads it: a truncated or altered cache is named, never silently trained on (issue 10).
+        """
+        path = self.path / f"{_check_split(split)}.arrow"
+        record = self.splits[split].get("file")  # streams ingested before the check have none
+        if record is not None and path not in _VERIFIED:
+            try:
+                verify_file(path, record)
+            except CheckpointError as e:
+                raise UserError(f"stream cache damaged: {e}; re-ingest the stream with --replace") from None
+            _VERIFIED.add(path)
+        return read_tokens(path)
 
     def num_bytes(self, split: str) -> int:
         """UTF-8 bytes of the text behind ``tokens(split)`` (separators excluded), for bits per byte."""
@@ -492,7 +508,13 @@ def _pack(src, opts, spec, scan: _Scan, slices, slice_of, split_of, tmp: Path, t
                 "documents": len(sl.members),
                 "bytes": int(sum(c["bytes"] for c in counts.values())),
                 "splits": {
-                    k: {"documents": c["documents"], "bytes": c["bytes"], "tokens": c["tokens"]}
+                    # file: size + sha256 of the cache file, checked on first read (issue 10)
+                    k: {
+                        "documents": c["documents"],
+                        "bytes": c["bytes"],
+                        "tokens": c["tokens"],
+                        "file": file_record(tmp / f"{i:03d}" / f"{k}.arrow"),
+                    }
                     for k, c in counts.items()
                 },
             }

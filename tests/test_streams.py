@@ -442,3 +442,24 @@ def test_parse_time_round_trips_iso(dt):
         == (dt - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(seconds=1)  # exact: total_seconds() is a float
     )
     assert parse_time(format_time(seconds)) == seconds
+
+
+def test_a_damaged_stream_cache_is_named_not_trained_on(tmp_path):
+    """Issue 10: cache files are recorded with size + sha256 at ingest and checked on first read."""
+    from lifelong_peer.streams import store
+
+    src = tmp_path / "docs.jsonl"
+    src.write_text("".join(json.dumps({"id": i, "text": "word " * 50, "time": 2000 + i % 2}) + "\n" for i in range(40)))
+    ws = Workspace.init(tmp_path / "ws")
+    ingest(ws, str(src), "s")
+    stream = open_stream(ws, "s")
+    path = stream.slices[0].path / "train.arrow"
+    data = bytearray(path.read_bytes())
+    data[-20] ^= 0xFF  # flip bits inside the file, size unchanged
+    path.write_bytes(bytes(data))
+    store._VERIFIED.clear()
+    with pytest.raises(UserError, match=r"train\.arrow: altered"):
+        open_stream(ws, "s").slices[0].tokens("train")
+    path.write_bytes(bytes(data[:100]))
+    with pytest.raises(UserError, match="truncated"):
+        open_stream(ws, "s").slices[0].tokens("train")
