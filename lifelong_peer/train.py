@@ -137,6 +137,9 @@ class TrainConfig:
                 raise UserError(f"{name} must be ≥ 0, got {getattr(self, name)}")
         if not 0 <= self.replay < 1:
             raise UserError(f"replay must lie in [0, 1), got {self.replay}")
+        from .index import parse_policy
+
+        parse_policy(self.freeze)  # a bad policy is refused before any work, not at the first phase
         if self.base_data not in ("mix", "first"):
             raise UserError(f"base_data must be mix or first, got {self.base_data!r}")
         grow = str(self.grow)
