@@ -12,7 +12,9 @@ from enum import Enum
 from rich.console import Console
 from rich.table import Table
 
-stdout = Console(soft_wrap=True)
+# Piped output has no terminal width; rich would assume 80 columns and cut numbers with "…".
+_WIDTH = None if sys.stdout.isatty() else 200
+stdout = Console(soft_wrap=True, width=_WIDTH)
 stderr = Console(stderr=True, soft_wrap=True)
 
 
