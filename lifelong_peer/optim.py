@@ -11,6 +11,9 @@ Why not plain ``torch.optim.AdamW`` everywhere (RESEARCH.md, "pitfalls"):
   parameter comes with a bool mask (``PEER.row_masks()``): masked rows are dropped from the update
   before anything is written, so frozen rows — weights and Adam moments — stay bit-identical.
 
+Growth appends state rows in place (the state has spare rows like the tables, ``peer.extend_rows``)
+and writes only their step counts (``_row_state``).
+
 Lazy Adam keeps a step count per row, so a row first used late still gets the right bias
 correction (torch's SparseAdam uses one count per tensor, which makes a late row's first update
 ~3× too large).
@@ -21,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .peer import PEER
+from .peer import PEER, extend_rows
 
 
 class PEEROptimizer(torch.optim.Optimizer):
@@ -106,8 +109,11 @@ class PEEROptimizer(torch.optim.Optimizer):
         lr, wd, eps = group["lr"], group.get("weight_decay", 0.0), group["eps"]
         t = state["step"].index_select(0, rows) + 1  # (r,) per-row step counts
         state["step"].index_copy_(0, rows, t)
-        m = state["exp_avg"].index_select(0, rows).mul_(b1).add_(grad, alpha=1 - b1)
-        v = state["exp_avg_sq"].index_select(0, rows).mul_(b2).addcmul_(grad, grad, value=1 - b2)
+        # A row's first update starts from zero moments whatever is stored: growth leaves the new
+        # rows' moments unwritten (``_row_state``), which saves touching 2 × rows × D of memory.
+        first = (t == 1).unsqueeze(1)  # (r, 1)
+        m = state["exp_avg"].index_select(0, rows).masked_fill_(first, 0).mul_(b1).add_(grad, alpha=1 - b1)
+        v = state["exp_avg_sq"].index_select(0, rows).masked_fill_(first, 0).mul_(b2).addcmul_(grad, grad, value=1 - b2)
         state["exp_avg"].index_copy_(0, rows, m)
         state["exp_avg_sq"].index_copy_(0, rows, v)
         # bias corrections in float64: 1 - 0.999**t loses ~1e-5 relative in float32
@@ -122,17 +128,27 @@ class PEEROptimizer(torch.optim.Optimizer):
         pv.index_copy_(0, rows, w)
 
     def _row_state(self, p: Tensor, rows_total: int, width: int) -> dict:
-        """Adam state of a row parameter, padded with zero rows after growth (copied once per growth)."""
+        """Adam state of a row parameter: per-row step counts (R,), m and v (R, D); extended after growth.
+
+        Kept like the expert tables (``peer.extend_rows``): in storage with spare rows, so growth
+        copies no old row (or, when the room runs out, each once). Growth writes only the new rows'
+        step counts (0): moments of a row whose count is 0 are never read (``_row_step``) and are
+        saved as zeros (``state_tensors``), so they need not be written — the pages of the new rows
+        are first touched when a row is first used, not all at once in the step after growth.
+        """
         state = self.state[p]
         if not state:
-            state["step"] = torch.zeros(rows_total, dtype=torch.int32, device=p.device)
-            state["exp_avg"] = torch.zeros(rows_total, width, dtype=p.dtype, device=p.device)
-            state["exp_avg_sq"] = torch.zeros(rows_total, width, dtype=p.dtype, device=p.device)
-        grown = rows_total - state["step"].shape[0]
-        if grown > 0:
+            state["step"] = p.new_empty(0, dtype=torch.int32)
+            state["exp_avg"] = p.new_empty(0, width)
+            state["exp_avg_sq"] = p.new_empty(0, width)
+        had = state["step"].shape[0]
+        if rows_total > had:
             for key in ("step", "exp_avg", "exp_avg_sq"):
-                old = state[key]
-                state[key] = torch.cat([old, old.new_zeros(grown, *old.shape[1:])])
+                state[key] = extend_rows(state[key], rows_total)
+            state["step"][had:].zero_()
+            if had == 0:  # a new state is all zeros (deterministic contents, as torch's Adam)
+                state["exp_avg"].zero_()
+                state["exp_avg_sq"].zero_()
         return state
 
     @torch.no_grad()
@@ -170,8 +186,14 @@ class PEEROptimizer(torch.optim.Optimizer):
         out = {}
         for name, p in named_params.items():
             state = self.state.get(p) or (self._dense.state.get(p) if self._dense else None) or {}
+            rows = self.state.get(p) is state  # a row parameter's state (``_row_state``)
             for key, value in state.items():
-                out[f"{name}::{key}"] = torch.as_tensor(value).detach().clone()
+                value = torch.as_tensor(value).detach()
+                if rows and key != "step":  # moments of never-updated rows are unset: save zeros
+                    used = state["step"].view(-1, *[1] * (value.ndim - 1)) > 0
+                    out[f"{name}::{key}"] = torch.where(used, value, 0)
+                else:
+                    out[f"{name}::{key}"] = value.clone()
         return out
 
     def load_state_tensors(self, named_params: dict[str, Tensor], tensors: dict[str, Tensor]) -> None:

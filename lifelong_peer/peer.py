@@ -23,6 +23,10 @@ What this file adds for continual learning:
   so growing n → n' gives the new experts exactly the ids [n², n'²) and the expert tables U, V
   only ever append rows. Old ids, rows, sub-keys, the query network and BatchNorm statistics
   are untouched; new experts start with v = 0 and so add nothing until trained.
+* **Growth in place.** U and V live in storage with spare rows behind them (``ROW_HEADROOM``,
+  ``empty_rows`` / ``extend_rows``; the optimizer keeps its per-row Adam state the same way), so
+  growth writes only the new rows: no copy of the old ones, no new N-row allocation (issue 8).
+  The Parameters are views of the first N rows, so ``state_dict`` and checkpoints hold exactly N.
 * **Per-expert freezing.** ``frozen`` (N,) and ``frozen_subkeys`` (n, 2) are persistent bool
   buffers. They are data, honoured by the row-sparse optimizer (``lifelong_peer.optim``), which
   never writes a frozen row — not its weights, not its Adam moments, not weight decay.
@@ -41,6 +45,7 @@ C++ kernels (``lifelong_peer.kernels``, compiled at first use and cached) and fa
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
@@ -56,6 +61,13 @@ ExpertInit = Literal["zero", "random"]
 
 #: Largest pool a config may describe; beyond it a typo (10^12 experts) would try to allocate terabytes.
 MAX_EXPERTS = 1 << 34
+
+#: Rows reserved behind a growable table (U, V and the optimizer's per-row state), as a multiple of the
+#: rows in use, so growth appends in place (issue 8: 1024² → 1200² experts had to copy 6 N × dim
+#: tables). On CPU the spare rows are address space only: pages nobody has written are not resident,
+#: so they cost no memory until growth reaches them. Other devices allocate eagerly and get exact
+#: tables (a copy per growth there runs at device bandwidth).
+ROW_HEADROOM = 2.0
 
 
 @dataclass
@@ -145,7 +157,8 @@ class PEER(nn.Module):
     """A growable PEER layer with per-expert freezing. See the module docstring.
 
     Parameters: ``query`` (Linear dim → heads·dim_key), ``subkeys`` (n, 2, dim_key/2) — row r
-    holds sub-key r of both halves, so growth appends rows —, ``U`` and ``V`` (N, dim).
+    holds sub-key r of both halves, so growth appends rows —, ``U`` and ``V`` (N, dim), each the
+    first N rows of a storage with spare rows for growth (``extend_rows``).
     """
 
     #: Implementations of the same function (module docstring); ``layer.impl`` may be switched at any time.
@@ -169,8 +182,9 @@ class PEER(nn.Module):
         half = c.dim_key // 2
         # Lample et al. 2019: keys uniform ±1/√dim
         self.subkeys = nn.Parameter(torch.empty(c.num_subkeys, 2, half).uniform_(-(half**-0.5), half**-0.5))
-        self.U = nn.Parameter(torch.randn(c.num_experts, c.dim) * c.dim**-0.5)
-        self.V = nn.Parameter(torch.randn(c.num_experts, c.dim) * c.dim**-0.5)
+        # views of the first N rows of a storage with room for growth (``empty_rows``)
+        self.U = nn.Parameter(empty_rows(c.num_experts, c.dim).normal_(0, c.dim**-0.5))
+        self.V = nn.Parameter(empty_rows(c.num_experts, c.dim).normal_(0, c.dim**-0.5))
         self.register_buffer("frozen", torch.zeros(c.num_experts, dtype=torch.bool))
         self.register_buffer("frozen_subkeys", torch.zeros(c.num_subkeys, 2, dtype=torch.bool))
         # sparse=True gives U and V row-sparse gradients (see module docstring); turn it off for
@@ -277,8 +291,10 @@ class PEER(nn.Module):
         normal with the per-dimension mean and std of its half's existing sub-keys, so new keys
         score on the same scale as trained ones. New experts: u like the original init, v = 0
         (``new_expert_init="zero"``) so the layer's output is unchanged until they are trained
-        or retrieved. The tables become new Parameters holding the old rows then the new ones; an
-        optimizer from ``lifelong_peer.optim`` built before growth re-binds them and pads its state.
+        or retrieved. The tables become new Parameters holding the old rows then the new ones —
+        over the same storage while it has room, so the old rows are not copied; an optimizer from
+        ``lifelong_peer.optim`` built before growth re-binds them and extends its state likewise.
+        ``generator`` (CPU) draws the new sub-keys and rows, whatever the layer's device.
         """
         if not isinstance(num_new, int) or num_new <= 0:
             raise ValueError(f"grow() needs a positive number of sub-keys, got {num_new!r}")
@@ -295,22 +311,25 @@ class PEER(nn.Module):
             subkeys = mean + std * noise.to(old.device)
         elif tuple(subkeys.shape) != (num_new, *old.shape[1:]):
             raise ValueError(f"grow(): subkeys must have shape {(num_new, *old.shape[1:])}, got {tuple(subkeys.shape)}")
-        n_add = n_new**2 - N_old
-        u = torch.randn((n_add, c.dim), generator=generator, device="cpu", dtype=self.U.dtype) * c.dim**-0.5
+        N_new = n_new**2
+        # Old rows stay where they are (``extend_rows``: in place while the storage has room, else
+        # one copy into a bigger one); only the new rows [N_old, N_new) are written.
+        U = extend_rows(self.U.detach(), N_new)
+        _normal_(U[N_old:], c.dim**-0.5, generator)
+        V = extend_rows(self.V.detach(), N_new)
         if c.new_expert_init == "zero":
-            v = torch.zeros(n_add, c.dim, dtype=self.V.dtype)
+            V[N_old:].zero_()
         else:
-            v = torch.randn((n_add, c.dim), generator=generator, device="cpu", dtype=self.V.dtype) * c.dim**-0.5
-        dev = old.device
+            _normal_(V[N_old:], c.dim**-0.5, generator)
         # New Parameter objects (not ``.data`` swaps, which leave autograd's cached leaf shapes
         # stale while an old graph is alive); ``lifelong_peer.optim`` re-binds them by name.
-        self.subkeys = _appended(self.subkeys, subkeys.to(old))
-        self.U = _appended(self.U, u.to(dev))
-        self.V = _appended(self.V, v.to(dev))
-        self.frozen = torch.cat([self.frozen, self.frozen.new_zeros(n_add)])
+        self.subkeys = nn.Parameter(torch.cat([old, subkeys.to(old)]), requires_grad=self.subkeys.requires_grad)
+        self.U = nn.Parameter(U, requires_grad=self.U.requires_grad)
+        self.V = nn.Parameter(V, requires_grad=self.V.requires_grad)
+        self.frozen = torch.cat([self.frozen, self.frozen.new_zeros(N_new - N_old)])
         self.frozen_subkeys = torch.cat([self.frozen_subkeys, self.frozen_subkeys.new_zeros(num_new, 2)])
         c.num_subkeys = n_new
-        return torch.arange(N_old, n_new**2, device=dev)
+        return torch.arange(N_old, N_new, device=old.device)
 
     # --- freezing ----------------------------------------------------------------------------------
 
@@ -356,8 +375,42 @@ class PEER(nn.Module):
         )
 
 
-def _appended(param: nn.Parameter, rows: Tensor) -> nn.Parameter:
-    return nn.Parameter(torch.cat([param.data, rows]), requires_grad=param.requires_grad)
+def empty_rows(rows: int, *shape: int, dtype: torch.dtype | None = None, device=None) -> Tensor:
+    """Uninitialised (rows, *shape), the first rows of a storage with room for ``ROW_HEADROOM`` × rows
+    on CPU (exactly ``rows`` elsewhere, or where the address space for the reserve is refused)."""
+    device = torch.device(device) if device is not None else torch.get_default_device()
+    if device.type == "cpu":
+        try:
+            return torch.empty((math.ceil(rows * ROW_HEADROOM), *shape), dtype=dtype, device=device)[:rows]
+        except RuntimeError:  # more address space than the machine will promise: no reserve
+            pass
+    return torch.empty((rows, *shape), dtype=dtype, device=device)
+
+
+def extend_rows(t: Tensor, rows: int) -> Tensor:
+    """``t`` (R, ...) → (rows, ...), rows ≥ R: ``t``'s rows first, then uninitialised ones to fill in.
+
+    A view of ``t``'s own storage when it has room for them — nothing is copied or allocated —,
+    else a copy into ``empty_rows`` (room for later growth). The rows behind ``t`` in its storage
+    must be unused, as they are behind the tensors ``empty_rows`` and ``extend_rows`` return.
+    """
+    if rows < t.shape[0]:
+        raise ValueError(f"extend_rows() cannot shrink {t.shape[0]} rows to {rows}")
+    row_bytes = math.prod(t.shape[1:]) * t.element_size()
+    room = (t.untyped_storage().nbytes() - t.storage_offset() * t.element_size()) // max(row_bytes, 1)
+    if t.is_contiguous() and rows <= room:
+        return t.as_strided((rows, *t.shape[1:]), t.stride())  # shares storage (and version counter)
+    out = empty_rows(rows, *t.shape[1:], dtype=t.dtype, device=t.device)
+    out[: t.shape[0]].copy_(t)
+    return out
+
+
+def _normal_(out: Tensor, std: float, generator: torch.Generator | None) -> Tensor:
+    """Fill ``out`` with N(0, std²) drawn on the CPU (``generator`` or the global CPU generator), so
+    a seed gives the same rows on every device — in place, without a temporary, for CPU tensors."""
+    if out.device.type == "cpu":
+        return out.normal_(0, std, generator=generator)
+    return out.copy_(torch.empty(out.shape, dtype=out.dtype).normal_(0, std, generator=generator))
 
 
 def active_params_per_token(config: PEERConfig) -> int:
@@ -366,4 +419,14 @@ def active_params_per_token(config: PEERConfig) -> int:
     return c.dim * c.heads * c.dim_key + c.num_subkeys * c.dim_key + 2 * c.heads * c.topk * c.dim
 
 
-__all__ = ["PEER", "PEERConfig", "Retrieval", "active_params_per_token", "id_of", "pair_of"]
+__all__ = [
+    "PEER",
+    "ROW_HEADROOM",
+    "PEERConfig",
+    "Retrieval",
+    "active_params_per_token",
+    "empty_rows",
+    "extend_rows",
+    "id_of",
+    "pair_of",
+]
