@@ -122,3 +122,54 @@ def test_clip_grad_norm_counts_sparse_rows_once():
         torch.stack([(p.grad.to_dense() if p.grad.is_sparse else p.grad).norm() for p in model.parameters()])
     )
     torch.testing.assert_close(clipped, torch.tensor(1e-3), rtol=1e-3, atol=0)
+
+
+def _peer_train(layer, opt, steps, seed):
+    for s in range(steps):
+        g = torch.Generator().manual_seed(seed + s)
+        x, dy = torch.randn(24, 16, generator=g), torch.randn(24, 16, generator=g)
+        opt.zero_grad()
+        layer(x).backward(dy)
+        opt.step()
+
+
+def test_training_after_growth_equals_a_layer_built_at_the_bigger_size():
+    """Issue 8: growth extends the Adam state in place without writing the new rows' moments; training
+    must match a layer built directly at the grown size with the same rows and zero moments there."""
+    from lifelong_peer import PEER
+    from lifelong_peer.peer import extend_rows
+
+    torch.manual_seed(0)
+    cfg = PEERConfig(dim=16, num_subkeys=6, heads=2, topk=3, dim_key=8)
+    grown = PEER(cfg).train()
+    opt = build_optimizer(grown, lr=1e-2, weight_decay=0.1)
+    _peer_train(grown, opt, 3, seed=0)
+    grown.freeze(list(range(0, 36, 3)), subkeys=True)
+    state = opt.state[grown.U]
+    moments = {key: state[key].clone() for key in state}
+    for key in ("exp_avg", "exp_avg_sq"):  # poison the spare rows: growth must never read them
+        extend_rows(state[key], 64)[36:].fill_(float("nan"))
+    ptr = state["exp_avg"].data_ptr()
+    grown.grow(2)
+    _peer_train(grown, opt, 1, seed=10)  # the optimizer re-binds and extends its state here
+    state = opt.state[grown.U]
+    assert state["exp_avg"].data_ptr() == ptr and state["exp_avg"].shape == (64, 16)  # in place
+    frozen = grown.frozen[:36]
+    for key, before in moments.items():  # frozen rows' moments bit-identical across growth
+        assert torch.equal(state[key][:36][frozen], before[frozen]), key
+
+    saved = opt.state_tensors(dict(grown.named_parameters()))
+    assert saved["U::exp_avg"].shape == (64, 16) and torch.isfinite(saved["U::exp_avg"]).all()
+    direct = PEER(PEERConfig(**grown.config.to_dict())).train()
+    direct.load_state_dict(grown.state_dict())
+    opt_direct = build_optimizer(direct, lr=1e-2, weight_decay=0.1)
+    opt_direct.load_state_tensors(dict(direct.named_parameters()), saved)
+    U_frozen = grown.U[grown.frozen].clone()
+    _peer_train(grown, opt, 3, seed=20)
+    _peer_train(direct, opt_direct, 3, seed=20)
+    for name, p in grown.named_parameters():
+        assert torch.equal(p, dict(direct.named_parameters())[name]), name
+    used = opt.state[grown.V]["step"] > 0
+    assert torch.isfinite(grown.U).all() and torch.isfinite(opt.state[grown.V]["exp_avg_sq"][used]).all()
+    assert torch.equal(grown.U[grown.frozen], U_frozen)
+    assert (opt.state[grown.U]["step"][36:] > 0).any(), "no new expert was trained"

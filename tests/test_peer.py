@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lifelong_peer import PEER, PEERConfig
-from lifelong_peer.peer import id_of, pair_of
+from lifelong_peer.peer import ROW_HEADROOM, empty_rows, extend_rows, id_of, pair_of
 
 
 def brute_force(layer: PEER, x: torch.Tensor):
@@ -187,3 +187,58 @@ def test_freeze_marks_experts_and_subkeys():
     layer.freeze([1])
     layer.grow(2)
     assert layer.frozen.shape == (64,) and layer.frozen.nonzero().flatten().tolist() == [1]
+
+
+def test_growth_writes_in_place_while_room_lasts_and_copies_once_after():
+    """Issue 8: old rows are neither moved nor copied while the storage has room; past it, one copy."""
+    layer = make(6, 2, 3)  # N = 36; CPU tables reserve ROW_HEADROOM × N rows
+    start = layer.U.data_ptr(), layer.V.data_ptr()
+    U0, V0 = layer.U.detach().clone(), layer.V.detach().clone()
+    grown, n = 0, layer.num_subkeys
+    while (n + 1) ** 2 <= 36 * ROW_HEADROOM:
+        U_param = layer.U
+        layer.grow(1)
+        n, grown = n + 1, grown + 1
+        assert layer.U is not U_param  # a new Parameter object (autograd caches leaf shapes)
+        assert (layer.U.data_ptr(), layer.V.data_ptr()) == start  # same storage: no old row copied
+    assert grown >= 2
+    layer.freeze([0, 5])
+    layer.grow(1)  # past the room: one copy into a bigger storage, with room again
+    assert layer.U.data_ptr() != start[0]
+    assert layer.U.untyped_storage().nbytes() > layer.U.numel() * layer.U.element_size()
+    N = layer.num_experts
+    assert layer.U.shape == layer.V.shape == (N, 16) and layer.frozen.shape == (N,)
+    assert layer.frozen_subkeys.shape == (layer.num_subkeys, 2) and layer.frozen.sum() == 2
+    assert torch.equal(layer.U[:36], U0) and torch.equal(layer.V[:36], V0)
+    assert not layer.V[36:].any()  # new experts: v = 0
+    assert torch.isfinite(layer.U).all() and layer.U[36:].std() > 0
+    state = layer.state_dict()  # exactly N rows, also in a checkpoint file
+    assert state["U"].shape[0] == state["V"].shape[0] == N
+
+
+def test_checkpoint_after_growth_holds_exactly_n_rows_and_round_trips(tmp_path):
+    from lifelong_peer.checkpoint import load_tensors, save_tensors
+
+    layer = make(5, 2, 2)
+    layer.grow(2)
+    save_tensors(tmp_path / "p.safetensors", layer.state_dict(), {})
+    tensors, _ = load_tensors(tmp_path / "p.safetensors")
+    assert tensors["U"].shape == (49, 16) and tensors["frozen"].shape == (49,)
+    back = PEER(PEERConfig(**layer.config.to_dict())).eval()
+    back.load_state_dict(tensors)
+    x = torch.randn(10, 16)
+    assert torch.equal(back(x), layer(x))
+    back.grow(1)  # a loaded layer grows too (its tables are exact-size copies here: one copy)
+    assert torch.equal(back.U[:49], layer.U) and back.num_experts == 64
+
+
+def test_extend_rows_views_its_storage_when_there_is_room():
+    t = empty_rows(3, 2, dtype=torch.float64).fill_(1.0)
+    e = extend_rows(t, 5)
+    assert e.shape == (5, 2) and e.data_ptr() == t.data_ptr() and torch.equal(e[:3], t)
+    exact = torch.ones(3, 2)  # no room behind it: a copy, with room for later growth
+    c = extend_rows(exact, 4)
+    assert c.data_ptr() != exact.data_ptr() and torch.equal(c[:3], exact)
+    assert extend_rows(c, 5).data_ptr() == c.data_ptr()
+    with pytest.raises(ValueError):
+        extend_rows(t, 2)
