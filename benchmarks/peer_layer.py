@@ -13,7 +13,8 @@ Sections (all ratios are measured within one run, because other processes share 
 * ``memory`` peak resident memory while training at N = 1024², dim 256 (a fresh process; the peak
   is reset after the layer is built) against the bytes of U and V.
 * ``growth`` time to grow a trained layer (with Adam state) 1024² → 1200² experts, dim 256: the
-  ``grow()`` call plus the extra time of the next step, where the optimizer pads its state.
+  ``grow()`` call plus the extra time of the next step, where the optimizer extends its state; with
+  the page faults of each (growth writes only new rows: their first touch is most of the cost).
 * ``model``  tokens/s of a whole ``LanguageModel`` training step (default ModelConfig, batch 16 ×
   context 256) with a PEER middle block (fast, native) against dense FFNs everywhere.
 
@@ -29,6 +30,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import resource
 import statistics
 import subprocess
 import sys
@@ -218,18 +220,25 @@ def child_memory(dim: int, n: int, tokens: int, impl: str) -> dict:
 
 
 def child_growth(dim: int, n_from: int, n_to: int, tokens: int, impl: str) -> dict:
-    """Seconds of grow() and of the optimizer's state padding in the next step (extra over a steady step)."""
+    """Seconds of grow() and the extra seconds of the next step (the optimizer extends its state and
+    first touches the new rows it uses), with the page faults of each and whether the old rows stayed
+    in place (storage shared, nothing copied)."""
     layer = make_peer(dim, n_from, impl)
     opt = build_optimizer(layer, lr=1e-3, weight_decay=0.01)
     x, dy = torch.randn(tokens, dim), torch.randn(tokens, dim)
     step = train_step(layer, opt, x, dy)
     step()
+    ptrs = [t.data_ptr() for t in (layer.U, layer.V, *opt.state[layer.U].values(), *opt.state[layer.V].values())]
+    faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     t0 = time.perf_counter()
     layer.grow(n_to - n_from)
     grow_s = time.perf_counter() - t0
+    faults1 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     t0 = time.perf_counter()
     step()
     first_step_s = time.perf_counter() - t0
+    faults2 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    after = [t.data_ptr() for t in (layer.U, layer.V, *opt.state[layer.U].values(), *opt.state[layer.V].values())]
     steady_s = median_seconds(step, 3, warmup=0)
     return {
         "dim": dim,
@@ -240,6 +249,9 @@ def child_growth(dim: int, n_from: int, n_to: int, tokens: int, impl: str) -> di
         "first_step_s": first_step_s,
         "steady_step_s": steady_s,
         "total_s": grow_s + max(0.0, first_step_s - steady_s),
+        "in_place": after == ptrs,
+        "grow_page_faults": faults1 - faults0,
+        "first_step_page_faults": faults2 - faults1,
     }
 
 
@@ -351,7 +363,9 @@ def print_tables(res: dict) -> None:
     if g and "skipped" not in g:
         print(
             f"\nGrowth {g['N_from']:,} → {g['N_to']:,} experts, dim {g['dim']} ({g['impl']}): grow() {g['grow_s']:.2f} s, "
-            f"next step {g['first_step_s']:.2f} s vs steady {g['steady_step_s']:.2f} s → {g['total_s']:.2f} s"
+            f"next step {g['first_step_s']:.2f} s vs steady {g['steady_step_s']:.2f} s → {g['total_s']:.2f} s; "
+            f"old rows {'in place' if g.get('in_place') else 'copied'}, page faults {g.get('grow_page_faults', 0):,} "
+            f"+ {g.get('first_step_page_faults', 0):,}"
         )
     elif g:
         print(f"\nGrowth: skipped: {g['skipped']}")
