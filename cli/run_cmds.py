@@ -6,9 +6,12 @@ import contextlib
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from lifelong_peer.config_docs import field_docs
 from lifelong_peer.errors import UserError
+from lifelong_peer.train import TrainConfig
 
 from .output import Format, emit, stderr, stdout
 
@@ -17,6 +20,9 @@ WorkspaceOpt = typer.Option(
 )
 FormatOpt = typer.Option(Format.human, "--format", help="human: tables; json: the final summary on stdout.")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress display.")
+_TRAIN_DOCS = {
+    k: escape(v) for k, v in field_docs(TrainConfig).items()
+}  # the config's own field docs are the options' help (one source)
 
 
 def _train_overrides(**values) -> dict:
@@ -109,7 +115,9 @@ def run(
     strategy: str = typer.Option(
         "naive", "--strategy", help="naive | lifelong | replay | ewc | smf | dense | joint (presets over one loop)."
     ),
-    config: Path | None = typer.Option(None, "--config", help="TOML file with [train], [model], [model.peer] tables."),
+    config: Path | None = typer.Option(
+        None, "--config", help=escape("TOML file with [train], [model], [model.peer] (and [attach]) tables.")
+    ),
     resume: str | None = typer.Option(None, "--resume", help="Continue this run (id or directory) where it stopped."),
     name: str | None = typer.Option(None, "--name", help="Run id (default: STREAM-STRATEGY-N)."),
     base: Path | None = typer.Option(None, "--base", help="Start from this model checkpoint (.safetensors)."),
@@ -129,21 +137,21 @@ def run(
         None, "--context", help="With --base-model: tokens per window (default: the base's maximum, at most 1024)."
     ),
     slices: str | None = typer.Option(None, "--slices", help="Comma-separated slice names (default: all, in order)."),
-    steps: int | None = typer.Option(None, help="Optimizer steps per phase."),
-    tokens: int | None = typer.Option(None, help="Training tokens per phase (instead of --steps)."),
-    batch_size: int | None = typer.Option(None, help="Windows per step."),
-    lr: float | None = typer.Option(None, help="Peak learning rate of shared weights."),
-    expert_lr: float | None = typer.Option(None, help="Peak learning rate of experts (default: --lr)."),
-    grow: str | None = typer.Option(None, help="Growth before each phase: none | K sub-keys per half | auto."),
-    freeze: str | None = typer.Option(None, help="Freezing policy: none | all-old | usage:P | tfidf:T."),
-    replay: float | None = typer.Option(None, help="Fraction of each batch from earlier slices."),
-    l2sp: float | None = typer.Option(None, help="L2-SP weight on shared weights."),
-    ewc: float | None = typer.Option(None, help="EWC weight on shared weights."),
-    distill: float | None = typer.Option(None, help="Distillation weight (KL to the previous phase's model)."),
-    base_steps: int | None = typer.Option(None, help="Train a base model this many steps first (no --base)."),
-    checkpoint_every: int | None = typer.Option(None, help="Also checkpoint every N steps within a phase."),
-    seed: int | None = typer.Option(None, help="Seed of every random choice."),
-    device: str | None = typer.Option(None, help="auto | cpu | cuda."),
+    steps: int | None = typer.Option(None, help=_TRAIN_DOCS["steps"]),
+    tokens: int | None = typer.Option(None, help=_TRAIN_DOCS["tokens"]),
+    batch_size: int | None = typer.Option(None, help=_TRAIN_DOCS["batch_size"]),
+    lr: float | None = typer.Option(None, help=_TRAIN_DOCS["lr"]),
+    expert_lr: float | None = typer.Option(None, help=_TRAIN_DOCS["expert_lr"]),
+    grow: str | None = typer.Option(None, help=_TRAIN_DOCS["grow"]),
+    freeze: str | None = typer.Option(None, help=_TRAIN_DOCS["freeze"]),
+    replay: float | None = typer.Option(None, help=_TRAIN_DOCS["replay"]),
+    l2sp: float | None = typer.Option(None, help=_TRAIN_DOCS["l2sp"]),
+    ewc: float | None = typer.Option(None, help=_TRAIN_DOCS["ewc"]),
+    distill: float | None = typer.Option(None, help=_TRAIN_DOCS["distill"]),
+    base_steps: int | None = typer.Option(None, help=_TRAIN_DOCS["base_steps"]),
+    checkpoint_every: int | None = typer.Option(None, help=_TRAIN_DOCS["checkpoint_every"]),
+    seed: int | None = typer.Option(None, help=_TRAIN_DOCS["seed"]),
+    device: str | None = typer.Option(None, help=_TRAIN_DOCS["device"]),
     workspace: Path | None = WorkspaceOpt,
     fmt: Format = FormatOpt,
     quiet: bool = QuietOpt,
