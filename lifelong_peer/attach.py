@@ -394,17 +394,23 @@ def _load_error(what: str, name: str, error: Exception) -> UserError:
 def load_base_config(name_or_path: str):
     """The ``transformers`` config of a base model (vocabulary, positions) without loading its weights;
     same sources and offline rules as ``load_base``."""
+    transformers, source = _base_source(name_or_path)
     try:
-        from transformers import AutoConfig
+        return transformers.AutoConfig.from_pretrained(source, local_files_only=_offline())
+    except (OSError, ValueError) as e:
+        raise _load_error("base model", name_or_path, e) from None
+
+
+def _base_source(name_or_path: str):
+    """(the transformers module, what to pass to from_pretrained): a checked local directory or a hub name."""
+    try:
+        import transformers
     except ImportError:
         raise UserError("loading a base model needs transformers: pip install 'lifelong-peer[hf]'") from None
     local = Path(name_or_path).expanduser()
     if local.exists() or name_or_path.startswith((".", "/", "~")):
         _check_local_dir(name_or_path, weights=True)
-    try:
-        return AutoConfig.from_pretrained(str(local) if local.exists() else name_or_path, local_files_only=_offline())
-    except (OSError, ValueError) as e:
-        raise _load_error("base model", name_or_path, e) from None
+    return transformers, str(local) if local.exists() else name_or_path
 
 
 def load_base(name_or_path: str, dtype: str | None = None, device: str | torch.device = "cpu") -> nn.Module:
@@ -413,16 +419,10 @@ def load_base(name_or_path: str, dtype: str | None = None, device: str | torch.d
     With ``HF_HUB_OFFLINE`` set nothing is fetched (``local_files_only``); a model that is not
     there is a ``UserError`` naming what is missing. Only safetensors weights are loaded (no pickle).
     """
+    transformers, source = _base_source(name_or_path)
     try:
-        from transformers import AutoModelForCausalLM
-    except ImportError:
-        raise UserError("loading a base model needs transformers: pip install 'lifelong-peer[hf]'") from None
-    local = Path(name_or_path).expanduser()
-    if local.exists() or name_or_path.startswith((".", "/", "~")):
-        _check_local_dir(name_or_path, weights=True)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(local) if local.exists() else name_or_path, local_files_only=_offline(), use_safetensors=True
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            source, local_files_only=_offline(), use_safetensors=True
         )
     except (OSError, ValueError) as e:
         raise _load_error("base model", name_or_path, e) from None
