@@ -45,10 +45,10 @@ def dense_base(ws: Workspace, steps: int, cache: Path) -> Path:
     return cache
 
 
-def fig3a(ws: Workspace, steps: int, seeds: list[int]) -> list[dict]:
-    """Models trained from scratch on the mix of eras with h·k = 32 fixed and N growing."""
+def fig3a(ws: Workspace, steps: int, seeds: list[int], sizes: tuple[int, ...] = (32, 64, 128, 256)) -> list[dict]:
+    """Models trained from scratch on the mix of eras with h·k = 32 fixed and N = n² growing."""
     rows = []
-    for n in (32, 64, 128, 256):
+    for n in sizes:
         for seed in seeds:
             run = new_run(
                 ws,
@@ -61,7 +61,7 @@ def fig3a(ws: Workspace, steps: int, seeds: list[int]) -> list[dict]:
             results = run_phases(run, phases=[])
             before = results.eval["test"].before
             bpb = sum(b * w for b, w in zip(before.bpb, before.bytes, strict=True)) / sum(before.bytes)
-            rows.append({"experts": n * n, "seed": seed, "test_bpb": bpb})
+            rows.append({"experts": n * n, "seed": seed, "steps": steps, "test_bpb": bpb})
             print(f"fig3a N={n * n:6d} seed {seed}: test bpb {bpb:.4f}", flush=True)
     return rows
 
@@ -73,6 +73,8 @@ def main() -> None:
     parser.add_argument("--strategies", default=",".join(STRATEGIES))
     parser.add_argument("--fig3a-steps", type=int, default=300, help="0: skip the Fig. 3a check")
     parser.add_argument("--fig3a-seeds", type=int, default=1)
+    parser.add_argument("--fig3a-sizes", default="32,64,128,256", help="sub-keys per half n (N = n²)")
+    parser.add_argument("--fig3a-only", action="store_true", help="skip the strategies; only the Fig. 3a check")
     parser.add_argument("--base-steps", type=int, default=1500, help="steps of the dense base (as the shipped base)")
     parser.add_argument("--quick", action="store_true", help="smoke run: naive+lifelong, 1 seed, 5 steps")
     parser.add_argument("--work", default=str(ROOT / "benchmarks/results/continual-ws"))
@@ -86,7 +88,7 @@ def main() -> None:
     if args.merge:
         write_results([Path(w) for w in args.merge.split(",")], Path(args.out))
         return
-    strategies = ["naive", "lifelong"] if args.quick else args.strategies.split(",")
+    strategies = [] if args.fig3a_only else ["naive", "lifelong"] if args.quick else args.strategies.split(",")
     seeds = [0] if args.quick else list(range(args.seeds))
     steps = 5 if args.quick else args.steps
     work = Path(args.work)
@@ -104,12 +106,16 @@ def main() -> None:
             run = new_run(ws, "sotu", strategy, {**common, "seed": seed}, base=str(base), run_id=f"{strategy}-s{seed}")
             run_phases(run)
             print(f"{strategy} seed {seed}: {time.time() - t0:.0f} s", flush=True)
-    fig = [] if args.quick or not args.fig3a_steps else fig3a(ws, args.fig3a_steps, list(range(args.fig3a_seeds)))
+    sizes = tuple(int(n) for n in args.fig3a_sizes.split(","))
+    fig = (
+        [] if args.quick or not args.fig3a_steps else fig3a(ws, args.fig3a_steps, list(range(args.fig3a_seeds)), sizes)
+    )
     command = "python benchmarks/continual.py " + " ".join(sys.argv[1:])
     machine = f"{platform.machine()}, {torch.get_num_threads()} thread(s), torch {torch.__version__}"
     meta = {"command": command, "machine": machine, "seconds": time.time() - start, "fig3a": fig}
     (work / "continual.json").write_text(json.dumps(meta, indent=2))
-    write_results([work], Path(args.out))
+    if strategies:  # a --fig3a-only invocation is merged into RESULTS.md with --merge
+        write_results([work], Path(args.out))
 
 
 def write_results(workspaces: list[Path], out: Path) -> None:
@@ -122,7 +128,7 @@ def write_results(workspaces: list[Path], out: Path) -> None:
                 runs.append(load_results(run_dir))
     order = {s: i for i, s in enumerate(STRATEGIES)}
     runs.sort(key=lambda r: (order.get(r.strategy, 99), r.run))
-    comparison = compare_runs(runs, "test")
+    comparison = compare_runs(runs, "test")  # UserError when no workspace holds strategy runs
     fig = [row for m in metas for row in m["fig3a"]]
     minutes = sum(m["seconds"] for m in metas) / 60
     commands = "; ".join(f"`{m['command'].strip()}`" for m in metas)
@@ -146,8 +152,9 @@ def write_results(workspaces: list[Path], out: Path) -> None:
     if fig:
         lines += ["", "## Fig. 3a at small scale: more experts at fixed h·k = 32", ""]
         lines += ["Trained from scratch on the mix of eras; test bits per byte (token-weighted over eras).", ""]
-        lines += ["| experts | seed | test bpb |", "|---:|---:|---:|"]
-        lines += [f"| {r['experts']:,} | {r['seed']} | {r['test_bpb']:.4f} |" for r in fig]
+        lines += ["| experts | training steps | seed | test bpb |", "|---:|---:|---:|---:|"]
+        fig.sort(key=lambda r: (r.get("steps", 0), r["experts"], r["seed"]))
+        lines += [f"| {r['experts']:,} | {r.get('steps', 300)} | {r['seed']} | {r['test_bpb']:.4f} |" for r in fig]
     out.write_text("\n".join(lines) + "\n")
     print(markdown(comparison))
     print(f"wrote {out}")
