@@ -22,10 +22,13 @@ must match the fingerprint recorded at attach time.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
 import math
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -904,8 +907,7 @@ def train_phase(run: Run, phase: int, slice_name: str, start_step: int, opt_stat
     emit({"event": "phase_start", "phase": phase, "slice": slice_name, "steps": steps, "start": start_step})
     model.train()
     distributed.sync_batchnorm(model)  # query BatchNorm statistics over the global batch
-    step = start_step
-    try:
+    with _interrupt_at_step_boundary() as interrupted:
         for step in range(start_step, steps):
             gen = torch.Generator().manual_seed(_seed(tc.seed, phase, step))
             batch = sample_batch(pools, replay_pools, tc, context, gen)  # the global batch, the same on every rank
@@ -934,12 +936,30 @@ def train_phase(run: Run, phase: int, slice_name: str, start_step: int, opt_stat
             del logits, total
             elapsed = time.perf_counter() - t0
             _log_step(run, phase, step, distributed.mean(loss.item()), opt, batch, elapsed, emit)
+            # Ctrl-C: save exactly after this step, then stop; decided together so every rank stops at once
+            if distributed.mean(float(interrupted())) > 0 and step + 1 < steps:
+                run.save_checkpoint(phase, step + 1, opt, completed=phase)
+                raise UserError(
+                    f"interrupted at phase {phase}, step {step + 1}; progress saved — continue with --resume"
+                )
             if tc.checkpoint_every and (step + 1) % tc.checkpoint_every == 0 and step + 1 < steps:
                 run.save_checkpoint(phase, step + 1, opt, completed=phase)
-    except KeyboardInterrupt:
-        run.save_checkpoint(phase, step, opt, completed=phase)
-        raise UserError(f"interrupted at phase {phase}, step {step}; progress saved — continue with --resume") from None
     return (steps - start_step) * tc.batch_size * context
+
+
+@contextlib.contextmanager
+def _interrupt_at_step_boundary():
+    """Defer Ctrl-C (SIGINT) to the end of the current step, so the checkpoint written on it is exact —
+    never a half-applied optimizer step. Yields a function telling whether Ctrl-C was pressed."""
+    pressed = []
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: pressed.append(signum))
+    try:
+        yield lambda: bool(pressed)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def evaluate_all(run: Run, emit: Progress) -> dict[str, EvalRow]:

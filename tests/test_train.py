@@ -126,3 +126,27 @@ def test_lost_results_are_recomputed_from_checkpoints(tmp_path, memory_stream):
         assert rebuilt.eval[split].before.nll == original.eval[split].before.nll
         assert [r.nll for r in rebuilt.eval[split].after] == [r.nll for r in original.eval[split].after]
     assert [p.num_experts for p in rebuilt.phases] == [p.num_experts for p in original.phases]
+
+
+def test_ctrl_c_saves_exactly_after_the_current_step_and_resume_is_exact(tmp_path, memory_stream):
+    import os
+    import signal
+
+    from lifelong_peer.errors import UserError
+
+    _, straight = make_run(tmp_path, memory_stream, "naive", run_id="straight2", base_steps=4)
+    run_phases(straight)
+    _, stopped = make_run(tmp_path, memory_stream, "naive", run_id="stopped", base_steps=4)
+
+    def press_ctrl_c(event):
+        if event["event"] == "step" and event["phase"] == 1 and event["step"] == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # arrives mid-run; honoured at the end of the step
+
+    with pytest.raises(UserError, match="interrupted at phase 1, step 3"):
+        run_phases(stopped, progress=press_ctrl_c)
+    state = json.loads((stopped.dir / "state.json").read_text())
+    assert (state["phase"], state["step"]) == (1, 3)
+    run_phases(open_run(Workspace.open(tmp_path / "ws"), "stopped", stream=memory_stream))
+    a, b = final_weights(straight.dir), final_weights(stopped.dir)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
