@@ -1,50 +1,11 @@
 """The fast PEER path (``lifelong_peer.peer_ops``, issue 8) against the naive reference path."""
 
-import copy
-
 import pytest
 import torch
+from peer_helpers import assert_same, assert_trains_like_naive_with_frozen_rows_bit_identical, pair
 
 from lifelong_peer import PEER, PEERConfig
-from lifelong_peer.optim import build_optimizer
 from lifelong_peer.peer_ops import SubkeyTopK, expert_mix, product_key_topk
-
-
-@torch.no_grad()
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a = a.to_dense() if a.is_sparse else a
-    b = b.to_dense() if b.is_sparse else b
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
-
-
-def pair(seed=0, **kw) -> tuple[PEER, PEER]:
-    """Two copies of one random layer: (fast, naive)."""
-    torch.manual_seed(seed)
-    cfg = {"dim": 24, "num_subkeys": 9, "heads": 3, "topk": 5, "dim_key": 12, **kw}
-    fast = PEER(PEERConfig(**cfg))
-    with torch.no_grad():  # random v for grown experts too, so every gradient is non-trivial
-        fast.V.normal_()
-    naive = copy.deepcopy(fast)
-    naive.impl = "naive"
-    return fast, naive
-
-
-def forward_backward(layer: PEER, x: torch.Tensor, dy: torch.Tensor) -> dict[str, torch.Tensor]:
-    layer.zero_grad(set_to_none=True)
-    x = x.detach().clone().requires_grad_()
-    y = layer(x)
-    y.backward(dy)
-    return {"y": y.detach(), "x": x.grad, **{n: p.grad for n, p in layer.named_parameters()}}
-
-
-def assert_same(fast: PEER, naive: PEER, x: torch.Tensor) -> None:
-    dy = torch.randn_like(x)
-    a, b = forward_backward(fast, x, dy), forward_backward(naive, x, dy)
-    assert a.keys() == b.keys() and {"y", "x", "query.weight", "subkeys", "U", "V"} <= a.keys()
-    for name in a:
-        assert a[name] is not None, name
-        assert rel_err(a[name], b[name]) < 1e-5, name
-        assert a[name].is_sparse == b[name].is_sparse, name
 
 
 @pytest.mark.parametrize(
@@ -58,7 +19,7 @@ def assert_same(fast: PEER, naive: PEER, x: torch.Tensor) -> None:
 )
 @pytest.mark.parametrize("sparse", [True, False])
 def test_fast_equals_naive_outputs_and_gradients_before_and_after_growth(kw, sparse):
-    fast, naive = pair(**kw)
+    fast, naive = pair("fast", **kw)
     fast.sparse_grad = naive.sparse_grad = sparse
     fast.freeze(torch.arange(0, fast.num_experts, 3), subkeys=True)
     naive.load_state_dict(fast.state_dict())
@@ -73,22 +34,7 @@ def test_fast_equals_naive_outputs_and_gradients_before_and_after_growth(kw, spa
 
 
 def test_fast_and_naive_train_alike_and_frozen_rows_stay_bit_identical():
-    fast, naive = pair(num_subkeys=12)
-    frozen = torch.arange(0, fast.num_experts, 2)
-    start = fast.U.detach().clone(), fast.V.detach().clone()
-    for layer in (fast, naive):
-        layer.freeze(frozen)
-    opts = [build_optimizer(layer, lr=1e-2, weight_decay=0.1) for layer in (fast, naive)]
-    for step in range(4):
-        x = torch.randn(16, 24, generator=torch.Generator().manual_seed(step))
-        for layer, opt in zip((fast, naive), opts, strict=True):
-            opt.zero_grad()
-            layer(x).square().mean().backward()
-            opt.step()
-    for name in ("U", "V", "subkeys", "query.weight"):
-        assert rel_err(fast.get_parameter(name), naive.get_parameter(name)) < 1e-5, name
-    assert torch.equal(fast.U[frozen], start[0][frozen]) and torch.equal(fast.V[frozen], start[1][frozen])
-    assert not torch.equal(fast.U, start[0])
+    assert_trains_like_naive_with_frozen_rows_bit_identical("fast")
 
 
 @pytest.mark.parametrize("n,k", [(1, 1), (5, 1), (5, 5), (16, 4), (33, 16)])
@@ -146,7 +92,7 @@ def test_expert_mix_sparse_gradients_are_compact_and_coalesced():
 
 
 def test_fast_path_handles_no_tokens():
-    fast, naive = pair(query_norm="layernorm")
+    fast, naive = pair("fast", query_norm="layernorm")
     x = torch.randn(0, 24, requires_grad=True)
     y = fast(x)
     assert y.shape == (0, 24) and torch.equal(y, naive(x))

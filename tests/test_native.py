@@ -9,9 +9,9 @@ import copy
 
 import pytest
 import torch
+from peer_helpers import assert_same, assert_trains_like_naive_with_frozen_rows_bit_identical, pair, rel_err
 
-from lifelong_peer import PEER, PEERConfig, kernels, peer_ops
-from lifelong_peer.optim import build_optimizer
+from lifelong_peer import PEER, kernels, peer_ops
 from lifelong_peer.peer_ops import NativeExpertMix, NativeProductKeyTopK, product_key_topk
 
 if not kernels.is_built():
@@ -26,46 +26,16 @@ def ext():
     return module
 
 
-@torch.no_grad()
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a = a.to_dense() if a.is_sparse else a
-    b = b.to_dense() if b.is_sparse else b
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
-
-
-def pair(seed=0, **kw) -> tuple[PEER, PEER]:
-    """Two copies of one random layer: (native, naive)."""
-    torch.manual_seed(seed)
-    cfg = {"dim": 24, "num_subkeys": 9, "heads": 3, "topk": 5, "dim_key": 12, **kw}
-    native = PEER(PEERConfig(**cfg), impl="native")
-    with torch.no_grad():  # random v, so every gradient is non-trivial
-        native.V.normal_()
-    naive = copy.deepcopy(native)
-    naive.impl = "naive"
-    return native, naive
-
-
-def forward_backward(layer: PEER, x: torch.Tensor, dy: torch.Tensor) -> dict[str, torch.Tensor]:
-    layer.zero_grad(set_to_none=True)
-    x = x.detach().clone().requires_grad_()
-    y, retrieval = layer(x, return_retrieval=True)
-    y.backward(dy)
-    return {"y": y.detach(), "ids": retrieval.ids, "x": x.grad, **{n: p.grad for n, p in layer.named_parameters()}}
-
-
-def assert_same(native: PEER, naive: PEER, x: torch.Tensor, ext) -> None:
-    dy = torch.randn_like(x)
+def assert_native_same(native: PEER, naive: PEER, x: torch.Tensor) -> None:
+    """``assert_same``, and the kernels ran (not the fallback)."""
     calls = {"topk": 0, "mix": 0}
-    with _counting(calls):
-        a = forward_backward(native, x, dy)
-    assert calls == {"topk": 1, "mix": 1}  # the kernels ran, not the fallback
-    b = forward_backward(naive, x, dy)
-    assert a.keys() == b.keys() and {"y", "x", "query.weight", "subkeys", "U", "V"} <= a.keys()
-    assert torch.equal(a.pop("ids"), b.pop("ids"))
-    for name in a:
-        assert a[name] is not None, name
-        assert rel_err(a[name], b[name]) < 1e-5, name
-        assert a[name].is_sparse == b[name].is_sparse, name
+
+    def counted(fn):
+        with _counting(calls):
+            return fn()
+
+    assert_same(native, naive, x, run_layer=counted)
+    assert calls == {"topk": 1, "mix": 1}
 
 
 class _counting:
@@ -102,48 +72,33 @@ class _counting:
 )
 @pytest.mark.parametrize("sparse", [True, False])
 def test_native_equals_naive_outputs_and_gradients_before_and_after_growth(ext, kw, sparse):
-    native, naive = pair(**kw)
+    native, naive = pair("native", **kw)
     native.sparse_grad = naive.sparse_grad = sparse
     native.freeze(torch.arange(0, native.num_experts, 3), subkeys=True)
     naive.load_state_dict(native.state_dict())
     x = torch.randn(2, 37, 24)
-    assert_same(native, naive, x, ext)
+    assert_native_same(native, naive, x)
     for layer in (native, naive):
         torch.manual_seed(1)
         layer.grow(4)
         with torch.no_grad():
             layer.V[-20:].normal_()
-    assert_same(native, naive, x, ext)
+    assert_native_same(native, naive, x)
 
 
 def test_native_with_threads_equals_naive(ext):
     """Work split over several chunks (threads) adds partial sums; results stay within tolerance."""
-    native, naive = pair(num_subkeys=64, topk=8, heads=4)
+    native, naive = pair("native", num_subkeys=64, topk=8, heads=4)
     threads = torch.get_num_threads()
     torch.set_num_threads(3)
     try:
-        assert_same(native, naive, torch.randn(700, 24), ext)
+        assert_native_same(native, naive, torch.randn(700, 24))
     finally:
         torch.set_num_threads(threads)
 
 
 def test_native_and_naive_train_alike_and_frozen_rows_stay_bit_identical(ext):
-    native, naive = pair(num_subkeys=12)
-    frozen = torch.arange(0, native.num_experts, 2)
-    start = native.U.detach().clone(), native.V.detach().clone()
-    for layer in (native, naive):
-        layer.freeze(frozen)
-    opts = [build_optimizer(layer, lr=1e-2, weight_decay=0.1) for layer in (native, naive)]
-    for step in range(4):
-        x = torch.randn(16, 24, generator=torch.Generator().manual_seed(step))
-        for layer, opt in zip((native, naive), opts, strict=True):
-            opt.zero_grad()
-            layer(x).square().mean().backward()
-            opt.step()
-    for name in ("U", "V", "subkeys", "query.weight"):
-        assert rel_err(native.get_parameter(name), naive.get_parameter(name)) < 1e-5, name
-    assert torch.equal(native.U[frozen], start[0][frozen]) and torch.equal(native.V[frozen], start[1][frozen])
-    assert not torch.equal(native.U, start[0])
+    assert_trains_like_naive_with_frozen_rows_bit_identical("native")
 
 
 @pytest.mark.parametrize("n,k", [(1, 1), (5, 1), (5, 5), (16, 4), (33, 16), (300, 16)])
@@ -202,7 +157,7 @@ def test_native_sparse_gradients_are_compact_and_coalesced(ext):
 
 
 def test_native_handles_no_tokens(ext):
-    native, naive = pair(query_norm="layernorm")
+    native, naive = pair("native", query_norm="layernorm")
     x = torch.randn(0, 24, requires_grad=True)
     y = native(x)
     assert y.shape == (0, 24) and torch.equal(y, naive(x))
@@ -211,7 +166,7 @@ def test_native_handles_no_tokens(ext):
 
 def test_unsupported_inputs_fall_back_to_the_pure_pytorch_path():
     """bf16 (or CUDA, autocast) tensors never reach the kernels: impl="native" runs the fast path."""
-    native, naive = pair()
+    native, naive = pair("native")
     native, naive = native.to(torch.bfloat16), naive.to(torch.bfloat16)
     fast = copy.deepcopy(native)
     fast.impl = "fast"
@@ -221,7 +176,7 @@ def test_unsupported_inputs_fall_back_to_the_pure_pytorch_path():
 
 
 def test_switch_off_and_missing_compiler_give_none_and_the_layer_still_works(monkeypatch):
-    native, naive = pair()
+    native, naive = pair("native")
     x = torch.randn(10, 24)
     try:
         for env, value in (("LPEER_NATIVE", "0"), ("CXX", "/nonexistent/c++")):
