@@ -17,14 +17,97 @@ and writes only their step counts (``_row_state``).
 Lazy Adam keeps a step count per row, so a row first used late still gets the right bias
 correction (torch's SparseAdam uses one count per tensor, which makes a late row's first update
 ~3× too large).
+
+The expert tables' moments are most of the optimizer's memory (2 × N × dim, as much as U and V
+together). ``Moments`` says how they are stored — ``fp32`` (exact AdamW), ``bf16`` or ``rowwise``
+(one second moment per row) — at the same maths (issue 8; measured in ``BENCHMARKS.md``).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 
+from .errors import CheckpointError
 from .peer import PEER, extend_rows
+
+
+@dataclass(frozen=True)
+class Moments:
+    """How a row-sparse group stores each row's Adam moments m and v (issue 8: memory).
+
+    The maths is the same for every storage: the touched rows' moments are gathered, converted to
+    the gradient's dtype (fp32), updated there, and written back (rounded to nearest when the
+    storage is narrower). What differs is the bytes per row of width D:
+
+    * ``fp32``: m, v as the parameter (8·D bytes; exactly AdamW).
+    * ``bf16``: m, v as bfloat16 (4·D bytes).
+    * ``rowwise``: m as the parameter, v one number per row, the row's mean of g² — row-wise Adam,
+      as row-wise AdaGrad for embedding tables (Mudigere et al. 2021, "Software-Hardware Co-design
+      for ... Recommendation Models", §4): every element of a row shares one step size (4·D + 4
+      bytes). The rows are experts' u and v vectors, updated only together, so one scale per row
+      loses little (loss measured in ``benchmarks/moments.py``).
+    """
+
+    name: str
+    m_dtype: torch.dtype | None
+    """Storage dtype of m (None: the parameter's dtype)."""
+    v_dtype: torch.dtype | None
+    """Storage dtype of v (None: the parameter's dtype)."""
+    rowwise: bool = False
+    """v is (R, 1), the mean of g² over the row, instead of (R, D)."""
+
+    def new(self, p: Tensor, width: int) -> dict[str, Tensor]:
+        """Empty (0-row) m (0, D) and v (0, D) or (0, 1) for a row parameter ``p`` of row width D."""
+        return {
+            "exp_avg": p.new_empty(0, width, dtype=self.m_dtype or p.dtype),
+            "exp_avg_sq": p.new_empty(0, 1 if self.rowwise else width, dtype=self.v_dtype or p.dtype),
+        }
+
+    def update(self, state: dict, rows: Tensor, grad: Tensor, first: Tensor, b1: float, b2: float):
+        """m ← β₁m + (1−β₁)g, v ← β₂v + (1−β₂)g² on ``rows`` (r,), stored back; returns m (r, D) and
+        v (r, D) or (r, 1) in ``grad``'s dtype, unrounded and free to modify in place.
+
+        ``first`` (r, 1): rows updated for the first time, whose stored moments are not read.
+        """
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        # .to() returns the gathered copy itself when the storage has grad's dtype (fp32: no copy)
+        m = exp_avg.index_select(0, rows).to(grad.dtype).masked_fill_(first, 0).mul_(b1).add_(grad, alpha=1 - b1)
+        v = exp_avg_sq.index_select(0, rows).to(grad.dtype).masked_fill_(first, 0).mul_(b2)
+        if self.rowwise:  # the row's mean of g², without an (r, D) temporary
+            v.add_(torch.linalg.vector_norm(grad, dim=1, keepdim=True).square_(), alpha=(1 - b2) / grad.shape[1])
+        else:
+            v.addcmul_(grad, grad, value=1 - b2)  # torch.optim.AdamW's operation
+        exp_avg.index_copy_(0, rows, m.to(exp_avg.dtype))
+        exp_avg_sq.index_copy_(0, rows, v.to(exp_avg_sq.dtype))
+        return m, v
+
+    def adopt(self, state: dict[str, Tensor], p: Tensor, name: str) -> dict[str, Tensor]:
+        """A loaded state (``state_tensors``) in this storage. Converts what can be converted: dtypes
+        (a cast; to bf16 it rounds) and a per-element v to its row's mean (exact: the mean of the
+        EMAs is the EMA of the means); a row-wise v cannot give back per-element ones."""
+        want = self.new(p, state["exp_avg"].shape[1])
+        for key, like in want.items():
+            value = state[key]
+            if value.shape[1] != like.shape[1]:
+                if like.shape[1] != 1:
+                    raise CheckpointError(
+                        f"optimizer state of {name} has row-wise second moments; they cannot be "
+                        f"resumed as {self.name!r} moments (resume with the row-wise setting)"
+                    )
+                value = value.to(p.dtype).mean(1, keepdim=True)  # the mean of EMAs = EMA of means
+            state[key] = value.to(like.dtype)
+        return state
+
+
+#: The storages ``build_optimizer(moments=...)`` and ``TrainConfig.expert_moments`` accept.
+MOMENTS = {
+    "fp32": Moments("fp32", None, None),
+    "bf16": Moments("bf16", torch.bfloat16, torch.bfloat16),
+    "rowwise": Moments("rowwise", None, None, rowwise=True),
+}
 
 
 class PEEROptimizer(torch.optim.Optimizer):
@@ -43,7 +126,8 @@ class PEEROptimizer(torch.optim.Optimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
     ):
-        """``row_groups`` name their parameters by ``sources``: [(PEER layer, "U" | "V" | "subkeys")].
+        """``row_groups`` name their parameters by ``sources``: [(PEER layer, "U" | "V" | "subkeys")]
+        and may set ``moments``: a ``MOMENTS`` name or a ``Moments`` (default ``"fp32"``).
 
         Growth gives a layer new Parameter objects; the optimizer looks them up by source before
         every use (``_sync``), carrying their Adam state over, so it survives any number of grows.
@@ -55,6 +139,7 @@ class PEEROptimizer(torch.optim.Optimizer):
             g["params"] = [getattr(layer, name) for layer, name in g["sources"]]
             g.setdefault("betas", betas)
             g.setdefault("eps", eps)
+            g["moments"] = _moments(g.get("moments", "fp32"))
         dense_groups = [g for g in dense_groups if g["params"]]
         self._dense = torch.optim.AdamW(dense_groups, lr=lr, betas=betas, eps=eps) if dense_groups else None
         super().__init__([*dense_groups, *[g for g in row_groups if g["params"]]], {"lr": lr})
@@ -102,7 +187,7 @@ class PEEROptimizer(torch.optim.Optimizer):
         keep = ~mask[rows]
         if not bool(keep.all()):  # drop frozen rows (copies the gradient only when some are frozen)
             rows, grad = rows[keep], grad[keep]
-        state = self._row_state(p, rows_total, pv.shape[1])
+        state = self._row_state(p, rows_total, pv.shape[1], group["moments"])
         if rows.numel() == 0:
             return
         b1, b2 = group["betas"]
@@ -112,10 +197,7 @@ class PEEROptimizer(torch.optim.Optimizer):
         # A row's first update starts from zero moments whatever is stored: growth leaves the new
         # rows' moments unwritten (``_row_state``), which saves touching 2 × rows × D of memory.
         first = (t == 1).unsqueeze(1)  # (r, 1)
-        m = state["exp_avg"].index_select(0, rows).masked_fill_(first, 0).mul_(b1).add_(grad, alpha=1 - b1)
-        v = state["exp_avg_sq"].index_select(0, rows).masked_fill_(first, 0).mul_(b2).addcmul_(grad, grad, value=1 - b2)
-        state["exp_avg"].index_copy_(0, rows, m)
-        state["exp_avg_sq"].index_copy_(0, rows, v)
+        m, v = group["moments"].update(state, rows, grad, first, b1, b2)  # (r, D), (r, D) or (r, 1)
         # bias corrections in float64: 1 - 0.999**t loses ~1e-5 relative in float32
         td = t.double().unsqueeze(1)
         bc1, bc2 = (1 - b1**td).to(grad.dtype), (1 - b2**td).sqrt().to(grad.dtype)
@@ -127,8 +209,9 @@ class PEEROptimizer(torch.optim.Optimizer):
         w.addcdiv_(m.div_(bc1), denom, value=-lr)
         pv.index_copy_(0, rows, w)
 
-    def _row_state(self, p: Tensor, rows_total: int, width: int) -> dict:
-        """Adam state of a row parameter: per-row step counts (R,), m and v (R, D); extended after growth.
+    def _row_state(self, p: Tensor, rows_total: int, width: int, moments: Moments) -> dict:
+        """Adam state of a row parameter: per-row step counts (R,), m and v (R, D) or as ``moments``
+        stores them; extended after growth.
 
         Kept like the expert tables (``peer.extend_rows``): in storage with spare rows, so growth
         copies no old row (or, when the room runs out, each once). Growth writes only the new rows'
@@ -139,8 +222,7 @@ class PEEROptimizer(torch.optim.Optimizer):
         state = self.state[p]
         if not state:
             state["step"] = p.new_empty(0, dtype=torch.int32)
-            state["exp_avg"] = p.new_empty(0, width)
-            state["exp_avg_sq"] = p.new_empty(0, width)
+            state.update(moments.new(p, width))
         had = state["step"].shape[0]
         if rows_total > had:
             for key in ("step", "exp_avg", "exp_avg_sq"):
@@ -197,15 +279,20 @@ class PEEROptimizer(torch.optim.Optimizer):
         return out
 
     def load_state_tensors(self, named_params: dict[str, Tensor], tensors: dict[str, Tensor]) -> None:
-        """Inverse of ``state_tensors`` for the parameters of the model being resumed."""
+        """Inverse of ``state_tensors`` for the parameters of the model being resumed.
+
+        Row parameters' moments are converted to their group's ``Moments`` where that is exact
+        (``Moments.adopt``); otherwise a ``CheckpointError`` says so.
+        """
         self._sync()
-        row_params = {id(p) for g in self.param_groups if g["rows"] for p in g["params"]}
+        row_moments = {id(p): g["moments"] for g in self.param_groups if g["rows"] for p in g["params"]}
         for name, p in named_params.items():
             prefix = f"{name}::"
             state = {k[len(prefix) :]: v.to(p.device).clone() for k, v in tensors.items() if k.startswith(prefix)}
-            if state:
-                target = self.state if id(p) in row_params else self._dense.state
-                target[p] = state
+            if state and id(p) in row_moments:
+                self.state[p] = row_moments[id(p)].adopt(state, p, name)
+            elif state:
+                self._dense.state[p] = state
 
 
 def _touched_rows(grad: Tensor, rows_total: int) -> tuple[Tensor, Tensor]:
@@ -231,11 +318,14 @@ def build_optimizer(
     expert_weight_decay: float | None = None,
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
+    moments: str | Moments = "fp32",
 ) -> PEEROptimizer:
     """The optimizer the trainer uses: dense AdamW + row-sparse AdamW for every PEER layer's tables.
 
     ``expert_lr`` / ``expert_weight_decay`` default to ``lr`` / ``weight_decay``. Weight decay on
     dense weights applies to matrices only (not norms, biases); sub-keys get none.
+    ``moments`` stores the expert tables' Adam moments (``MOMENTS``: fp32, bf16, rowwise); the
+    sub-keys' stay fp32 (n × dim_key numbers, nothing to save, and they route every token).
     Parameters with ``requires_grad=False`` are left out.
     """
     expert_lr = lr if expert_lr is None else expert_lr
@@ -254,7 +344,15 @@ def build_optimizer(
         {"params": [p for p in dense if p.ndim < 2], "weight_decay": 0.0},
     ]
     row_groups = [
-        {"sources": experts, "lr": expert_lr, "weight_decay": expert_weight_decay},
+        {"sources": experts, "lr": expert_lr, "weight_decay": expert_weight_decay, "moments": moments},
         {"sources": subkeys, "lr": expert_lr, "weight_decay": 0.0},
     ]
     return PEEROptimizer(dense_groups, row_groups, lr=lr, betas=betas, eps=eps)
+
+
+def _moments(moments: str | Moments) -> Moments:
+    if isinstance(moments, Moments):
+        return moments
+    if moments not in MOMENTS:
+        raise ValueError(f"moments must be one of {', '.join(MOMENTS)}; got {moments!r}")
+    return MOMENTS[moments]

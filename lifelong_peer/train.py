@@ -51,7 +51,7 @@ from .checkpoint import (
 from .errors import CheckpointError, UserError
 from .metrics import EvalRow, PhaseRecord, RunResults, SplitEval, load_results, save_results, write_run_outputs
 from .model import LanguageModel, ModelConfig
-from .optim import PEEROptimizer, build_optimizer
+from .optim import MOMENTS, PEEROptimizer, build_optimizer
 from .peer import PEERConfig
 from .strategies import strategy_overrides
 
@@ -79,6 +79,9 @@ class TrainConfig:
     """Decoupled weight decay of dense matrices."""
     expert_weight_decay: float = 0.0
     """Decoupled L2 on the trainable (unfrozen) expert rows a step touches: 'regularised experts'."""
+    expert_moments: str = "fp32"
+    """Storage of the expert tables' Adam moments: fp32 (exact AdamW), bf16, or rowwise (one second
+    moment per expert row); bf16 and rowwise halve their memory (BENCHMARKS.md, "Compact moments")."""
     warmup: int = 10
     """Warm-up steps at the start of each phase."""
     min_lr_ratio: float = 0.1
@@ -145,6 +148,8 @@ class TrainConfig:
         parse_policy(self.freeze)  # a bad policy is refused before any work, not at the first phase
         if self.base_data not in ("mix", "first"):
             raise UserError(f"base_data must be mix or first, got {self.base_data!r}")
+        if self.expert_moments not in MOMENTS:
+            raise UserError(f"expert_moments must be one of {', '.join(MOMENTS)}, got {self.expert_moments!r}")
         grow = str(self.grow)
         if grow not in ("none", "auto") and not (grow.isdigit() and int(grow) > 0):
             raise UserError(f"grow must be none, auto or a positive number of sub-keys, got {self.grow!r}")
@@ -898,6 +903,7 @@ def train_phase(run: Run, phase: int, slice_name: str, start_step: int, opt_stat
         expert_lr=tc.expert_lr,
         weight_decay=tc.weight_decay,
         expert_weight_decay=tc.expert_weight_decay,
+        moments=tc.expert_moments,
     )
     if opt_state is not None:
         opt.load_state_tensors(dict(model.named_parameters()), opt_state)
@@ -1192,7 +1198,7 @@ def train_base(run: Run, emit: Progress) -> None:
     names = cfg.slices if cfg.train.base_data == "mix" else cfg.slices[:1]
     pools = [run.slice_data(n).tokens("train") for n in names]
     tc = dataclasses.replace(cfg.train, lr=cfg.train.base_lr, replay=0.0, steps=cfg.train.base_steps, tokens=None)
-    opt = build_optimizer(run.model, lr=tc.lr, weight_decay=tc.weight_decay)
+    opt = build_optimizer(run.model, lr=tc.lr, weight_decay=tc.weight_decay, moments=tc.expert_moments)
     emit({"event": "phase_start", "phase": -1, "slice": "base", "steps": tc.steps, "start": 0})
     run.model.train()
     distributed.sync_batchnorm(run.model)
