@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from .errors import CheckpointError
 from .peer import PEER, extend_rows
+from .peer_ops import native_kernels
 
 
 @dataclass(frozen=True)
@@ -155,6 +156,10 @@ class PEEROptimizer(torch.optim.Optimizer):
                     self.state[new] = self.state.pop(old)
             group["params"] = current
 
+    def _impl(self, group: dict, index: int) -> str:
+        """The owning layer's ``PEER.impl``: ``"native"`` layers get the fused update."""
+        return getattr(group["sources"][index][0], "impl", "fast")
+
     def _mask(self, group: dict, index: int) -> Tensor:
         layer, name = group["sources"][index]
         return layer.row_masks()[name]
@@ -172,14 +177,15 @@ class PEEROptimizer(torch.optim.Optimizer):
             if group["rows"]:
                 for index, p in enumerate(group["params"]):
                     if p.grad is not None:
-                        self._row_step(p, self._mask(group, index), group)
+                        self._row_step(p, self._mask(group, index), group, self._impl(group, index))
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self._sync()
         super().zero_grad(set_to_none=set_to_none)
 
-    def _row_step(self, p: Tensor, mask: Tensor, group: dict) -> None:
+    def _row_step(self, p: Tensor, mask: Tensor, group: dict, impl: str = "fast") -> None:
+        """Lazy AdamW on p's touched, unfrozen rows; ``impl`` is the owning layer's (``PEER.impl``)."""
         mask = mask.reshape(-1)  # (R,) one flag per row
         rows_total = mask.numel()
         pv = p.data.view(rows_total, -1)  # (R, D)
@@ -192,6 +198,11 @@ class PEEROptimizer(torch.optim.Optimizer):
             return
         b1, b2 = group["betas"]
         lr, wd, eps = group["lr"], group.get("weight_decay", 0.0), group["eps"]
+        # the same update in one pass over the rows (issue 8): no (r, D) temporaries
+        fused = impl == "native" and group["moments"].name == "fp32" and pv.dtype == torch.float32
+        if fused and (ext := native_kernels(pv, grad)) is not None:
+            ext.row_adamw_(pv, state["exp_avg"], state["exp_avg_sq"], state["step"], rows, grad, lr, b1, b2, eps, wd)
+            return
         t = state["step"].index_select(0, rows) + 1  # (r,) per-row step counts
         state["step"].index_copy_(0, rows, t)
         # A row's first update starts from zero moments whatever is stored: growth leaves the new

@@ -189,3 +189,73 @@ def test_switch_off_and_missing_compiler_give_none_and_the_layer_still_works(mon
                 assert rel_err(native(x), naive(x)) < 1e-5
     finally:
         kernels.load.cache_clear()
+
+
+def test_fused_optimizer_update_equals_the_pytorch_one_across_growth(ext, monkeypatch):
+    """``row_adamw_`` (the optimizer's update for native layers) against the pure-PyTorch row step, on the
+    same gradients: weights, moments and step counts, through a growth whose new moment rows hold NaN
+    garbage (a row's first update must not read them) and with frozen rows left bit-identical."""
+    from lifelong_peer import optim
+
+    calls = []
+
+    def counting(*tensors):
+        module = peer_ops.native_kernels(*tensors)
+        return None if module is None else _Counting(module, calls)
+
+    monkeypatch.setattr(optim, "native_kernels", counting)
+    native, fast = pair("native", num_subkeys=6)
+    fast.impl = "fast"
+    native.freeze([0, 3, 7])
+    fast.freeze([0, 3, 7])
+    frozen_rows = native.U.detach()[[0, 3, 7]].clone()
+    opts = [optim.build_optimizer(m, lr=1e-2, weight_decay=0.1) for m in (native, fast)]
+
+    def step(seed):
+        x = torch.randn(40, 24, generator=torch.Generator().manual_seed(seed))
+        grads = None
+        for m, opt in zip((native, fast), opts, strict=True):
+            opt.zero_grad()
+            if grads is None:  # the native layer's gradients, given to both optimizers
+                m.impl = "fast"
+                m(x).square().mean().backward()
+                m.impl = "native"
+                grads = {n: p.grad.clone() for n, p in m.named_parameters()}
+            else:
+                for n, p in m.named_parameters():
+                    p.grad = grads[n].clone()
+            opt.step()
+
+    for seed in range(3):
+        step(seed)
+    for opt in opts:  # poison the spare rows the grown experts' moments will take
+        for state in opt.state.values():
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in state and state[key].dim() == 2:
+                    t = state[key]
+                    spare = t.untyped_storage().nbytes() // t.element_size() - t.numel()
+                    t.as_strided((spare,), (1,), t.numel()).fill_(float("nan"))
+    for m in (native, fast):
+        m.grow(2, generator=torch.Generator().manual_seed(5))
+    for seed in range(3, 6):
+        step(seed)
+    assert len(calls) >= 12  # U and V of the native layer in every step
+    for name in ("U", "V", "subkeys"):
+        a, b = native.get_parameter(name), fast.get_parameter(name)
+        assert not a.isnan().any() and rel_err(a, b) < 1e-6, name
+        sa, sb = opts[0].state[a], opts[1].state[b]
+        assert torch.equal(sa["step"], sb["step"]), name
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert rel_err(sa[key], sb[key]) < 1e-6, (name, key)
+    assert torch.equal(native.U.detach()[[0, 3, 7]], frozen_rows)
+
+
+class _Counting:
+    """The kernels module, counting calls of ``row_adamw_``."""
+
+    def __init__(self, module, calls: list):
+        self.module, self.calls = module, calls
+
+    def row_adamw_(self, *args):
+        self.calls.append(1)
+        return self.module.row_adamw_(*args)

@@ -25,7 +25,7 @@ from types import ModuleType
 import torch
 
 SOURCE = Path(__file__).with_name("peer_kernels.cpp")
-CFLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c++17"]
+CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-std=c++17"]
 LDFLAGS = ["-fopenmp"]
 
 
