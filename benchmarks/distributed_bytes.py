@@ -15,8 +15,9 @@ Sections:
 * ``synthetic``  one table of dim 256, tokens/rank × h·k = 128 retrievals per token with ids uniform
   over N (the worst case: real retrieval is skewed and touches fewer rows), N = 64² … 4096²; no N × dim
   tensor is ever allocated, so N = 16M costs nothing.
-* ``model``      a real PEER layer (dim 128, h 8, k 16) forward+backward on 256 tokens per rank, then
-  ``average_gradients``: U and V exchanged row-sparse, everything else all-reduced.
+* ``model``      a real PEER layer (dim 128, h 8, k 16) forward+backward on 256 tokens per rank through
+  ``data_parallel`` (DistributedDataParallel all-reduces the dense gradients: query net, BatchNorm,
+  sub-keys), then ``average_expert_gradients``: U and V exchanged row-sparse.
 
 Usage::
 
@@ -90,10 +91,10 @@ def _model(sizes: list[int], tokens: int) -> list[dict]:
     for n in sizes:
         torch.manual_seed(0)  # identical replicas
         layer = PEER(PEERConfig(dim=128, num_subkeys=n, heads=8, topk=16, dim_key=64))
-        distributed.sync_batchnorm(layer)
+        replica = distributed.data_parallel(layer)
         x = torch.randn(tokens, 128, generator=torch.Generator().manual_seed(distributed.rank()))
-        layer(x).pow(2).mean().backward()
-        stats = distributed.average_gradients(layer)
+        replica(x).pow(2).mean().backward()
+        stats = distributed.average_expert_gradients(layer)
         table_rows = layer.U.grad._nnz()
         out.append(
             {
@@ -150,7 +151,7 @@ def print_tables(res: dict) -> None:
             f"{r['N']:>12,}{r['tokens_per_rank']:>12,}{r['rows_per_rank']:>11,}{r['rows']:>10,}"
             f"{r['sent_bytes'] / mib:>10.2f}{r['dense_allreduce_bytes'] / mib:>11.1f}{r['ms']:>8.1f}"
         )
-    print("\nA PEER layer (dim 128, h 8, k 16), 256 tokens per rank: average_gradients")
+    print("\nA PEER layer (dim 128, h 8, k 16), 256 tokens per rank: DDP (dense) + average_expert_gradients (U, V)")
     print(f"{'N':>12}{'rows':>8}{'U+V sent MiB':>14}{'dense sent MiB':>16}{'U+V dense MiB':>15}")
     for r in res["model"]:
         print(

@@ -11,7 +11,8 @@ check passes, 1 when one fails. Checks (CPU reference: ``impl="naive"``, fp32; T
 Timings (median of CUDA-synchronised repeats): layer fwd+bwd vs a dense FFN 256→1024→256 (fp32 and
 bf16 autocast, 1,024 and 16,384 tokens); training steps at N = 1024² (dim 256, row-sparse and dense
 AdamW; dim 128 at 1024² and 2048²); peak GPU memory while training at N = 1024², dim 256, over the
-bytes of U and V; whole-model tokens/s with a PEER block vs dense FFNs.
+bytes of U and V; whole-model tokens/s with a PEER block vs dense FFNs, and with the PEER block
+under the trainer's bf16 autocast (``lifelong_peer.train.autocast``, ``TrainConfig.precision``).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from lifelong_peer.model import LanguageModel, ModelConfig
 from lifelong_peer.optim import build_optimizer
 from lifelong_peer.peer import PEER, PEERConfig
 from lifelong_peer.system import info
+from lifelong_peer.train import autocast  # the trainer's bf16 path (TrainConfig.precision)
 
 STANDARD = {"dim": 256, "num_subkeys": 256, "heads": 8, "topk": 16, "dim_key": 128}
 #: relative (Frobenius) error bounds. fp32 gradients allow for a few near-tie retrievals that differ
@@ -75,7 +77,7 @@ def check_layer(dev: torch.device) -> dict:
     a, b = layer_grads(gpu, x.to(dev), dy.to(dev)), layer_grads(ref, x, dy)
     out = {"ids_match": float((a.pop("ids").cpu() == b.pop("ids")).float().mean())}
     out.update({f"rel_{name}": rel(a[name], b[name]) for name in b})
-    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+    with torch.no_grad(), autocast("bf16", dev):
         out["rel_y_bf16"] = rel(gpu(x.to(dev)), b["y"])
     out["ok"] = (
         out["ids_match"] >= TOL["ids_match"]
@@ -109,7 +111,7 @@ def check_model(dev: torch.device) -> dict:
 def fwd_bwd(module: nn.Module, x: torch.Tensor, dy: torch.Tensor, bf16: bool):
     def run():
         module.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+        with autocast("bf16" if bf16 else "fp32", x.device):
             y = module(x)
         y.backward(dy.to(y.dtype))
 
@@ -183,15 +185,21 @@ def time_steps(dev: torch.device, quick: bool) -> list[dict]:
 
 def time_model(dev: torch.device) -> dict:
     out = {}
-    for name, blocks in (("dense", "none"), ("peer", "middle")):
+    for name, blocks, precision in (
+        ("dense", "none", "fp32"),
+        ("peer", "middle", "fp32"),
+        ("peer_bf16", "middle", "bf16"),
+    ):
         torch.manual_seed(0)
         model = LanguageModel(ModelConfig(peer_blocks=blocks)).to(dev).train()
         opt = build_optimizer(model, lr=1e-3)
         idx = torch.randint(0, 256, (16, model.config.context + 1), device=dev)
 
-        def step(model=model, opt=opt, idx=idx):
+        def step(model=model, opt=opt, idx=idx, precision=precision):
             opt.zero_grad(set_to_none=True)
-            model(idx[:, :-1], idx[:, 1:])[1].backward()
+            with autocast(precision, dev):  # as the trainer's step
+                loss = model(idx[:, :-1], idx[:, 1:])[1]
+            loss.backward()
             opt.step()
 
         out[f"{name}_tokens_per_s"] = 16 * model.config.context / sync_time(step, repeats=5)
@@ -227,7 +235,8 @@ def print_report(res: dict) -> None:
         return
     print(
         f"\nLanguageModel step (batch 16 × 256): dense {m['dense_tokens_per_s']:,.0f} tok/s, "
-        f"PEER {m['peer_tokens_per_s']:,.0f} tok/s ({m['peer_vs_dense']:.2f}×)"
+        f"PEER {m['peer_tokens_per_s']:,.0f} tok/s ({m['peer_vs_dense']:.2f}×), "
+        f"PEER under bf16 autocast {m['peer_bf16_tokens_per_s']:,.0f} tok/s"
     )
 
 

@@ -152,6 +152,7 @@ def run(
     checkpoint_every: int | None = typer.Option(None, help=_TRAIN_DOCS["checkpoint_every"]),
     seed: int | None = typer.Option(None, help=_TRAIN_DOCS["seed"]),
     device: str | None = typer.Option(None, help=_TRAIN_DOCS["device"]),
+    precision: str | None = typer.Option(None, help=_TRAIN_DOCS["precision"]),
     workspace: Path | None = WorkspaceOpt,
     fmt: Format = FormatOpt,
     quiet: bool = QuietOpt,
@@ -184,6 +185,7 @@ def run(
         checkpoint_every=checkpoint_every,
         seed=seed,
         device=device,
+        precision=precision,
     )
     attach_opts = _attach_options(base_model, attach, layers, trainable, context)
     with ws.lock() if main else contextlib.nullcontext():  # rank 0 holds the lock for all ranks

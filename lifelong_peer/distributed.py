@@ -2,32 +2,41 @@
 
 Every rank holds a full replica of the model and optimizer. Each step every rank draws the same
 global batch (one generator seeded by (seed, phase, step)), trains on its own block of rows
-(``shard``), and ``average_gradients`` turns the local gradients into the global-batch gradient:
+(``shard``), and the gradients become the global-batch gradient in two exchanges:
 
-* dense gradients (attention, FFNs, embeddings, query nets, sub-keys): summed by ``all_reduce`` in
-  flat buckets, then divided by the world size — what ``DistributedDataParallel`` does, minus the
-  overlap with backward. DDP itself is not used because growth replaces the expert Parameters every
-  phase (DDP fixes its buckets at construction) and expert tables need their own exchange;
-* expert-table gradients (U, V: sparse COO, only the rows retrieved): **row-sparse**. Each rank's
-  rows and ids are all-gathered (sizes first, padded to the largest), duplicates summed in rank order
-  (deterministic: every rank ends with the same bits), then divided by the world size. Bytes per
-  step scale with the rows touched, never with N (``benchmarks/distributed_bytes.py``); nothing the
-  size of an N × dim table is ever all-reduced.
+* dense parameters (attention, FFNs, embeddings, query nets, sub-keys) through
+  ``torch.nn.parallel.DistributedDataParallel``: ``data_parallel`` wraps the model, and the
+  backward pass averages their gradients in buckets, overlapped with the rest of backward. The
+  wrapper is built per phase (and for base training), because growth replaces the sub-key
+  Parameters with larger ones and DDP fixes its buckets at construction; building one costs a
+  broadcast of the dense weights, nothing per step;
+* expert tables (every PEER layer's U and V: sparse COO gradients, only the rows retrieved;
+  replaced by new Parameters on growth) are hidden from DDP and exchanged **row-sparse** by
+  ``average_expert_gradients`` after backward: each rank's rows and ids are all-gathered (sizes
+  first, padded to the largest), duplicates summed in rank order (deterministic: every rank ends
+  with the same bits), then divided by the world size. Bytes per step scale with the rows touched,
+  never with N (``benchmarks/distributed_bytes.py``); nothing the size of an N × dim table is ever
+  all-reduced. (DDP's own sparse path expects sparse gradients only from
+  ``nn.Embedding(sparse=True)``-like modules, and NCCL has no sparse all-reduce.)
 
-BatchNorm query statistics are computed over the global batch (``SyncBatchNorm1d``), so K ranks
-with batch B/K each compute what one process computes with batch B, to float rounding.
+Buffers are hidden from DDP as well: BatchNorm query statistics are computed over the global
+batch (``SyncBatchNorm1d``, also on CPU where ``torch.nn.SyncBatchNorm`` refuses to run), and
+frozen masks change only between phases, so K ranks with batch B/K each compute what one process
+computes with batch B, to float rounding, with no buffer broadcast per step.
 
 Between phases every rank computes growth, placement, freezing and the usage ledger from identical
 models and identically seeded generators; ``sync_decisions`` then broadcasts rank 0's sub-keys and
 frozen masks anyway and checks every replica against rank 0's (repairing from rank 0 if they ever
 differ). Files are written by rank 0 only (``is_main``), with a ``barrier`` after.
 
-Without ``WORLD_SIZE > 1`` in the environment every function here is a no-op, so the trainer has
-one code path.
+Without ``WORLD_SIZE > 1`` in the environment every function here is a no-op (``data_parallel``
+returns the model itself), so the trainer has one code path.
 """
 
 from __future__ import annotations
 
+import atexit
+import gc
 import math
 import os
 import sys
@@ -37,6 +46,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 from .errors import UserError
 
@@ -44,8 +54,6 @@ from .errors import UserError
 #: Long by default: rank 0 may be writing a checkpoint of many GiB while the others wait at a barrier.
 DEFAULT_TIMEOUT_S = 1800.0
 TIMEOUT_ENV = "LPEER_DIST_TIMEOUT_S"
-#: Elements per all-reduce of dense gradients (100 MiB of float32), like DDP's bucket_cap_mb.
-BUCKET_NUMEL = 25 * 2**20
 
 
 # --- the process group ----------------------------------------------------------------------------
@@ -69,12 +77,17 @@ def init_from_env(timeout_s: float | None = None) -> bool:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # "cuda" now means this rank's GPU
         backend = "cpu:gloo,cuda:nccl"  # small CPU collectives (strings, checks) stay on gloo
     dist.init_process_group(backend, timeout=timedelta(seconds=timeout))
+    atexit.register(gc.collect)  # an exit without ``shutdown`` (an error) too: see there
     return True
 
 
 def shutdown() -> None:
     """Leave the process group (end of a distributed command)."""
     if is_distributed():
+        # DDP leaves cyclic garbage (freed only by the collector); collected after the group is
+        # destroyed, at exit, it aborted ~1 run in 4 here ("terminate called without an active
+        # exception", torch 2.13, gloo), so collect it while the group exists
+        gc.collect()
         dist.destroy_process_group()
 
 
@@ -126,12 +139,48 @@ def mean(value: float) -> float:
 # --- gradients --------------------------------------------------------------------------------------
 
 
+def expert_table_names(model: nn.Module) -> list[str]:
+    """Qualified names of the expert tables (every PEER layer's U and V): the row-sparse parameters."""
+    from .peer import PEER
+
+    return [
+        f"{prefix}.{t}" if prefix else t for prefix, m in model.named_modules() if isinstance(m, PEER) for t in "UV"
+    ]
+
+
+def data_parallel(model: nn.Module) -> nn.Module:
+    """The module a training loop calls: ``model`` under ``DistributedDataParallel`` for its dense
+    parameters; ``model`` itself when not distributed. Build one per phase, after growth and
+    ``requires_grad`` changes (DDP takes the trainable Parameters once, at construction).
+
+    The forward must go through the returned module (DDP's backward hooks fire only then); the
+    optimizer, checkpoints and evaluation keep using ``model``. Also makes BatchNorm global
+    (``sync_batchnorm``). Hidden from DDP: the expert tables (``average_expert_gradients``
+    exchanges them after backward) and all buffers (identical on every rank: see the module
+    docstring). Every trainable dense parameter gets a gradient every step, so no
+    ``find_unused_parameters`` graph walk is needed; frozen ones (``requires_grad=False``: a
+    Hugging Face base's weights, shared weights with ``train_shared=False``) are skipped by DDP.
+    """
+    if not is_distributed():
+        return model
+    sync_batchnorm(model)
+    tables = set(expert_table_names(model))
+    hidden = [*tables, *(name for name, _ in model.named_buffers())]
+    hidden += ["." + name for name in hidden if "." not in name]  # how DDP spells the root module's own names
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, hidden)
+    if all(name in tables or not p.requires_grad for name, p in model.named_parameters()):
+        return model  # only expert tables train: nothing for DDP (which refuses such a module)
+    # init_sync (default) checks the shapes agree on every rank and broadcasts rank 0's dense weights
+    return DistributedDataParallel(model)
+
+
 @dataclass
 class ExchangeStats:
-    """What one ``average_gradients`` call put on the wire, per rank."""
+    """What one training step put on the wire for gradients, per rank."""
 
     dense_bytes: int = 0
-    """Bytes this rank fed to all-reduces of dense gradients."""
+    """Bytes of dense gradients averaged by all-reduce: DDP's in backward (every trainable dense
+    parameter), plus expert tables whose gradients are dense."""
     sparse_bytes: int = 0
     """Bytes this rank fed to all-gathers of expert rows (ids + values, padding included); it
     receives world × this."""
@@ -139,48 +188,33 @@ class ExchangeStats:
     """Distinct rows in the averaged sparse gradients, summed over tables."""
 
 
-def average_gradients(model: nn.Module) -> ExchangeStats:
-    """Replace every gradient of ``model`` by its mean over ranks; call after ``backward()``.
+def average_expert_gradients(model: nn.Module) -> ExchangeStats:
+    """Replace the expert tables' gradients by their mean over ranks; call after ``backward()``
+    through ``data_parallel(model)`` (which has averaged the dense gradients already).
 
-    Dense gradients are all-reduced; sparse ones (expert tables) exchanged row-sparse
-    (``average_sparse``). Every rank must call this at the same step with the same parameters
-    holding gradients (true for replicas on same-shaped batches). No-op when not distributed.
+    Sparse gradients are exchanged row-sparse (``average_sparse``); a table with dense gradients
+    (a PEER layer with ``sparse_grad=False``) is all-reduced. Every rank must call this at the
+    same step (true for replicas on same-shaped batches). No-op when not distributed.
     """
     stats = ExchangeStats()
     if not is_distributed():
         return stats
-    params = [p for p in model.parameters() if p.grad is not None]
-    dense = [p.grad for p in params if not p.grad.is_sparse]
-    sparse = [p for p in params if p.grad.is_sparse]
-    stats.dense_bytes = _average_dense(dense)
+    tables, sparse = set(expert_table_names(model)), []
+    for name, p in model.named_parameters():
+        if p.grad is None:
+            continue
+        if name in tables and p.grad.is_sparse:
+            sparse.append(p)
+            continue
+        if name in tables:  # dense table gradients: not DDP's, so averaged here
+            dist.all_reduce(p.grad)
+            p.grad.div_(world_size())
+        stats.dense_bytes += p.grad.numel() * p.grad.element_size()
     grads, stats.sparse_bytes = average_sparse([p.grad for p in sparse])
     for p, g in zip(sparse, grads, strict=True):
         p.grad = g
     stats.rows = sum(g._nnz() for g in grads)
     return stats
-
-
-def _average_dense(grads: list[Tensor]) -> int:
-    """In-place mean over ranks of dense tensors, flattened into buckets; returns bytes reduced."""
-    world, sent = world_size(), 0
-    groups: dict[tuple, list[Tensor]] = {}
-    for g in grads:
-        groups.setdefault((g.device, g.dtype), []).append(g)
-    for group in groups.values():
-        bucket: list[Tensor] = []
-        for i, g in enumerate(group):
-            bucket.append(g)
-            if i + 1 == len(group) or sum(x.numel() for x in bucket) + group[i + 1].numel() > BUCKET_NUMEL:
-                flat = torch.cat([x.reshape(-1) for x in bucket])
-                dist.all_reduce(flat)
-                flat.div_(world)
-                offset = 0
-                for x in bucket:
-                    x.copy_(flat[offset : offset + x.numel()].view_as(x))
-                    offset += x.numel()
-                sent += flat.numel() * flat.element_size()
-                bucket = []
-    return sent
 
 
 def average_sparse(grads: list[Tensor]) -> tuple[list[Tensor], int]:
@@ -410,13 +444,15 @@ def decide_on_main(decide) -> str:
 __all__ = [
     "ExchangeStats",
     "SyncBatchNorm1d",
-    "average_gradients",
+    "average_expert_gradients",
     "average_sparse",
     "barrier",
     "broadcast_model",
     "broadcast_str",
     "combine_rows",
+    "data_parallel",
     "decide_on_main",
+    "expert_table_names",
     "init_from_env",
     "is_distributed",
     "is_main",

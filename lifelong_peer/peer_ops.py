@@ -111,7 +111,9 @@ class SubkeyTopK(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dv, _):
         q, keys, indices = ctx.saved_tensors
-        dv = dv.contiguous()
+        # under autocast the scores (so dv) and q may be bf16: compute in the keys' dtype (autograd
+        # casts dq back to q's)
+        dv, q = dv.to(keys.dtype).contiguous(), q.to(keys.dtype)
         dq = F.embedding_bag(indices, keys, mode="sum", per_sample_weights=dv) if ctx.needs_input_grad[0] else None
         dkeys = None
         if ctx.needs_input_grad[1]:
@@ -204,7 +206,10 @@ class ExpertMix(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, ids, gates, U, V, activation: str, sparse: bool):
-        hidden = _rows_dot(U, ids, x)  # (T, S)
+        # under autocast x, gates and the dot products may be bf16: the tables' dtype throughout, so
+        # backward is consistent and U's and V's gradients come in their dtype
+        x, gates = x.to(V.dtype), gates.to(V.dtype)
+        hidden = _rows_dot(U, ids, x).to(V.dtype)  # (T, S)
         weights = _activation(hidden, activation) * gates  # (T, S)
         y = F.embedding_bag(ids, V, mode="sum", per_sample_weights=weights)  # (T, dim)
         ctx.save_for_backward(x, ids, gates, hidden, U, V)

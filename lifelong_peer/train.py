@@ -56,6 +56,7 @@ from .peer import PEERConfig
 from .strategies import strategy_overrides
 
 RUN_CHECKPOINT_FORMAT = "lifelong-peer/run-checkpoint/1"
+PRECISIONS = ("auto", "fp32", "bf16")
 Progress = Callable[[dict], None]
 
 
@@ -126,6 +127,9 @@ class TrainConfig:
     """Seed of every random choice: init, batches, growth."""
     device: str = "auto"
     """auto (CUDA when present), cpu, or cuda."""
+    precision: str = "auto"
+    """Training forward and loss: bf16 (autocast to bfloat16), fp32, or auto (bf16 on CUDA GPUs with
+    native bf16, else fp32). Weights, optimizer state, checkpoints and evaluation stay fp32."""
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -150,6 +154,8 @@ class TrainConfig:
             raise UserError(f"base_data must be mix or first, got {self.base_data!r}")
         if self.expert_moments not in MOMENTS:
             raise UserError(f"expert_moments must be one of {', '.join(MOMENTS)}, got {self.expert_moments!r}")
+        if self.precision not in PRECISIONS:
+            raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         grow = str(self.grow)
         if grow not in ("none", "auto") and not (grow.isdigit() and int(grow) > 0):
             raise UserError(f"grow must be none, auto or a positive number of sub-keys, got {self.grow!r}")
@@ -575,6 +581,22 @@ def _save_model(model, path: Path) -> None:
     (save_attached if isinstance(model, AttachedLM) else save_model)(model, path)
 
 
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """The context a training forward and loss run in (``TrainConfig.precision``): bf16 autocast, or none.
+
+    Under autocast matrix products run in bfloat16 while the Parameters, their gradients and the
+    optimizer stay float32 (no loss scaling: bf16 has float32's exponent range). auto means bf16
+    on CUDA GPUs with native bf16 (compute capability 8.0, Ampere, or newer) and fp32 elsewhere;
+    CPU autocast to bf16 works when asked for (slower here: it exists for tests).
+    """
+    if precision == "auto":
+        native = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+        precision = "bf16" if native else "fp32"
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -912,7 +934,8 @@ def train_phase(run: Run, phase: int, slice_name: str, start_step: int, opt_stat
     pools, replay_pools = _pools(run, phase)
     emit({"event": "phase_start", "phase": phase, "slice": slice_name, "steps": steps, "start": start_step})
     model.train()
-    distributed.sync_batchnorm(model)  # query BatchNorm statistics over the global batch
+    # the module to call: DDP for the dense weights (+ BatchNorm over the global batch) when distributed
+    replica = distributed.data_parallel(model)
     with _interrupt_at_step_boundary() as interrupted:
         for step in range(start_step, steps):
             gen = torch.Generator().manual_seed(_seed(tc.seed, phase, step))
@@ -923,20 +946,21 @@ def train_phase(run: Run, phase: int, slice_name: str, start_step: int, opt_stat
             for group in opt.param_groups:
                 group["lr"] = group.setdefault("peak_lr", group["lr"]) * lr_scale
             t0 = time.perf_counter()
-            logits, loss = model(local[:, :-1], local[:, 1:])
-            total = loss
-            if tc.l2sp:
-                total = total + tc.l2sp * regularize.l2sp(model, anchor)
-            if tc.ewc and run.fisher:
-                total = total + tc.ewc * regularize.ewc(model, anchor, run.fisher)
-            if tc.distill:
-                with torch.no_grad():
-                    teacher_logits, _ = previous(local[:, :-1])
-                total = total + tc.distill * regularize.distillation(logits, teacher_logits, tc.distill_temperature)
+            with autocast(tc.precision, run.device):
+                logits, loss = replica(local[:, :-1], local[:, 1:])
+                total = loss
+                if tc.l2sp:
+                    total = total + tc.l2sp * regularize.l2sp(model, anchor)
+                if tc.ewc and run.fisher:
+                    total = total + tc.ewc * regularize.ewc(model, anchor, run.fisher)
+                if tc.distill:
+                    with torch.no_grad():
+                        teacher_logits, _ = previous(local[:, :-1])
+                    total = total + tc.distill * regularize.distillation(logits, teacher_logits, tc.distill_temperature)
             opt.zero_grad(set_to_none=True)
-            total.backward()
-            distributed.average_gradients(model)  # global-batch gradient; experts exchanged row-sparse
-            if tc.grad_clip:
+            total.backward()  # through DDP: dense gradients arrive averaged over ranks
+            distributed.average_expert_gradients(model)  # expert rows, row-sparse: now the global-batch gradient
+            if tc.grad_clip:  # clips the global-batch gradient (after both exchanges), the same on every rank
                 opt.clip_grad_norm_(tc.grad_clip)
             opt.step()
             del logits, total
@@ -1201,17 +1225,18 @@ def train_base(run: Run, emit: Progress) -> None:
     opt = build_optimizer(run.model, lr=tc.lr, weight_decay=tc.weight_decay, moments=tc.expert_moments)
     emit({"event": "phase_start", "phase": -1, "slice": "base", "steps": tc.steps, "start": 0})
     run.model.train()
-    distributed.sync_batchnorm(run.model)
+    replica = distributed.data_parallel(run.model)
     for step in range(tc.steps):
         gen = torch.Generator().manual_seed(_seed(tc.seed, -1, step))
         torch.manual_seed(_seed(tc.seed, -1, step))
         batch = distributed.shard(sample_batch(pools, [], tc, cfg.context, gen)).to(run.device)
         for group in opt.param_groups:
             group["lr"] = group.setdefault("peak_lr", group["lr"]) * _lr_scale(step, tc.steps, tc)
-        _, loss = run.model(batch[:, :-1], batch[:, 1:])
+        with autocast(tc.precision, run.device):
+            _, loss = replica(batch[:, :-1], batch[:, 1:])
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        distributed.average_gradients(run.model)
+        distributed.average_expert_gradients(run.model)
         opt.clip_grad_norm_(tc.grad_clip or math.inf)
         opt.step()
         emit({"event": "step", "phase": -1, "step": step, "loss": distributed.mean(loss.item())})

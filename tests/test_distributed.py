@@ -8,6 +8,7 @@ WORLD_SIZE, MASTER_ADDR/PORT), so they join through ``distributed.init_from_env`
 
 from __future__ import annotations
 
+import copy
 import json
 import multiprocessing as mp
 import os
@@ -18,10 +19,12 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import MemoryStream
+from torch.nn.parallel import DistributedDataParallel
 
 from lifelong_peer import PEERConfig, distributed
 from lifelong_peer.checkpoint import load_tensors, save_tensors
 from lifelong_peer.model import ModelConfig
+from lifelong_peer.peer import PEER
 from lifelong_peer.train import RunConfig, create_run, open_run, resolve_config, run_phases
 from lifelong_peer.workspace import Workspace
 
@@ -115,6 +118,21 @@ def _primitives() -> None:
     torch.testing.assert_close(bn.running_mean, reference.running_mean, rtol=0, atol=1e-6)
     torch.testing.assert_close(bn.running_var, reference.running_var, rtol=0, atol=1e-5)
     assert set(bn.state_dict()) == set(reference.state_dict())
+    # a PEER layer under data_parallel: DDP averages the dense gradients (query net, BatchNorm, sub-keys)
+    # in backward, average_expert_gradients the row-sparse U and V; together the full-batch gradient
+    torch.manual_seed(0)
+    layer = PEER(PEERConfig(dim=8, num_subkeys=6, heads=2, topk=3, dim_key=8))
+    reference = copy.deepcopy(layer)
+    x = torch.randn(16, 8, generator=gen)
+    reference(x).pow(2).mean().backward()
+    replica = distributed.data_parallel(layer)
+    assert isinstance(replica, DistributedDataParallel) and isinstance(layer.norm, distributed.SyncBatchNorm1d)
+    replica(x[8 * rank : 8 * rank + 8]).pow(2).mean().backward()
+    stats = distributed.average_expert_gradients(layer)
+    assert layer.U.grad.is_sparse and stats.rows == layer.U.grad._nnz() + layer.V.grad._nnz() > 0
+    assert stats.dense_bytes == 4 * sum(p.numel() for n, p in layer.named_parameters() if n not in ("U", "V"))
+    for (name, got), want in zip(layer.named_parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(got.grad.to_dense(), want.grad.to_dense(), rtol=0, atol=1e-6, msg=name)
     # rank 0 decides, every rank hears it; a UserError there stops every rank
     assert distributed.broadcast_str("rank-0 says é" if rank == 0 else "") == "rank-0 says é"
     assert distributed.decide_on_main(lambda: f"made by {rank}") == "made by 0"
@@ -154,9 +172,10 @@ def test_single_process_is_untouched():
     batch = torch.arange(12).view(4, 3)
     assert distributed.shard(batch) is batch
     model = torch.nn.Linear(2, 2)
+    assert distributed.data_parallel(model) is model
     model(torch.ones(1, 2)).sum().backward()
     grad = model.weight.grad.clone()
-    assert distributed.average_gradients(model).dense_bytes == 0 and torch.equal(model.weight.grad, grad)
+    assert distributed.average_expert_gradients(model).dense_bytes == 0 and torch.equal(model.weight.grad, grad)
 
 
 # --- training --------------------------------------------------------------------------------------
