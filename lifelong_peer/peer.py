@@ -255,8 +255,11 @@ class PEER(nn.Module):
         c = self.config
         lead = x.shape[:-1]
         x2 = x.reshape(-1, c.dim)  # (T, d)
-        scores, ids = self._retrieve(self.queries(x2))  # (T, h, k)
-        gates = scores.softmax(dim=-1)  # (T, h, k)
+        # The router in full precision, whatever autocast says (as Switch Transformer's, Fedus et al.
+        # 2021 §2.4): bf16 sub-key scores pick a different expert in ~1 of 3 top-k slots (issue 9).
+        with torch.autocast(x.device.type, enabled=False):
+            scores, ids = self._retrieve(self.queries(x2.to(self.query.weight.dtype)))  # (T, h, k)
+            gates = scores.softmax(dim=-1)  # (T, h, k)
         flat = ids.view(x2.shape[0], c.heads * c.topk)  # (T, h·k)
         if self.impl != "naive":
             y = peer_ops.expert_mix(

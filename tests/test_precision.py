@@ -52,12 +52,24 @@ def test_peer_fast_path_under_autocast_gives_fp32_gradients():
     loss16, g16 = grads(True)
     assert all(p.grad.dtype == torch.float32 for p in layer.parameters())
     assert layer.U.grad.is_sparse and layer.V.grad.is_sparse
-    # bf16 keeps ~3 digits: rounded sub-key scores change ~6% of the top-k choices here, which moves
+    # bf16 keeps ~3 digits: the rounded input x changes ~6% of the top-k choices here, which moves
     # the output and gradients by ~10% (relative norm); a broken cast or scale would move them by ~100%
     torch.testing.assert_close(loss16, loss32, rtol=0.1, atol=0)
     for name in g32:
         rel = (g16[name] - g32[name]).norm() / g32[name].norm()
         assert rel < 0.2, (name, float(rel))
+
+
+def test_router_runs_in_fp32_under_autocast():
+    """Retrieval ignores autocast (peer.py): an fp32 input picks exactly the fp32 experts and gates."""
+    torch.manual_seed(0)
+    layer = PEER(PEERConfig(dim=64, num_subkeys=32, heads=4, topk=8, dim_key=32)).train()
+    x = torch.randn(256, 64)
+    _, r32 = layer(x, return_retrieval=True)
+    with autocast("bf16", torch.device("cpu")):
+        _, r16 = layer(x, return_retrieval=True)
+    assert torch.equal(r16.ids, r32.ids)
+    assert r16.gates.dtype == torch.float32 and torch.equal(r16.gates, r32.gates)
 
 
 def _run(root, run_id: str, precision: str, progress=None):

@@ -169,7 +169,8 @@ std::vector<at::Tensor> pk_topk(at::Tensor q, at::Tensor subkeys, int64_t k) {
   const int64_t P = grid.size();
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "pk_topk", [&] {
     const at::Tensor c1t = subkeys.select(1, 0).t(), c2t = subkeys.select(1, 1).t();  // (half, n)
-    const int64_t C = std::max<int64_t>(16, 65536 / n);  // rows per block: C × n scores (256 KB) stay in cache
+    // rows per block: C × n scores per half (512 KB) stay in L2; bigger blocks keep the GEMMs efficient
+    const int64_t C = std::max<int64_t>(32, 131072 / n);
     const int64_t blocks = (R + C - 1) / C;
     auto* out_s = scores.data_ptr<scalar_t>();
     auto* out_i = ii.data_ptr<int64_t>();
