@@ -15,6 +15,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	if [ -n "$(TORCH)" ]; then $(PY) -m pip install -q "$(TORCH)" || $(PY) -m pip install -q --index-url https://download.pytorch.org/whl/cpu torch; fi
 	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m lifelong_peer.kernels || echo "native PEER kernels unavailable: the pure-PyTorch path will be used"
 	touch $(STAMP)
 
 demo: $(STAMP)

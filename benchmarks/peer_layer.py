@@ -157,6 +157,17 @@ def fits(dim: int, n: int, dense: bool) -> bool:
     return need * 1.3 < available_bytes()
 
 
+def scoring_seconds(n: int, tokens: int, repeats: int) -> float:
+    """The sub-key score GEMMs of one forward (tokens × 8 heads queries against both halves' n sub-keys,
+    dim_key 128, in the native kernel's row blocks): the part of a step that grows as √N by design
+    (product keys, He 2024 §2), whatever the implementation."""
+    torch.manual_seed(2)
+    q = torch.randn(tokens * 8, 128)
+    c1, c2 = torch.randn(64, n), torch.randn(64, n)
+    blocks = q.split(max(32, 131072 // n))
+    return median_seconds(lambda: [(b[:, :64] @ c1, b[:, 64:] @ c2) for b in blocks], repeats)
+
+
 def bench_steps(dim: int, sizes: list[int], dense_sizes: list[int], tokens: int, repeats: int) -> list[dict]:
     rows = []
     for n in sizes:
@@ -167,6 +178,7 @@ def bench_steps(dim: int, sizes: list[int], dense_sizes: list[int], tokens: int,
         row = {"dim": dim, "n": n, "N": n * n, "sparse_ms": 1e3 * step_seconds(dim, n, tokens, repeats, dense=False)}
         if "native" in IMPLS:
             row["native_ms"] = 1e3 * step_seconds(dim, n, tokens, repeats, dense=False, impl="native")
+        row["scoring_ms"] = 1e3 * scoring_seconds(n, tokens, repeats)
         if n in dense_sizes and fits(dim, n, dense=True):
             row["dense_ms"] = 1e3 * step_seconds(dim, n, tokens, repeats, dense=True)
             row["dense_over_sparse"] = row["dense_ms"] / row["sparse_ms"]
@@ -341,7 +353,8 @@ def print_tables(res: dict) -> None:
             continue
         print(f"\nTraining step (fwd+bwd+optimizer), section {section!r}")
         print(
-            f"{'dim':>5}{'N':>14}{'fast ms':>10}{'native ms':>11}{'dense AdamW ms':>16}{'dense/fast':>12}{'dense/native':>14}"
+            f"{'dim':>5}{'N':>14}{'fast ms':>10}{'native ms':>11}{'dense AdamW ms':>16}{'dense/fast':>12}"
+            f"{'dense/native':>14}{'scoring ms':>12}"
         )
         for r in res[section]:
             if "skipped" in r:
@@ -354,7 +367,12 @@ def print_tables(res: dict) -> None:
             print(
                 f"{r['dim']:>5}{r['N']:>14,}{cell('sparse_ms', 10, '.1f')}{cell('native_ms', 11, '.1f')}"
                 f"{cell('dense_ms', 16, '.1f')}{cell('dense_over_sparse', 12, '.2f')}{cell('dense_over_native', 14, '.2f')}"
+                f"{cell('scoring_ms', 12, '.1f')}"
             )
+        rows = {r["n"]: r for r in res[section] if "native_ms" in r and "scoring_ms" in r}
+        if 1024 in rows and 2048 in rows:  # context for the 2048²/1024² target: the √N part of a step
+            a, b = (rows[n]["native_ms"] - rows[n]["scoring_ms"] for n in (2048, 1024))
+            print(f"native step 2048²/1024² less the sub-key scoring GEMMs (which grow as √N): {a / b:.2f}×")
     for r in res.get("memory", []):
         name = f"{r.get('impl')}, {r.get('moments', 'fp32')} moments"
         if "skipped" in r:
@@ -412,6 +430,7 @@ def checks(res: dict) -> dict:
         check("step_2048sq_over_1024sq_dim128", scale[2048]["sparse_ms"] / scale[1024]["sparse_ms"], "<=")
     if 1024 in scale and 2048 in scale and "native_ms" in scale[1024]:
         check("step_2048sq_over_1024sq_dim128_native", scale[2048]["native_ms"] / scale[1024]["native_ms"], "<=")
+
     if "dense_over_sparse" in scale.get(1024, {}):
         check("sparse_vs_dense_step_1024sq_dim128", scale[1024]["dense_over_sparse"], ">=")
     if "dense_over_native" in scale.get(1024, {}):

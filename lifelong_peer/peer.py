@@ -34,13 +34,14 @@ What this file adds for continual learning:
   hold only the rows retrieved in the step, so the backward pass and the optimizer cost
   O(rows used), not O(N).
 
-Two implementations compute the same function: ``impl="naive"``, the plain code in this file (the
-reference: U and V read through ``F.embedding`` / ``F.embedding_bag(sparse=True)``), and
-``impl="fast"`` (default), ``lifelong_peer.peer_ops``: a pruned top-k candidate grid and one
-autograd Function for the experts that keeps no (tokens, h·k, dim) tensors for backward and
-returns compact, coalesced row gradients (issue 8). ``impl="native"`` runs the same two pieces as
-C++ kernels (``lifelong_peer.kernels``, compiled at first use and cached) and falls back to
-``"fast"`` by itself where they are unavailable (no compiler, ``LPEER_NATIVE=0``, CUDA, autocast).
+Three implementations compute the same function: ``impl="naive"``, the plain code in this file
+(the reference: U and V read through ``F.embedding`` / ``F.embedding_bag(sparse=True)``);
+``impl="fast"``, ``lifelong_peer.peer_ops``: a pruned top-k candidate grid and one autograd
+Function for the experts that keeps no (tokens, h·k, dim) tensors for backward and returns
+compact, coalesced row gradients (issue 8); and ``impl="native"`` (default), the same two pieces
+and the optimizer's row update as C++ kernels (``lifelong_peer.kernels``, compiled once per machine
+at first use and cached), which falls back to ``"fast"`` by itself where they are unavailable (no
+compiler, ``LPEER_NATIVE=0``, CUDA, autocast, bf16).
 """
 
 from __future__ import annotations
@@ -164,7 +165,7 @@ class PEER(nn.Module):
     #: Implementations of the same function (module docstring); ``layer.impl`` may be switched at any time.
     IMPLS = ("fast", "naive", "native")
 
-    def __init__(self, config: PEERConfig, impl: str = "fast"):
+    def __init__(self, config: PEERConfig, impl: str = "native"):
         super().__init__()
         if impl not in self.IMPLS:
             raise ValueError(f"PEER impl must be one of {', '.join(self.IMPLS)}; got {impl!r}")

@@ -5,7 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from lifelong_peer import kernels
 from lifelong_peer.streams.tokenize import ByteTokenizer
+
+
+@pytest.fixture(scope="session", autouse=True)
+def native_kernels_built_first():
+    """PEER layers run the native kernels by default: build them (about a minute, once per machine)
+    before any test, rather than inside whichever test — perhaps one with several processes — comes first."""
+    kernels.load()
 
 
 class MemorySlice:

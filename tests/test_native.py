@@ -6,6 +6,8 @@ skipped where the kernels cannot be built at all.
 """
 
 import copy
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -259,3 +261,51 @@ class _Counting:
     def row_adamw_(self, *args):
         self.calls.append(1)
         return self.module.row_adamw_(*args)
+
+
+def test_builds_are_private_until_complete(monkeypatch, tmp_path):
+    """An interrupted build leaves no trace, a failed one leaves FAILED (not retried), a finished one
+    appears in the cache folder in one rename — never a half-made folder or a stale lock."""
+    import torch.utils.cpp_extension as cpp
+
+    monkeypatch.setenv("LPEER_CACHE", str(tmp_path))
+    monkeypatch.setenv("LPEER_NATIVE", "1")
+    final = kernels.build_dir()
+
+    def fake_build(interrupt=False, fail=False):
+        def build(name, build_directory, **_):
+            (Path(build_directory) / "partial.o").write_text("half")
+            if interrupt:
+                raise KeyboardInterrupt
+            if fail:
+                raise RuntimeError("no compiler today")
+            (Path(build_directory) / f"{name}.so").write_text("done")
+            return "the module"
+
+        return build
+
+    try:
+        kernels.load.cache_clear()
+        monkeypatch.setattr(cpp, "load", fake_build(interrupt=True))
+        with pytest.raises(KeyboardInterrupt):
+            kernels.load()
+        assert list(tmp_path.rglob("*")) == [final.parent]  # only the empty kernels/ folder
+
+        kernels.load.cache_clear()
+        monkeypatch.setattr(cpp, "load", fake_build())
+        assert kernels.load() == "the module"
+        assert sorted(p.name for p in final.iterdir()) == [f"lpeer_kernels_{final.name}.so", "partial.o"]
+        assert [p.name for p in final.parent.iterdir()] == [final.name]  # no private folder left
+
+        shutil.rmtree(final)
+        kernels.load.cache_clear()
+        monkeypatch.setattr(cpp, "load", fake_build(fail=True))
+        with pytest.warns(UserWarning, match="failed to build"):
+            assert kernels.load() is None
+        assert "no compiler today" in (final / "FAILED").read_text()
+        kernels.load.cache_clear()
+        monkeypatch.setattr(cpp, "load", fake_build())
+        with pytest.warns(UserWarning, match="earlier build failed"):
+            assert kernels.load() is None  # not retried
+    finally:
+        kernels.load.cache_clear()

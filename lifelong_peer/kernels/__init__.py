@@ -2,22 +2,29 @@
 
 ``load()`` returns the compiled module, or ``None`` when the kernels are unavailable — switched off
 with ``LPEER_NATIVE=0``, no C++ compiler, or a failed build — and ``lifelong_peer.peer_ops`` then
-runs its pure-PyTorch code. The build (``torch.utils.cpp_extension``, about a minute) is cached
-under ``~/.cache/lifelong_peer/kernels/<key>`` (``$LPEER_CACHE`` overrides the root), the key
-hashing the source, torch's version, the flags and this CPU's instruction sets (the build uses
-``-march=native``), so later processes only load the library. A failed build leaves
-``FAILED`` with the compiler's message in that folder and is not retried; delete the folder to
-retry.
+runs its pure-PyTorch code. The build (``torch.utils.cpp_extension``, about a minute, announced on
+stderr) is cached under ``~/.cache/lifelong_peer/kernels/<key>`` (``$LPEER_CACHE`` overrides the
+root), the key hashing the source, torch's version, the flags and this CPU's instruction sets (the
+build uses ``-march=native``), so later processes only load the library (``python -m
+lifelong_peer.kernels`` builds it ahead). Each build runs in a private folder renamed into place
+when complete, so an interrupted build leaves nothing half-made (nor cpp_extension's lock file,
+which would make the next build wait forever) and processes building at once (torchrun ranks) do
+not meet. A failed build leaves ``FAILED`` with the compiler's message in the cache folder and is
+not retried; delete the folder to retry.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
+import importlib.util
 import os
 import platform
 import shutil
 import sys
+import sysconfig
+import tempfile
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -67,32 +74,67 @@ def load() -> ModuleType | None:
     if not enabled() or sys.platform == "win32":
         return None
     d = build_dir()
+    name = f"lpeer_kernels_{d.name}"
     failed = d / "FAILED"
     if failed.exists():
         warnings.warn(
             f"native PEER kernels: an earlier build failed (see {failed}); using the pure-PyTorch path", stacklevel=2
         )
         return None
+    if (d / f"{name}.so").exists():
+        return _import(name, d / f"{name}.so")
     if _compiler() is None:
         return None  # nothing to build with: the pure-PyTorch path, silently
+    return _build(name, d)
+
+
+def _import(name: str, path: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _build(name: str, d: Path) -> ModuleType | None:
     from torch.utils.cpp_extension import load as build
 
-    d.mkdir(parents=True, exist_ok=True)
+    print(
+        "lifelong-peer: compiling the native PEER kernels (once per machine, about a minute; "
+        "LPEER_NATIVE=0 skips them)",
+        file=sys.stderr,
+        flush=True,
+    )
+    d.parent.mkdir(parents=True, exist_ok=True)
+    private = Path(tempfile.mkdtemp(prefix=f".{d.name}.", dir=d.parent))
+    private.chmod(0o755)  # as a plain mkdir would make it (mkdtemp's folder is private)
+    # cpp_extension looks for ninja on PATH; the pip-installed one sits next to this interpreter
+    path = os.environ.get("PATH", "")
+    os.environ["PATH"] = os.pathsep.join([sysconfig.get_path("scripts"), path])
     try:
-        return build(
-            name=f"lpeer_kernels_{d.name}",
+        module = build(
+            name=name,
             sources=[str(SOURCE)],
-            build_directory=str(d),
+            build_directory=str(private),
             extra_cflags=CFLAGS,
             extra_ldflags=LDFLAGS,
             verbose=False,
         )
     except Exception as exc:  # a broken toolchain must never break the layer: fall back
-        failed.write_text(f"{type(exc).__name__}: {exc}\n")
+        d.mkdir(exist_ok=True)
+        (d / "FAILED").write_text(f"{type(exc).__name__}: {exc}\n")
         warnings.warn(
             f"native PEER kernels failed to build ({type(exc).__name__}); using the pure-PyTorch path", stacklevel=2
         )
         return None
+    else:
+        # atomic: the folder appears complete or not at all; if another process got there first
+        # (or d holds FAILED), theirs stays
+        with contextlib.suppress(OSError):
+            private.rename(d)
+        return module
+    finally:  # whatever is left: a failed or interrupted build, or the loser of a race
+        os.environ["PATH"] = path
+        shutil.rmtree(private, ignore_errors=True)
 
 
 __all__ = ["build_dir", "enabled", "is_built", "load"]

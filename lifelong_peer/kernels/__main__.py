@@ -10,4 +10,4 @@ module = kernels.load()
 if module is None:
     print("native PEER kernels unavailable (LPEER_NATIVE=0, no C++ compiler, or a failed build)", file=sys.stderr)
     sys.exit(1)
-print(f"native PEER kernels ready in {time.perf_counter() - t0:.1f} s: {module.__file__}")
+print(f"native PEER kernels ready in {time.perf_counter() - t0:.1f} s: {kernels.build_dir()}")
