@@ -119,6 +119,10 @@ inline void axpy(T* y, T w, const T* x, int64_t D) {
   for (int64_t d = 0; d < D; ++d) y[d] += w * x[d];
 }
 
+// Rows ahead whose cache lines are requested before use: enough misses in flight to cover the
+// latency of random rows in tables bigger than the caches (1 → 4: see BENCHMARKS.md).
+constexpr int64_t kRowsAhead = 4;
+
 template <typename T>
 inline void prefetch_row(const T* p, int64_t D) {
   for (int64_t d = 0; d < D; d += 64 / sizeof(T)) __builtin_prefetch(p + d);
@@ -302,7 +306,7 @@ std::vector<at::Tensor> mix_forward(at::Tensor x, at::Tensor ids, at::Tensor gat
       for (int64_t c = c0; c < c1; ++c)
         for (int64_t r = bounds[c]; r < bounds[c + 1]; ++r) {
           const scalar_t* u = pU + rows_v[r] * D;
-          if (r + 1 < bounds[c + 1]) prefetch_row(pU + rows_v[r + 1] * D, D);
+          if (r + kRowsAhead < bounds[c + 1]) prefetch_row(pU + rows_v[r + kRowsAhead] * D, D);
           for (int64_t e = pst[r]; e < pst[r + 1]; ++e) ph[po[e]] = dot(u, px + (po[e] / S) * D, D);
         }
     });
@@ -316,7 +320,7 @@ std::vector<at::Tensor> mix_forward(at::Tensor x, at::Tensor ids, at::Tensor gat
         scalar_t* py = parts[c].data_ptr<scalar_t>();
         for (int64_t r = bounds[c]; r < bounds[c + 1]; ++r) {
           const scalar_t* v = pV + rows_v[r] * D;
-          if (r + 1 < bounds[c + 1]) prefetch_row(pV + rows_v[r + 1] * D, D);
+          if (r + kRowsAhead < bounds[c + 1]) prefetch_row(pV + rows_v[r + kRowsAhead] * D, D);
           for (int64_t e = pst[r]; e < pst[r + 1]; ++e) axpy(py + (po[e] / S) * D, pw[po[e]], v, D);
         }
       }
@@ -365,9 +369,9 @@ std::vector<at::Tensor> mix_backward(at::Tensor dy, at::Tensor x, at::Tensor gat
         for (int64_t r = bounds[c]; r < bounds[c + 1]; ++r) {
           const scalar_t* u = pU + prow[r] * D;
           const scalar_t* v = pV + prow[r] * D;
-          if (r + 1 < bounds[c + 1]) {
-            prefetch_row(pU + prow[r + 1] * D, D);
-            prefetch_row(pV + prow[r + 1] * D, D);
+          if (r + kRowsAhead < bounds[c + 1]) {
+            prefetch_row(pU + prow[r + kRowsAhead] * D, D);
+            prefetch_row(pV + prow[r + kRowsAhead] * D, D);
           }
           scalar_t* du = pdU + r * D;
           scalar_t* dv = pdV + r * D;
@@ -417,11 +421,12 @@ void row_adamw_(at::Tensor w, at::Tensor m, at::Tensor v, at::Tensor step, at::T
   at::parallel_for(0, r, 256, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t row = prow[i];
-      if (i + 1 < i1) {
-        const int64_t next = prow[i + 1];
+      if (i + kRowsAhead < i1) {
+        const int64_t next = prow[i + kRowsAhead];
         prefetch_row(pw + next * D, D);
         prefetch_row(pm + next * D, D);
         prefetch_row(pv + next * D, D);
+        __builtin_prefetch(ps + next);
       }
       const int32_t t = ++ps[row];
       const bool first = t == 1;  // stored moments are not read (growth leaves them unwritten: any bits)
