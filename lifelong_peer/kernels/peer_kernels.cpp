@@ -330,7 +330,9 @@ std::vector<at::Tensor> mix_forward(at::Tensor x, at::Tensor ids, at::Tensor gat
   return {y, hidden, order, rows, starts};
 }
 
-// One pass over the rows retrieved: dx (T, D), dgates (T, S), dU and dV compact (r, D) in `rows` order.
+// dx (T, D), dgates (T, S), dU and dV compact (r, D) in `rows` order, in two passes over the rows
+// retrieved, each touching one table and two token arrays (V with dy; U with x and dx) so that the
+// token rows, visited in scattered order, stay in L2 (A/B in BENCHMARKS.md).
 std::vector<at::Tensor> mix_backward(at::Tensor dy, at::Tensor x, at::Tensor gates, at::Tensor hidden, at::Tensor U,
                                      at::Tensor V, at::Tensor order, at::Tensor rows, at::Tensor starts, int64_t act) {
   dy = dy.contiguous();
@@ -340,51 +342,61 @@ std::vector<at::Tensor> mix_backward(at::Tensor dy, at::Tensor x, at::Tensor gat
   V = V.contiguous();
   const int64_t T = x.size(0), D = x.size(1), S = gates.size(1), nrows = rows.size(0);
   auto dx = at::zeros({T, D}, x.options());
-  auto dgates = at::empty({T, S}, x.options());
+  auto dw = at::empty({T, S}, x.options());  // ∂L/∂(weight of each entry) = v_e · dy_t
   auto dU = at::empty({nrows, D}, x.options());
   auto dV = at::empty({nrows, D}, x.options());
-  const at::Tensor acts = activation(hidden, act).contiguous();              // σ(h)     (T, S)
-  const at::Tensor dact = activation_grad(gates, hidden, act).contiguous();  // σ'(h) g  (T, S)
+  const at::Tensor acts = activation(hidden, act).contiguous();  // σ(h)  (T, S)
+  const at::Tensor weights = acts * gates;                       // σ(h) g
+  at::Tensor dgates, dh;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mix_backward", [&] {
     const scalar_t* pdy = dy.data_ptr<scalar_t>();
-    const scalar_t* pa = acts.data_ptr<scalar_t>();
-    const scalar_t* pda = dact.data_ptr<scalar_t>();
     const scalar_t* px = x.data_ptr<scalar_t>();
-    const scalar_t* pg = gates.data_ptr<scalar_t>();
+    const scalar_t* pw = weights.data_ptr<scalar_t>();
     const scalar_t* pU = U.data_ptr<scalar_t>();
     const scalar_t* pV = V.data_ptr<scalar_t>();
     const int64_t* po = order.data_ptr<int64_t>();
     const int64_t* prow = rows.data_ptr<int64_t>();
     const int64_t* pst = starts.data_ptr<int64_t>();
-    scalar_t* pdg = dgates.data_ptr<scalar_t>();
+    scalar_t* pdw = dw.data_ptr<scalar_t>();
     scalar_t* pdU = dU.data_ptr<scalar_t>();
     scalar_t* pdV = dV.data_ptr<scalar_t>();
     const int64_t chunks = num_chunks(nrows / 1024 + 1);
     const auto bounds = split(nrows, chunks, pst);
+    // pass 1, V and dy: dw_e = v_e · dy_t and dV_e = Σ w_e dy_t
+    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c)
+        for (int64_t r = bounds[c]; r < bounds[c + 1]; ++r) {
+          const scalar_t* v = pV + prow[r] * D;
+          if (r + kRowsAhead < bounds[c + 1]) prefetch_row(pV + prow[r + kRowsAhead] * D, D);
+          scalar_t* dv = pdV + r * D;
+          std::fill(dv, dv + D, scalar_t(0));
+          for (int64_t e = pst[r]; e < pst[r + 1]; ++e) {
+            const int64_t ent = po[e];
+            const scalar_t* g = pdy + (ent / S) * D;
+            pdw[ent] = dot(v, g, D);
+            axpy(dv, pw[ent], g, D);
+          }
+        }
+    });
+    dgates = dw * acts;                                 // ∂L/∂gate
+    dh = (dw * activation_grad(gates, hidden, act)).contiguous();  // ∂L/∂hidden = dw σ'(h) g
+    const scalar_t* pdh = dh.data_ptr<scalar_t>();
+    // pass 2, U with x and dx: dx_t = Σ dh_e u_e (a partial dx per chunk, added in chunk order) and
+    // dU_e = Σ dh_e x_t
     std::vector<at::Tensor> parts(chunks);
     at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
-        parts[c] = c == 0 ? dx : at::zeros({T, D}, x.options());  // per-chunk partial dx
+        parts[c] = c == 0 ? dx : at::zeros({T, D}, x.options());
         scalar_t* pdx = parts[c].data_ptr<scalar_t>();
         for (int64_t r = bounds[c]; r < bounds[c + 1]; ++r) {
           const scalar_t* u = pU + prow[r] * D;
-          const scalar_t* v = pV + prow[r] * D;
-          if (r + kRowsAhead < bounds[c + 1]) {
-            prefetch_row(pU + prow[r + kRowsAhead] * D, D);
-            prefetch_row(pV + prow[r + kRowsAhead] * D, D);
-          }
+          if (r + kRowsAhead < bounds[c + 1]) prefetch_row(pU + prow[r + kRowsAhead] * D, D);
           scalar_t* du = pdU + r * D;
-          scalar_t* dv = pdV + r * D;
           std::fill(du, du + D, scalar_t(0));
-          std::fill(dv, dv + D, scalar_t(0));
           for (int64_t e = pst[r]; e < pst[r + 1]; ++e) {
             const int64_t ent = po[e], t = ent / S;
-            const scalar_t dw = dot(v, pdy + t * D, D);  // ∂L/∂(weight of this entry)
-            pdg[ent] = dw * pa[ent];                     // ∂L/∂gate
-            const scalar_t dh = dw * pda[ent];           // ∂L/∂hidden
-            axpy(pdx + t * D, dh, u, D);
-            axpy(du, dh, px + t * D, D);
-            axpy(dv, pa[ent] * pg[ent], pdy + t * D, D);  // weight σ(h) g
+            axpy(pdx + t * D, pdh[ent], u, D);
+            axpy(du, pdh[ent], px + t * D, D);
           }
         }
       }
