@@ -16,7 +16,12 @@
 
 #include <ATen/Parallel.h>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
+#include <type_traits>
 #include <cmath>
 #include <functional>
 #include <limits>
@@ -70,7 +75,7 @@ struct TopkScratch {
   std::vector<T> cv, lane;
   std::vector<int32_t> ci, lane_i;
   std::vector<Item<T>> kth;
-  TopkScratch(int64_t n, int64_t k) : cv(n), lane(2 * k), ci(n), lane_i(2 * k), kth(k + 1) {}
+  TopkScratch(int64_t n, int64_t k) : cv(n + 16), lane(2 * k), ci(n + 16), lane_i(2 * k), kth(k + 1) {}
 };
 
 // The k best of s[0..n) into out[0..k), best first (k <= n); out[k] is scratch.
@@ -92,8 +97,24 @@ void row_topk(const T* s, int64_t n, int64_t k, TopkScratch<T>& w, Item<T>* out)
   for (int64_t l = 0; l < L; ++l) lane_i[l] = static_cast<int32_t>(l);
   best_k(lane, lane_i, L, k, w.kth.data());
   const T thr = w.kth[k - 1].v;
-  int64_t c = 0;
-  for (int64_t j = 0; j < n; ++j) {
+  int64_t c = 0, j = 0;
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float>) {  // 16 scores per compare; survivors compressed in a register
+    const __m512 vthr = _mm512_set1_ps(thr);
+    __m512i idx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    for (; j + 16 <= n; j += 16, idx = _mm512_add_epi32(idx, _mm512_set1_epi32(16))) {
+      const __m512 v = _mm512_loadu_ps(s + j);
+      const __mmask16 m = _mm512_cmp_ps_mask(v, vthr, _CMP_GE_OQ);
+      if (m == 0) continue;  // most blocks: ~20 survivors in a row of n
+      // compress in a register and store all 16 lanes (cv, ci have 16 spare slots): a compressing
+      // store to memory is microcoded and slow on some CPUs
+      _mm512_storeu_ps(cv + c, _mm512_maskz_compress_ps(m, v));
+      _mm512_storeu_si512(ci + c, _mm512_maskz_compress_epi32(m, idx));
+      c += __builtin_popcount(m);
+    }
+  }
+#endif
+  for (; j < n; ++j) {
     cv[c] = s[j];
     ci[c] = static_cast<int32_t>(j);
     c += s[j] >= thr;
