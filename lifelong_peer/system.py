@@ -16,6 +16,20 @@ def faiss_info() -> dict:
     return {"faiss": faiss.__version__, "faiss_gpus": int(gpus)}
 
 
+def native_kernels_info() -> str:
+    """Whether the PEER layer's C++ kernels run here: "built", "not built yet" (the next PEER layer
+    compiles them), "off" (LPEER_NATIVE=0), "failed" (see the cache folder) or "no compiler"."""
+    from . import kernels
+
+    if not kernels.enabled():
+        return "off (LPEER_NATIVE=0)"
+    if kernels.is_built():
+        return f"built ({kernels.build_dir()})"
+    if (kernels.build_dir() / "FAILED").exists():
+        return f"failed ({kernels.build_dir() / 'FAILED'})"
+    return "not built yet (compiled at first use)" if kernels.compiler_available() else "no C++ compiler: pure PyTorch"
+
+
 def info() -> dict:
     """Versions and hardware: what a bug report needs."""
     from . import __version__
@@ -35,6 +49,7 @@ def info() -> dict:
         "datasets": datasets_version,
         **faiss_info(),
         "threads": torch.get_num_threads(),
+        "native_kernels": native_kernels_info(),
         "cuda": cuda,
         "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else [],
     }

@@ -309,3 +309,21 @@ def test_builds_are_private_until_complete(monkeypatch, tmp_path):
             assert kernels.load() is None  # not retried
     finally:
         kernels.load.cache_clear()
+
+
+def test_lpeer_info_says_whether_the_kernels_run(monkeypatch, tmp_path):
+    from lifelong_peer.system import info, native_kernels_info
+
+    monkeypatch.setenv("LPEER_NATIVE", "0")
+    assert native_kernels_info().startswith("off")
+    monkeypatch.setenv("LPEER_NATIVE", "1")
+    monkeypatch.setenv("LPEER_CACHE", str(tmp_path))
+    if kernels.compiler_available():
+        assert native_kernels_info().startswith("not built yet")
+    monkeypatch.setenv("CXX", "/nonexistent/c++")
+    assert native_kernels_info().startswith("no C++ compiler")
+    kernels.build_dir().mkdir(parents=True)
+    (kernels.build_dir() / "FAILED").write_text("boom")
+    assert native_kernels_info().startswith("failed")
+    (kernels.build_dir() / f"lpeer_kernels_{kernels.build_dir().name}.so").write_text("")
+    assert info()["native_kernels"].startswith("built")

@@ -62,6 +62,11 @@ def _compiler() -> str | None:
     return shutil.which(os.environ.get("CXX", "c++"))
 
 
+def compiler_available() -> bool:
+    """Whether a C++ compiler ($CXX, else c++) is on PATH to build the kernels with."""
+    return _compiler() is not None
+
+
 def is_built() -> bool:
     """Whether a compiled library is already cached (loading it then takes well under a second)."""
     d = build_dir()
@@ -137,4 +142,4 @@ def _build(name: str, d: Path) -> ModuleType | None:
         shutil.rmtree(private, ignore_errors=True)
 
 
-__all__ = ["build_dir", "enabled", "is_built", "load"]
+__all__ = ["build_dir", "compiler_available", "enabled", "is_built", "load"]
