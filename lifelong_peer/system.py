@@ -23,10 +23,10 @@ def native_kernels_info() -> str:
 
     if not kernels.enabled():
         return "off (LPEER_NATIVE=0)"
+    if (kernels.build_dir() / "FAILED").exists():  # as kernels.load(): a failed build is not retried
+        return f"failed ({kernels.build_dir() / 'FAILED'})"
     if kernels.is_built():
         return f"built ({kernels.build_dir()})"
-    if (kernels.build_dir() / "FAILED").exists():
-        return f"failed ({kernels.build_dir() / 'FAILED'})"
     return "not built yet (compiled at first use)" if kernels.compiler_available() else "no C++ compiler: pure PyTorch"
 
 

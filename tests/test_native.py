@@ -326,4 +326,6 @@ def test_lpeer_info_says_whether_the_kernels_run(monkeypatch, tmp_path):
     (kernels.build_dir() / "FAILED").write_text("boom")
     assert native_kernels_info().startswith("failed")
     (kernels.build_dir() / f"lpeer_kernels_{kernels.build_dir().name}.so").write_text("")
+    assert native_kernels_info().startswith("failed")  # as load(): FAILED wins, never retried
+    (kernels.build_dir() / "FAILED").unlink()
     assert info()["native_kernels"].startswith("built")
