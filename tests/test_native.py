@@ -329,3 +329,21 @@ def test_lpeer_info_says_whether_the_kernels_run(monkeypatch, tmp_path):
     assert native_kernels_info().startswith("failed")  # as load(): FAILED wins, never retried
     (kernels.build_dir() / "FAILED").unlink()
     assert info()["native_kernels"].startswith("built")
+
+
+def test_an_unwritable_cache_falls_back_with_a_warning(monkeypatch, tmp_path):
+    if not kernels.compiler_available():
+        pytest.skip("no C++ compiler: load() returns None before looking at the cache")
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")  # the cache root is a file: nothing can be created under it
+    monkeypatch.setenv("LPEER_CACHE", str(blocker))
+    monkeypatch.setenv("LPEER_NATIVE", "1")
+    native, naive = pair("native")
+    x = torch.randn(10, 24)
+    try:
+        kernels.load.cache_clear()
+        with pytest.warns(UserWarning, match="cannot write the build cache"):
+            assert kernels.load() is None
+        assert rel_err(native(x), naive(x)) < 1e-5  # the layer still runs (pure PyTorch)
+    finally:
+        kernels.load.cache_clear()

@@ -109,9 +109,17 @@ def _build(name: str, d: Path) -> ModuleType | None:
         file=sys.stderr,
         flush=True,
     )
-    d.parent.mkdir(parents=True, exist_ok=True)
-    private = Path(tempfile.mkdtemp(prefix=f".{d.name}.", dir=d.parent))
-    private.chmod(0o755)  # as a plain mkdir would make it (mkdtemp's folder is private)
+    try:
+        d.parent.mkdir(parents=True, exist_ok=True)
+        private = Path(tempfile.mkdtemp(prefix=f".{d.name}.", dir=d.parent))
+        private.chmod(0o755)  # as a plain mkdir would make it (mkdtemp's folder is private)
+    except OSError as exc:  # a read-only or full cache: nowhere to build, so the pure-PyTorch path
+        warnings.warn(
+            f"native PEER kernels: cannot write the build cache {d.parent} ({exc.strerror or exc}); "
+            "using the pure-PyTorch path (set LPEER_CACHE to a writable folder)",
+            stacklevel=3,
+        )
+        return None
     # cpp_extension looks for ninja on PATH; the pip-installed one sits next to this interpreter
     path = os.environ.get("PATH", "")
     os.environ["PATH"] = os.pathsep.join([sysconfig.get_path("scripts"), path])
@@ -125,8 +133,9 @@ def _build(name: str, d: Path) -> ModuleType | None:
             verbose=False,
         )
     except Exception as exc:  # a broken toolchain must never break the layer: fall back
-        d.mkdir(exist_ok=True)
-        (d / "FAILED").write_text(f"{type(exc).__name__}: {exc}\n")
+        with contextlib.suppress(OSError):  # remember the failure (not retried) where the cache allows
+            d.mkdir(exist_ok=True)
+            (d / "FAILED").write_text(f"{type(exc).__name__}: {exc}\n")
         warnings.warn(
             f"native PEER kernels failed to build ({type(exc).__name__}); using the pure-PyTorch path", stacklevel=2
         )
