@@ -307,6 +307,12 @@ def test_builds_are_private_until_complete(monkeypatch, tmp_path):
         monkeypatch.setattr(cpp, "load", fake_build())
         with pytest.warns(UserWarning, match="earlier build failed"):
             assert kernels.load() is None  # not retried
+
+        (final / "FAILED").unlink()  # a damaged library in the cache: a warning, not a broken layer
+        (final / f"lpeer_kernels_{final.name}.so").write_text("not an ELF file")
+        kernels.load.cache_clear()
+        with pytest.warns(UserWarning, match="cannot load"):
+            assert kernels.load() is None
     finally:
         kernels.load.cache_clear()
 

@@ -87,7 +87,15 @@ def load() -> ModuleType | None:
         )
         return None
     if (d / f"{name}.so").exists():
-        return _import(name, d / f"{name}.so")
+        try:
+            return _import(name, d / f"{name}.so")
+        except (ImportError, OSError) as exc:  # a damaged cache must not break the layer either
+            warnings.warn(
+                f"native PEER kernels: cannot load {d / f'{name}.so'} ({exc}); using the pure-PyTorch path "
+                f"(delete {d} to rebuild)",
+                stacklevel=2,
+            )
+            return None
     if _compiler() is None:
         return None  # nothing to build with: the pure-PyTorch path, silently
     return _build(name, d)
