@@ -52,6 +52,21 @@ def assert_same(layer: PEER, naive: PEER, x: torch.Tensor, run_layer=None) -> No
         assert a[name].is_sparse == b[name].is_sparse, name
 
 
+def assert_same_before_and_after_growth(impl: str, kw: dict, sparse: bool, x: torch.Tensor, check=assert_same) -> None:
+    """``check(layer, naive, x)`` on a layer with frozen experts and sub-keys, then again after growth."""
+    layer, naive = pair(impl, **kw)
+    layer.sparse_grad = naive.sparse_grad = sparse
+    layer.freeze(torch.arange(0, layer.num_experts, 3), subkeys=True)
+    naive.load_state_dict(layer.state_dict())
+    check(layer, naive, x)
+    for m in (layer, naive):
+        torch.manual_seed(1)
+        m.grow(4)
+        with torch.no_grad():  # grown experts with non-zero v, so their gradients are non-trivial
+            m.V[-20:].normal_()
+    check(layer, naive, x)
+
+
 def assert_trains_like_naive_with_frozen_rows_bit_identical(impl: str) -> None:
     layer, naive = pair(impl, num_subkeys=12)
     frozen = torch.arange(0, layer.num_experts, 2)

@@ -2,7 +2,11 @@
 
 import pytest
 import torch
-from peer_helpers import assert_same, assert_trains_like_naive_with_frozen_rows_bit_identical, pair
+from peer_helpers import (
+    assert_same_before_and_after_growth,
+    assert_trains_like_naive_with_frozen_rows_bit_identical,
+    pair,
+)
 
 from lifelong_peer import PEER, PEERConfig
 from lifelong_peer.peer_ops import SubkeyTopK, expert_mix, product_key_topk
@@ -19,18 +23,7 @@ from lifelong_peer.peer_ops import SubkeyTopK, expert_mix, product_key_topk
 )
 @pytest.mark.parametrize("sparse", [True, False])
 def test_fast_equals_naive_outputs_and_gradients_before_and_after_growth(kw, sparse):
-    fast, naive = pair("fast", **kw)
-    fast.sparse_grad = naive.sparse_grad = sparse
-    fast.freeze(torch.arange(0, fast.num_experts, 3), subkeys=True)
-    naive.load_state_dict(fast.state_dict())
-    x = torch.randn(2, 7, 24)
-    assert_same(fast, naive, x)
-    for layer in (fast, naive):
-        torch.manual_seed(1)
-        layer.grow(4)
-        with torch.no_grad():
-            layer.V[-20:].normal_()
-    assert_same(fast, naive, x)
+    assert_same_before_and_after_growth("fast", kw, sparse, torch.randn(2, 7, 24))
 
 
 def test_fast_and_naive_train_alike_and_frozen_rows_stay_bit_identical():

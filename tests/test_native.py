@@ -11,7 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from peer_helpers import assert_same, assert_trains_like_naive_with_frozen_rows_bit_identical, pair, rel_err
+from peer_helpers import (
+    assert_same,
+    assert_same_before_and_after_growth,
+    assert_trains_like_naive_with_frozen_rows_bit_identical,
+    pair,
+    rel_err,
+)
 
 from lifelong_peer import PEER, kernels, peer_ops
 from lifelong_peer.peer_ops import NativeExpertMix, NativeProductKeyTopK, product_key_topk
@@ -74,18 +80,7 @@ class _counting:
 )
 @pytest.mark.parametrize("sparse", [True, False])
 def test_native_equals_naive_outputs_and_gradients_before_and_after_growth(ext, kw, sparse):
-    native, naive = pair("native", **kw)
-    native.sparse_grad = naive.sparse_grad = sparse
-    native.freeze(torch.arange(0, native.num_experts, 3), subkeys=True)
-    naive.load_state_dict(native.state_dict())
-    x = torch.randn(2, 37, 24)
-    assert_native_same(native, naive, x)
-    for layer in (native, naive):
-        torch.manual_seed(1)
-        layer.grow(4)
-        with torch.no_grad():
-            layer.V[-20:].normal_()
-    assert_native_same(native, naive, x)
+    assert_same_before_and_after_growth("native", kw, sparse, torch.randn(2, 37, 24), check=assert_native_same)
 
 
 def test_native_with_threads_equals_naive(ext):
