@@ -348,3 +348,14 @@ def test_an_unwritable_cache_falls_back_with_a_warning(monkeypatch, tmp_path):
         assert rel_err(native(x), naive(x)) < 1e-5  # the layer still runs (pure PyTorch)
     finally:
         kernels.load.cache_clear()
+
+
+def test_nan_inputs_give_nan_outputs_and_valid_ids_not_a_crash(ext):
+    """A diverged step (NaN activations) must surface as NaN, never as out-of-range expert ids."""
+    native, _ = pair("native", num_subkeys=20, topk=4)
+    x = torch.randn(64, 24)
+    x[::3] = float("nan")
+    native.eval()  # per-token queries: NaN rows stay NaN, the others finite
+    y, retrieval = native(x, return_retrieval=True)
+    assert ((retrieval.ids >= 0) & (retrieval.ids < native.num_experts)).all()
+    assert y[::3].isnan().all() and not y[1::3].isnan().any()

@@ -60,6 +60,9 @@ void best_k(const T* cv, const int32_t* ci, int64_t c, int64_t k, Item<T>* out) 
     std::copy(all.begin(), all.begin() + k, out);
     return;
   }
+  // NaN scores compare false both ways, so their ranks collide and leave slots unwritten: start every
+  // slot at a real candidate, so that ids stay valid (and the output NaN) instead of garbage
+  std::fill(out, out + k + 1, Item<T>{cv[0], ci[0]});
   for (int64_t a = 0; a < c; ++a) {
     const T va = cv[a];
     const int32_t ia = ci[a];
