@@ -67,10 +67,14 @@ def compiler_available() -> bool:
     return _compiler() is not None
 
 
+def _library(d: Path) -> Path:
+    """The compiled library in cache folder ``d`` (cpp_extension names it after the module)."""
+    return d / f"lpeer_kernels_{d.name}.so"
+
+
 def is_built() -> bool:
     """Whether a compiled library is already cached (loading it then takes well under a second)."""
-    d = build_dir()
-    return any(d.glob(f"lpeer_kernels_{d.name}*.so"))
+    return _library(build_dir()).exists()
 
 
 @functools.cache
@@ -86,12 +90,12 @@ def load() -> ModuleType | None:
             f"native PEER kernels: an earlier build failed (see {failed}); using the pure-PyTorch path", stacklevel=2
         )
         return None
-    if (d / f"{name}.so").exists():
+    if _library(d).exists():
         try:
-            return _import(name, d / f"{name}.so")
+            return _import(name, _library(d))
         except (ImportError, OSError) as exc:  # a damaged cache must not break the layer either
             warnings.warn(
-                f"native PEER kernels: cannot load {d / f'{name}.so'} ({exc}); using the pure-PyTorch path "
+                f"native PEER kernels: cannot load {_library(d)} ({exc}); using the pure-PyTorch path "
                 f"(delete {d} to rebuild)",
                 stacklevel=2,
             )
@@ -141,9 +145,11 @@ def _build(name: str, d: Path) -> ModuleType | None:
             verbose=False,
         )
     except Exception as exc:  # a broken toolchain must never break the layer: fall back
-        with contextlib.suppress(OSError):  # remember the failure (not retried) where the cache allows
+        # remember the failure (not retried) where the cache allows — unless another process built it
+        with contextlib.suppress(OSError):
             d.mkdir(exist_ok=True)
-            (d / "FAILED").write_text(f"{type(exc).__name__}: {exc}\n")
+            if not _library(d).exists():
+                (d / "FAILED").write_text(f"{type(exc).__name__}: {exc}\n")
         warnings.warn(
             f"native PEER kernels failed to build ({type(exc).__name__}); using the pure-PyTorch path", stacklevel=2
         )
