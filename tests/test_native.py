@@ -284,13 +284,14 @@ def test_builds_are_private_until_complete(monkeypatch, tmp_path):
         monkeypatch.setattr(cpp, "load", fake_build(interrupt=True))
         with pytest.raises(KeyboardInterrupt):
             kernels.load()
-        assert list(tmp_path.rglob("*")) == [final.parent]  # only the empty kernels/ folder
+        lock = final.parent / f".{final.name}.lock"  # an flock's file: its lock dies with the process
+        assert sorted(tmp_path.rglob("*")) == [final.parent, lock]  # no build folder, whole or half
 
         kernels.load.cache_clear()
         monkeypatch.setattr(cpp, "load", fake_build())
         assert kernels.load() == "the module"
         assert sorted(p.name for p in final.iterdir()) == [f"lpeer_kernels_{final.name}.so", "partial.o"]
-        assert [p.name for p in final.parent.iterdir()] == [final.name]  # no private folder left
+        assert sorted(final.parent.iterdir()) == [lock, final]  # no private folder left
 
         shutil.rmtree(final)
         kernels.load.cache_clear()
@@ -359,3 +360,43 @@ def test_nan_inputs_give_nan_outputs_and_valid_ids_not_a_crash(ext):
     y, retrieval = native(x, return_retrieval=True)
     assert ((retrieval.ids >= 0) & (retrieval.ids < native.num_experts)).all()
     assert y[::3].isnan().all() and not y[1::3].isnan().any()
+
+
+_RACE = """
+import pathlib, sys, time, warnings
+import torch.utils.cpp_extension as cpp
+from lifelong_peer import kernels
+
+def build(name, build_directory, **_):
+    with open(sys.argv[1], "a") as log:
+        log.write("build\\n")
+    time.sleep(1.5)  # long enough for the other process to arrive while this one builds
+    (pathlib.Path(build_directory) / f"{name}.so").write_text("not an ELF file")
+    return "built here"
+
+cpp.load = build
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    print(kernels.load(), "|", " ".join(str(w.message) for w in caught))
+"""
+
+
+def test_processes_starting_together_build_once(tmp_path):
+    """torchrun's ranks on one machine: one compiles, the others wait and load its library."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "LPEER_CACHE": str(tmp_path / "cache"), "LPEER_NATIVE": "1"}
+    log = tmp_path / "builds.log"
+    procs = [
+        subprocess.Popen([sys.executable, "-c", _RACE, str(log)], env=env, stdout=subprocess.PIPE, text=True)
+        for _ in range(3)
+    ]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    if not kernels.compiler_available():
+        pytest.skip("no C++ compiler: nothing is built")
+    assert log.read_text().count("build") == 1, outs
+    assert sum(o.startswith("built here") for o in outs) == 1, outs
+    # the others found the (here fake) library instead of building their own
+    assert sum("cannot load" in o for o in outs) == 2, outs

@@ -6,11 +6,12 @@ runs its pure-PyTorch code. The build (``torch.utils.cpp_extension``, about a mi
 stderr) is cached under ``~/.cache/lifelong_peer/kernels/<key>`` (``$LPEER_CACHE`` overrides the
 root), the key hashing the source, torch's version, the flags and this CPU's instruction sets (the
 build uses ``-march=native``), so later processes only load the library (``python -m
-lifelong_peer.kernels`` builds it ahead). Each build runs in a private folder renamed into place
-when complete, so an interrupted build leaves nothing half-made (nor cpp_extension's lock file,
-which would make the next build wait forever) and processes building at once (torchrun ranks) do
-not meet. A failed build leaves ``FAILED`` with the compiler's message in the cache folder and is
-not retried; delete the folder to retry.
+lifelong_peer.kernels`` builds it ahead). Processes starting together (torchrun's ranks) build once,
+under an flock on the cache, and the others load the result; the build runs in a private folder
+renamed into place when complete, so an interrupted build leaves nothing half-made (nor
+cpp_extension's own lock file, which would make the next build wait forever). A failed build
+leaves ``FAILED`` with the compiler's message in the cache folder and is not retried; delete the
+folder to retry.
 """
 
 from __future__ import annotations
@@ -84,25 +85,59 @@ def load() -> ModuleType | None:
         return None
     d = build_dir()
     name = f"lpeer_kernels_{d.name}"
+    if (found := _from_cache(name, d)) is not _ABSENT:
+        return found
+    if _compiler() is None:
+        return None  # nothing to build with: the pure-PyTorch path, silently
+    return _build_once(name, d)
+
+
+_ABSENT = object()
+
+
+def _from_cache(name: str, d: Path):
+    """The cached library; ``None`` after a failed build or for a damaged library (with a warning);
+    ``_ABSENT`` when nothing is cached yet."""
     failed = d / "FAILED"
     if failed.exists():
         warnings.warn(
-            f"native PEER kernels: an earlier build failed (see {failed}); using the pure-PyTorch path", stacklevel=2
+            f"native PEER kernels: an earlier build failed (see {failed}); using the pure-PyTorch path", stacklevel=3
         )
         return None
-    if _library(d).exists():
-        try:
-            return _import(name, _library(d))
-        except (ImportError, OSError) as exc:  # a damaged cache must not break the layer either
-            warnings.warn(
-                f"native PEER kernels: cannot load {_library(d)} ({exc}); using the pure-PyTorch path "
-                f"(delete {d} to rebuild)",
-                stacklevel=2,
-            )
-            return None
-    if _compiler() is None:
-        return None  # nothing to build with: the pure-PyTorch path, silently
-    return _build(name, d)
+    if not _library(d).exists():
+        return _ABSENT
+    try:
+        return _import(name, _library(d))
+    except (ImportError, OSError) as exc:  # a damaged cache must not break the layer either
+        warnings.warn(
+            f"native PEER kernels: cannot load {_library(d)} ({exc}); using the pure-PyTorch path "
+            f"(delete {d} to rebuild)",
+            stacklevel=3,
+        )
+        return None
+
+
+def _build_once(name: str, d: Path) -> ModuleType | None:
+    """Build under a lock on the cache, so that processes starting together (torchrun's ranks on one
+    machine) compile once — not K compilers at once, each a GB of memory — and the others load the
+    result. An flock dies with its process, so a killed build leaves no stale lock."""
+    import fcntl  # POSIX only, as the build (load() returns None on Windows)
+
+    try:
+        d.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(d.parent / f".{d.name}.lock", "w")  # noqa: SIM115 (closed by the with below)
+    except OSError as exc:  # a read-only or full cache: nowhere to build, so the pure-PyTorch path
+        warnings.warn(
+            f"native PEER kernels: cannot write the build cache {d.parent} ({exc.strerror or exc}); "
+            "using the pure-PyTorch path (set LPEER_CACHE to a writable folder)",
+            stacklevel=3,
+        )
+        return None
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (found := _from_cache(name, d)) is not _ABSENT:  # another process finished while we waited
+            return found
+        return _build(name, d)
 
 
 def _import(name: str, path: Path) -> ModuleType:
@@ -122,10 +157,9 @@ def _build(name: str, d: Path) -> ModuleType | None:
         flush=True,
     )
     try:
-        d.parent.mkdir(parents=True, exist_ok=True)
         private = Path(tempfile.mkdtemp(prefix=f".{d.name}.", dir=d.parent))
         private.chmod(0o755)  # as a plain mkdir would make it (mkdtemp's folder is private)
-    except OSError as exc:  # a read-only or full cache: nowhere to build, so the pure-PyTorch path
+    except OSError as exc:  # a full cache: nowhere to build, so the pure-PyTorch path
         warnings.warn(
             f"native PEER kernels: cannot write the build cache {d.parent} ({exc.strerror or exc}); "
             "using the pure-PyTorch path (set LPEER_CACHE to a writable folder)",
