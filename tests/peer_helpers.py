@@ -17,6 +17,15 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
+#: PEERConfig overrides every implementation is checked under: norms, activations, k, heads, pool size.
+LAYER_VARIANTS = [
+    {},
+    {"query_norm": "layernorm", "activation": "relu"},
+    {"query_norm": "none", "topk": 9, "heads": 1},
+    {"num_subkeys": 40, "topk": 16, "heads": 8},
+]
+
+
 def pair(impl: str, seed=0, **kw) -> tuple[PEER, PEER]:
     """Two copies of one random layer: (``impl``, naive)."""
     torch.manual_seed(seed)

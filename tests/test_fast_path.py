@@ -3,6 +3,7 @@
 import pytest
 import torch
 from peer_helpers import (
+    LAYER_VARIANTS,
     assert_same_before_and_after_growth,
     assert_trains_like_naive_with_frozen_rows_bit_identical,
     pair,
@@ -12,15 +13,7 @@ from lifelong_peer import PEER, PEERConfig
 from lifelong_peer.peer_ops import SubkeyTopK, expert_mix, product_key_topk
 
 
-@pytest.mark.parametrize(
-    "kw",
-    [
-        {},
-        {"query_norm": "layernorm", "activation": "relu"},
-        {"query_norm": "none", "topk": 9, "heads": 1},
-        {"num_subkeys": 40, "topk": 16, "heads": 8},
-    ],
-)
+@pytest.mark.parametrize("kw", LAYER_VARIANTS)
 @pytest.mark.parametrize("sparse", [True, False])
 def test_fast_equals_naive_outputs_and_gradients_before_and_after_growth(kw, sparse):
     assert_same_before_and_after_growth("fast", kw, sparse, torch.randn(2, 7, 24))

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from peer_helpers import (
+    LAYER_VARIANTS,
     assert_same,
     assert_same_before_and_after_growth,
     assert_trains_like_naive_with_frozen_rows_bit_identical,
@@ -69,15 +70,7 @@ class _counting:
         NativeProductKeyTopK.forward, NativeExpertMix.forward = (staticmethod(f) for f in self.saved)
 
 
-@pytest.mark.parametrize(
-    "kw",
-    [
-        {},
-        {"query_norm": "layernorm", "activation": "relu"},
-        {"query_norm": "none", "topk": 9, "heads": 1},
-        {"num_subkeys": 40, "topk": 16, "heads": 8},
-    ],
-)
+@pytest.mark.parametrize("kw", LAYER_VARIANTS)
 @pytest.mark.parametrize("sparse", [True, False])
 def test_native_equals_naive_outputs_and_gradients_before_and_after_growth(ext, kw, sparse):
     assert_same_before_and_after_growth("native", kw, sparse, torch.randn(2, 37, 24), check=assert_native_same)
