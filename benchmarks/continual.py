@@ -26,8 +26,9 @@ import torch
 from lifelong_peer.demo import BASE_CHECKPOINT
 from lifelong_peer.metrics import load_results
 from lifelong_peer.report import compare_runs, markdown
+from lifelong_peer.run import new_run
 from lifelong_peer.streams import ingest_default
-from lifelong_peer.train import new_run, run_phases
+from lifelong_peer.train import run_phases
 from lifelong_peer.workspace import Workspace
 
 ROOT = Path(__file__).resolve().parents[1]

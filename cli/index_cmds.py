@@ -24,7 +24,7 @@ LayerOpt = typer.Option(None, "--layer", help="Only this PEER layer (its positio
 
 
 def _open(workspace: Path | None, run: str):
-    from lifelong_peer.train import open_run
+    from lifelong_peer.run import open_run
     from lifelong_peer.workspace import Workspace
 
     ws = Workspace.open(workspace)
@@ -120,7 +120,7 @@ def inspect(
 
     Example: lpeer inspect sotu-lifelong-1 --layer 0 --expert 42
     """
-    from lifelong_peer.index import inspect_run
+    from lifelong_peer.runops import inspect_run
 
     _, the_run = _open(workspace, run)
     emit(inspect_run(the_run, layer=layer, expert=expert, text=text, nearest=nearest), fmt, _render_inspect)
@@ -169,7 +169,7 @@ def grow(
 
     Example: lpeer grow sotu-lifelong-1 --auto --slice 1970-2026
     """
-    from lifelong_peer.index import grow_run
+    from lifelong_peer.runops import grow_run
 
     ws, the_run = _open(workspace, run)
     with ws.lock():
@@ -215,7 +215,7 @@ def freeze(
 
     Example: lpeer freeze sotu-lifelong-1 --policy usage:80 --subkeys
     """
-    from lifelong_peer.index import freeze_run
+    from lifelong_peer.runops import freeze_run
 
     ws, the_run = _open(workspace, run)
     with ws.lock():

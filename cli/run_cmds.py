@@ -9,9 +9,9 @@ import typer
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from lifelong_peer.config import TrainConfig
 from lifelong_peer.config_docs import field_docs
 from lifelong_peer.errors import UserError
-from lifelong_peer.train import TrainConfig
 
 from .output import Format, emit, stderr, stdout
 
@@ -163,7 +163,8 @@ def run(
     (your own model: lpeer run --stream news --base-model gpt2 --attach add --layers 6 --strategy lifelong)
     """
     from lifelong_peer import distributed
-    from lifelong_peer.train import new_run, open_run, run_phases
+    from lifelong_peer.run import new_run, open_run
+    from lifelong_peer.train import run_phases
     from lifelong_peer.workspace import Workspace
 
     distributed.init_from_env()  # under torchrun (WORLD_SIZE > 1): one data-parallel run over all ranks
@@ -254,7 +255,9 @@ def train(
 
     Example: lpeer ingest today.jsonl --name news --replace && lpeer train --stream news --slice 2026-11
     """
-    from lifelong_peer.train import add_slice, new_run, open_run, run_phases
+    from lifelong_peer.run import new_run, open_run
+    from lifelong_peer.runops import add_slice
+    from lifelong_peer.train import run_phases
     from lifelong_peer.workspace import Workspace
 
     ws = Workspace.open(workspace)

@@ -19,7 +19,7 @@ Checkpoints (``save_attached`` / ``load_attached``) hold only what can change â€
 trainable base weights â€” plus the config, the base's name or path, and a sha256 fingerprint of the
 base weights, checked on load so a delta is never applied to the wrong base.
 
-``transformers`` is imported only by ``load_base`` and ``HFTokenizer``; ``attach`` itself works on
+``transformers`` is imported only by ``load_base`` (and the stream's ``HFTokenizer``); ``attach`` itself works on
 any module with the usual layout (a ``config`` and a list of blocks that each own an ``.mlp``).
 """
 
@@ -28,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import hashlib
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -42,6 +41,7 @@ from torch import Tensor, nn
 from .checkpoint import CheckpointError, check_state, load_tensors, save_tensors
 from .errors import UserError
 from .peer import PEER, PEERConfig, active_params_per_token
+from .streams.hf_tokenizer import check_local_dir, load_error, offline
 
 Mode = Literal["add", "replace"]
 ATTACHED_FORMAT = "lifelong-peer/attached/1"
@@ -352,53 +352,14 @@ def attached_from_tensors(
 # --- loading from Hugging Face -------------------------------------------------------------------------
 
 
-def _offline() -> bool:
-    flags = (os.environ.get(v, "").strip().lower() for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
-    return any(f in ("1", "true", "yes", "on") for f in flags)
-
-
-def _check_local_dir(name: str, weights: bool) -> None:
-    path = Path(name).expanduser()
-    if not path.exists():
-        raise UserError(f"base model {name!r}: no such directory")
-    if not path.is_dir():
-        raise UserError(f"base model {name!r}: not a directory")
-    if not (path / "config.json").is_file():
-        raise UserError(f"base model {name!r}: config.json is missing")
-    if weights and not any(path.glob("*.safetensors")):
-        raise UserError(
-            f"base model {name!r}: no *.safetensors weights (lifelong-peer does not load pickled .bin files)"
-        )
-
-
-def _load_error(what: str, name: str, error: Exception) -> UserError:
-    """One sentence for a model or tokenizer ``from_pretrained`` could not load; offline, name what is missing."""
-    if not _offline():
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        return UserError(f"{what} {name!r}: could not load it ({first})")
-    from huggingface_hub import try_to_load_from_cache
-
-    try:
-        cached = isinstance(try_to_load_from_cache(name, "config.json"), str)
-    except ValueError:  # not a valid repo id
-        cached = False
-    missing = (
-        "its files are" if what == "tokenizer" else "its *.safetensors weights are" if cached else "its config.json is"
-    )
-    return UserError(
-        f"{what} {name!r}: {missing} not in the Hugging Face cache and HF_HUB_OFFLINE is set; "
-        f"download it where there is internet (hf download {name}) or give a local directory"
-    )
-
-
 def load_base_config(name_or_path: str):
     """The ``transformers`` config of a base model (vocabulary, positions) without loading its weights;
     same sources and offline rules as ``load_base``."""
     transformers, source = _base_source(name_or_path)
     try:
-        return transformers.AutoConfig.from_pretrained(source, local_files_only=_offline())
+        return transformers.AutoConfig.from_pretrained(source, local_files_only=offline())
     except (OSError, ValueError) as e:
-        raise _load_error("base model", name_or_path, e) from None
+        raise load_error("base model", name_or_path, e) from None
 
 
 def _base_source(name_or_path: str):
@@ -409,7 +370,7 @@ def _base_source(name_or_path: str):
         raise UserError("loading a base model needs transformers: pip install 'lifelong-peer[hf]'") from None
     local = Path(name_or_path).expanduser()
     if local.exists() or name_or_path.startswith((".", "/", "~")):
-        _check_local_dir(name_or_path, weights=True)
+        check_local_dir(name_or_path, weights=True)
     return transformers, str(local) if local.exists() else name_or_path
 
 
@@ -422,61 +383,19 @@ def load_base(name_or_path: str, dtype: str | None = None, device: str | torch.d
     transformers, source = _base_source(name_or_path)
     try:
         model = transformers.AutoModelForCausalLM.from_pretrained(
-            source, local_files_only=_offline(), use_safetensors=True
+            source, local_files_only=offline(), use_safetensors=True
         )
     except (OSError, ValueError) as e:
-        raise _load_error("base model", name_or_path, e) from None
+        raise load_error("base model", name_or_path, e) from None
     if dtype is not None:
         model = model.to(getattr(torch, dtype))
     return model.to(device).eval()
-
-
-class HFTokenizer:
-    """A Hugging Face tokenizer behind the ``lifelong_peer.streams.tokenize.Tokenizer`` interface.
-
-    No special tokens are added by ``encode``; ``separator_id`` (end-of-text, else beginning-of-text)
-    is what to place between packed documents. Bits per byte stay comparable with the byte model
-    because evaluation divides by the UTF-8 bytes behind the tokens, not by tokens.
-    """
-
-    def __init__(self, name_or_path: str):
-        try:
-            from transformers import AutoTokenizer
-        except ImportError:
-            raise UserError("Hugging Face tokenizers need transformers: pip install 'lifelong-peer[hf]'") from None
-        local = Path(name_or_path).expanduser()
-        if local.exists():
-            _check_local_dir(name_or_path, weights=False)
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(
-                str(local) if local.exists() else name_or_path, local_files_only=_offline()
-            )
-        except (OSError, ValueError) as e:
-            raise _load_error("tokenizer", name_or_path, e) from None
-        self.name = f"hf:{name_or_path}"
-        self.vocab_size = len(self.tokenizer)
-        sep = self.tokenizer.eos_token_id
-        self.separator_id = sep if sep is not None else self.tokenizer.bos_token_id
-
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False)
-
-    def fingerprint(self) -> str:
-        """sha256 of what fixes the ids: the full tokenizer definition (fast tokenizers) or the vocabulary,
-        plus the separator. Equal for the same tokenizer however it was named (hub name or local copy)."""
-        backend = getattr(self.tokenizer, "backend_tokenizer", None)
-        definition = backend.to_str() if backend is not None else json.dumps(sorted(self.tokenizer.get_vocab().items()))
-        return hashlib.sha256(f"{definition}\n{self.separator_id}".encode()).hexdigest()
-
-    def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(list(ids))
 
 
 __all__ = [
     "ATTACHED_FORMAT",
     "AttachConfig",
     "AttachedLM",
-    "HFTokenizer",
     "PEERBranch",
     "attach",
     "attached_from_tensors",

@@ -42,8 +42,9 @@ class DemoConfig:
 def run_demo(config: DemoConfig, progress: Callable[[dict], None] | None = None) -> dict:
     """Ingest the default stream, run every strategy from the base, compare; returns the comparison."""
     from .report import compare_runs, write_report
+    from .run import new_run, open_run
     from .streams import ingest_default
-    from .train import new_run, open_run, run_phases
+    from .train import run_phases
     from .workspace import Workspace
 
     if not config.base.exists():

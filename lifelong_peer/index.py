@@ -18,8 +18,8 @@ It decides *what* to grow or freeze; the PEER layer knows *how* (``PEER.grow``, 
 * **ExpertIndex.** FAISS over expert vectors (keys [c_i; c'_j], or u / v rows): nearest experts
   and near-duplicates; exact flat index for small pools, IVF for large ones, on GPU when faiss has
   GPUs. Every FAISS result is tested against brute force in ``tests/test_index.py``.
-* **Run-level commands.** ``inspect_run``, ``grow_run``, ``freeze_run``: what ``lpeer inspect``,
-  ``lpeer grow`` and ``lpeer freeze`` call on a run between phases.
+The index manager knows models, ledgers and FAISS, never runs: the run-level commands behind
+``lpeer inspect / grow / freeze`` live in ``lifelong_peer.runops``, beside the phase loop.
 
 Layers are addressed by their position among the model's PEER layers (``model.peer_layers()``).
 """
@@ -880,219 +880,6 @@ class ExpertIndex:
         return pairs[order], scores[order]
 
 
-# --- run-level commands (``lpeer inspect``, ``lpeer grow``, ``lpeer freeze``) ---------------------------
-#
-# Each takes an opened run (``lifelong_peer.train.open_run``), loads the model and ledger of its last
-# finished phase (``Run.load_latest``), checks every argument before doing any work, and returns a
-# JSON-able dict. ``grow_run`` and ``freeze_run`` publish the edited model with ``Run.save_edit``.
-
-
-def _run_layers(run) -> list[PEER]:
-    layers = run.model.peer_layers()
-    if not layers:
-        raise UserError(f"run {run.config.run!r} has no PEER layers (a dense model); nothing to inspect or edit")
-    return layers
-
-
-def _positions(layers: Sequence[PEER], layer: int | None) -> list[int]:
-    """The PEER-layer positions a command acts on: all, or ``layer`` after a range check."""
-    if layer is None:
-        return list(range(len(layers)))
-    if not 0 <= layer < len(layers):
-        raise UserError(f"PEER layer {layer} does not exist; this model has {len(layers)} (0..{len(layers) - 1})")
-    return [layer]
-
-
-def _check_ids(layers: Sequence[PEER], positions: Sequence[int], ids: Tensor) -> None:
-    for pos in positions:
-        n = layers[pos].num_experts
-        bad = ids[(ids < 0) | (ids >= n)]
-        if len(bad):
-            raise UserError(f"expert {int(bad[0])} does not exist; PEER layer {pos} has ids 0..{n - 1}")
-
-
-def _trained_slices(run, exclude: str | None = None) -> list[str]:
-    """The slices the run's model has finished training on (in time order), less ``exclude``."""
-    done = run.config.slices[: run.state()["completed_phases"]]
-    return [s for s in done if s != exclude]
-
-
-def _check_slice(run, slice_name: str | None) -> None:
-    if slice_name is not None:
-        run.stream.slice(slice_name)  # UserError naming the stream's slices
-
-
-def _layer_inputs(run, slices: Sequence[str], split: str, sample: int, generator: torch.Generator) -> dict | None:
-    """Sampled PEER-layer inputs {position: (m, dim)} over ``split`` windows of ``slices`` (None if none)."""
-    if not slices:
-        return None
-    budget = run.config.train.usage_tokens
-    parts: dict[int, list[Tensor]] = {}
-    for name in slices:  # one pass per slice: a short split gives shorter windows than the others
-        windows = run.windows(name, split, max(budget // len(slices), 1))[:, :-1]
-        got = collect_usage(run.model, windows, None, sample_inputs=max(sample // len(slices), 1), generator=generator)
-        for pos, x in got["inputs"].items():
-            parts.setdefault(pos, []).append(x)
-    return {pos: torch.cat(xs) for pos, xs in parts.items()}
-
-
-def inspect_run(
-    run, layer: int | None = None, expert: int | None = None, text: str | None = None, nearest: int = 5
-) -> dict:
-    """``lpeer inspect``: per-layer usage (``inspect_model``), one expert (``inspect_expert``, in every
-    layer or just ``layer``), or what each head retrieves for ``text`` (``inspect_text``).
-
-    Returns ``{"run", "phase", "mode": "layers"|"expert"|"text", ...}``: mode layers adds
-    ``layers`` (per layer: num_experts, frozen, usage_pct, kl_unevenness, dead, top, slices,
-    overlap, ...); expert adds ``experts`` (one per layer); text adds ``tokens``, ``pieces`` (each
-    token decoded), ``truncated`` (the text was cut to the model's context) and ``layers`` (ids,
-    gates: (T, heads, topk) nested lists).
-    """
-    if expert is not None and text is not None:
-        raise UserError("give either --expert ID or --text TEXT, not both")
-    loaded = run.load_latest()
-    layers = _run_layers(run)
-    positions = _positions(layers, layer)
-    head = {"run": run.config.run, "phase": loaded["phase"]}
-    if expert is not None:
-        _check_ids(layers, positions, torch.tensor([expert]))
-        experts = [inspect_expert(run.model, run.ledger, pos, expert, k=nearest) for pos in positions]
-        return head | {"mode": "expert", "experts": experts}
-    if text is not None:
-        tokenizer = run.stream.tokenizer
-        tokens = list(tokenizer.encode(text))
-        if not tokens:
-            raise UserError("--text is empty; give some text to look up")
-        context = run.model.config.context
-        truncated = len(tokens) > context
-        tokens = tokens[:context]
-        out = inspect_text(run.model, torch.tensor(tokens), layer)
-        pieces = [tokenizer.decode([t]) for t in tokens]
-        return head | {"mode": "text", "tokens": tokens, "pieces": pieces, "truncated": truncated} | out
-    return head | {"mode": "layers"} | inspect_model(run.model, run.ledger, layer)
-
-
-def grow_run(
-    run,
-    subkeys: int | None = None,
-    auto: bool = False,
-    slice_name: str | None = None,
-    layer: int | None = None,
-    sample_inputs: int = 4096,
-) -> dict:
-    """``lpeer grow``: add ``subkeys`` sub-keys per half (or, with ``auto``, as many as
-    ``decide_growth`` finds the new slice ``slice_name`` needs) to every PEER layer or ``layer``.
-
-    As the phase loop does (``train.grow_and_freeze``): with a slice, layer inputs sampled from its
-    train split place the new sub-keys (``grow_model``, k-means on poorly served query halves);
-    without one they are drawn at random. Inputs sampled from the trained slices' validation
-    splits measure ``changed_old``. The model is saved (``Run.save_edit``) only if some layer grew.
-    Returns ``{"run", "phase", "slice", "old_slices", "checkpoint" (None if nothing grew), "layers"}``.
-    """
-    if auto == (subkeys is not None):
-        raise UserError("give either --subkeys K or --auto --slice S")
-    if subkeys is not None and subkeys <= 0:
-        raise UserError(f"--subkeys must be a positive number of sub-keys per half, got {subkeys}")
-    if auto and slice_name is None:
-        raise UserError("--auto needs --slice S: the new slice whose coverage decides how much to grow")
-    _check_slice(run, slice_name)
-    loaded = run.load_latest()
-    layers = _run_layers(run)
-    _positions(layers, layer)
-    seed = run.config.train.seed * 1_000_003 + sum(p.num_experts for p in layers)  # repeated grows differ
-    generator = torch.Generator().manual_seed(seed)
-    old = _trained_slices(run, exclude=slice_name)
-    new_inputs = _layer_inputs(run, [slice_name] if slice_name else [], "train", sample_inputs, generator)
-    old_inputs = _layer_inputs(run, old, "validation", sample_inputs, generator)
-    reports = grow_model(run.model, "auto" if auto else subkeys, new_inputs, old_inputs, layer=layer, seed=seed)
-    out = {"run": run.config.run, "phase": loaded["phase"], "slice": slice_name, "old_slices": old}
-    checkpoint = None
-    if any(r["k"] > 0 for r in reports):
-        edit = {"command": "grow", "subkeys": "auto" if auto else subkeys, "slice": slice_name, "layers": reports}
-        checkpoint = str(run.save_edit(edit))
-    return out | {"checkpoint": checkpoint, "layers": reports}
-
-
-def parse_expert_ids(text: str) -> Tensor | None:
-    """``all`` → None; ``3,7,10-12`` → tensor([3, 7, 10, 11, 12]) (sorted, unique); else UserError."""
-    spec = text.strip().lower()
-    if spec == "all":
-        return None
-    ids: list[int] = []
-    try:
-        for part in spec.split(","):
-            lo, dash, hi = part.strip().partition("-")
-            a, b = int(lo), int(hi) if dash else int(lo)
-            if a < 0 or b < a:
-                raise ValueError
-            ids.extend(range(a, b + 1))
-    except ValueError:
-        raise UserError(f"invalid expert ids {text!r}; expected all, or ids and ranges like 3,7,10-12") from None
-    return torch.tensor(sorted(set(ids)), dtype=torch.long)
-
-
-def freeze_run(
-    run,
-    policy: str | None = None,
-    unfreeze: str | None = None,
-    slice_name: str | None = None,
-    subkeys: bool = False,
-    layer: int | None = None,
-) -> dict:
-    """``lpeer freeze``: make every PEER layer's frozen set what ``policy`` says, or ``unfreeze``
-    experts (``all`` or ids, in every layer or ``layer``); ``subkeys`` also (un)freezes their sub-keys.
-
-    Policies (``freeze_model``) count every current expert as old and the trained slices (less
-    ``slice_name``) as the old slices; ``tfidf:T`` ranks experts by ``slice_name``'s usage,
-    recorded here on its train split as the phase loop does. Saves with ``Run.save_edit``.
-    Returns ``{"run", "phase", "action", "checkpoint", "layers": [frozen_report, ...], "note"}``;
-    ``note`` warns when the run's own policy will recompute the frozen set before its next phase.
-    """
-    if (policy is None) == (unfreeze is None):
-        raise UserError("give either --policy POLICY or --unfreeze all|IDS")
-    parsed = parse_policy(policy) if policy is not None else None
-    ids = parse_expert_ids(unfreeze) if unfreeze is not None else None
-    if parsed is not None and layer is not None:
-        raise UserError("--layer applies to --unfreeze only; a --policy is applied to every PEER layer")
-    if parsed is not None and parsed.kind == "tfidf" and slice_name is None:
-        raise UserError(f"{parsed} ranks experts by a new slice's usage; give --slice S")
-    _check_slice(run, slice_name)
-    loaded = run.load_latest()
-    layers = _run_layers(run)
-    positions = _positions(layers, layer)
-    if ids is not None:
-        _check_ids(layers, positions, ids)
-    if parsed is not None:
-        action = str(parsed)
-        ledger = UsageLedger()
-        ledger.merge(run.ledger)  # a copy: the new slice's train usage is for ranking only, not saved
-        if parsed.kind == "tfidf":
-            windows = run.windows(slice_name, "train", run.config.train.usage_tokens)[:, :-1]
-            collect_usage(run.model, windows, ledger, slice_name)
-        old = _trained_slices(run, exclude=slice_name)
-        reports = freeze_model(run.model, parsed, ledger, slice_name, old, subkeys=subkeys)
-    else:
-        action = f"unfreeze {unfreeze.strip()}"
-        reports = []
-        for pos in positions:
-            peer = layers[pos]
-            if ids is None:
-                set_frozen(peer, torch.zeros(0, dtype=torch.long))
-            else:
-                peer.unfreeze(ids, subkeys=subkeys)
-            reports.append(frozen_report(pos, peer, action))
-    edit = {"command": "freeze", "action": action, "slice": slice_name, "subkeys": subkeys, "layers": reports}
-    checkpoint = str(run.save_edit(edit))
-    own = run.config.train.freeze
-    note = (
-        f"run {run.config.run!r} applies its own policy {own} before each phase, which recomputes this frozen set"
-        if own != "none"
-        else None
-    )
-    head = {"run": run.config.run, "phase": loaded["phase"], "action": action, "checkpoint": checkpoint}
-    return head | {"layers": reports, "note": note}
-
-
 __all__ = [
     "ExpertIndex",
     "FreezePolicy",
@@ -1106,19 +893,15 @@ __all__ = [
     "expert_vectors",
     "freeze_ids",
     "freeze_model",
-    "freeze_run",
     "frozen_report",
     "grow_model",
-    "grow_run",
     "inspect_expert",
     "inspect_model",
-    "inspect_run",
     "inspect_text",
     "kl_unevenness",
     "layer_stats",
     "new_hit",
     "overlap",
-    "parse_expert_ids",
     "parse_policy",
     "place_subkeys",
     "poorly_served",

@@ -58,7 +58,8 @@ def load_run(run: str, workspace: str | Path | None = None) -> RunResults:
     if not (run_dir / RESULTS_FILE).is_file():
         if not (run_dir / "checkpoints" / "base.safetensors").is_file():
             raise UserError(f"{run_dir / RESULTS_FILE} not found and the run has no checkpoints to evaluate")
-        from .train import open_run, recompute_results
+        from .evaluate import recompute_results
+        from .run import open_run
         from .workspace import Workspace
 
         ws = Workspace.open(workspace if workspace else run_dir.parent.parent)

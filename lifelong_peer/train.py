@@ -1,23 +1,15 @@
-"""The continual trainer: one phase per time slice, grow → train → evaluate → record → freeze → checkpoint.
+"""The continual trainer: one phase per time slice — hooks begin → step() × n → hooks end → evaluate →
+record usage → checkpoint (``run_phases``).
 
-A run lives in its own directory (``Workspace.run_dir``):
+What a phase does besides plain training comes from its phase hooks (``lifelong_peer.hooks``: growth,
+freezing, replay, L2-SP, EWC, distillation, MAS), chosen by the run's ``TrainConfig``; base training
+and phase training share one ``step()``, one optimizer builder and one steps loop.
 
-    config.json         the resolved run configuration (stream, slices, strategy, model or attach, training)
-    state.json          where the run stands: finished phases and the latest checkpoint (atomic pointer)
-    checkpoints/        phase-NNN.safetensors after each phase; phase-NNN-step-SSSSSS.safetensors mid-phase
-    metrics.jsonl       one line per training step: phase, step, loss, lr, tok/s, experts, frozen fraction
-    results.json        the evaluation matrix so far (``lifelong_peer.metrics.RunResults``)
-
-Exact resume: batches are drawn from a generator seeded by (seed, phase, step), growth from one
-seeded by (seed, phase), and a checkpoint holds everything else (weights, masks, optimizer moments,
-Fisher, usage ledger), so a run killed at any point and resumed ends bit-identical on CPU.
-Each phase starts a fresh optimizer with warm-up + cosine decay (continual pretraining re-warms).
-
-Bring your own model (issue 11): with ``RunConfig.attach`` the run starts from a Hugging Face causal LM
-with PEER layers attached (``lifelong_peer.attach``) instead of a byte-level ``LanguageModel``; its
-checkpoints hold only the delta (PEER layers + trainable base weights) and the ``AttachConfig``, and
-every model is rebuilt on a copy of the base loaded once per run (``Run.read_model``), whose weights
-must match the fingerprint recorded at attach time.
+Exact resume: batches are drawn from a generator seeded by (seed, phase, step) (``data.seed_for``),
+growth from one seeded by (seed, phase, experts), and a checkpoint holds everything else (weights,
+masks, optimizer moments, hook state, usage ledger), so a run killed at any point and resumed ends
+bit-identical on CPU. Each phase starts a fresh optimizer with warm-up + cosine decay (continual
+pretraining re-warms). The run's files: ``lifelong_peer.run``.
 """
 
 from __future__ import annotations
@@ -31,554 +23,165 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
 
-import numpy as np
 import torch
 
 from . import distributed, regularize
-from .attach import ATTACHED_FORMAT, AttachedLM, attached_from_tensors, save_attached
-from .checkpoint import (
-    MODEL_FORMAT,
-    atomic_write_json,
-    load_model,
-    load_tensors,
-    model_from_tensors,
-    save_model,
-    save_tensors,
-)
-from .errors import CheckpointError, UserError
-from .metrics import EvalRow, PhaseRecord, RunResults, SplitEval, load_results, save_results, write_run_outputs
-from .model import LanguageModel, ModelConfig
-from .optim import MOMENTS, PEEROptimizer, build_optimizer
-from .peer import PEERConfig
-from .strategies import strategy_overrides
+from .checkpoint import load_model
+from .config import TrainConfig, phase_steps
+from .data import sample_batch, seed_for
+from .errors import UserError
+from .evaluate import evaluate_all, new_results, phase_record, recompute_results
+from .hooks import PhaseContext, PhaseHook
+from .metrics import RunResults, load_results, save_results, write_run_outputs
+from .model import LanguageModel
+from .optim import PEEROptimizer, build_optimizer
+from .run import Run, _save_model
 
-RUN_CHECKPOINT_FORMAT = "lifelong-peer/run-checkpoint/1"
-PRECISIONS = ("auto", "fp32", "bf16")
 Progress = Callable[[dict], None]
 
 
-@dataclass
-class TrainConfig:
-    """How a run trains. Strategy presets set some of these; every field can be overridden."""
-
-    strategy: str = "naive"
-    """Preset this config started from: naive, lifelong, replay, ewc, smf, dense, joint."""
-    steps: int = 150
-    """Optimizer steps per phase (ignored when `tokens` is set)."""
-    tokens: int | None = None
-    """Training tokens per phase; sets the steps to tokens / (batch_size · context)."""
-    batch_size: int = 16
-    """Windows per step."""
-    lr: float = 1e-3
-    """Peak learning rate of dense (shared) weights."""
-    expert_lr: float | None = None
-    """Peak learning rate of expert tables and sub-keys (default: lr)."""
-    weight_decay: float = 0.0
-    """Decoupled weight decay of dense matrices."""
-    expert_weight_decay: float = 0.0
-    """Decoupled L2 on the trainable (unfrozen) expert rows a step touches: 'regularised experts'."""
-    expert_moments: str = "fp32"
-    """Storage of the expert tables' Adam moments: fp32 (exact AdamW), bf16, or rowwise (one second
-    moment per expert row); bf16 and rowwise halve their memory (BENCHMARKS.md, "Compact moments")."""
-    warmup: int = 10
-    """Warm-up steps at the start of each phase."""
-    min_lr_ratio: float = 0.1
-    """Cosine decay ends at this fraction of the peak learning rate."""
-    grad_clip: float = 1.0
-    """Global gradient-norm clip (0: off)."""
-    grow: str = "none"
-    """Growth before each phase: none, K (sub-keys per half), or auto (decided by the index manager)."""
-    freeze: str = "none"
-    """Freezing policy applied before each phase: none, all-old, usage:P, tfidf:T."""
-    freeze_subkeys: bool = False
-    """Also freeze the sub-keys of frozen experts (keeps their keys, so their scores, fixed)."""
-    train_shared: bool = True
-    """Train the shared dense weights (attention, FFNs, embeddings, query nets); False trains experts only."""
-    l2sp: float = 0.0
-    """Weight of L2-SP: ½λ‖θ − θ_prev‖² on shared weights, anchored at the previous phase's end."""
-    ewc: float = 0.0
-    """Weight of EWC on shared weights (diagonal Fisher, accumulated online across phases)."""
-    ewc_batches: int = 8
-    """Batches used to estimate the Fisher at the end of each phase."""
-    distill: float = 0.0
-    """Weight of distillation: KL to the previous phase's model on the current batch."""
-    distill_temperature: float = 2.0
-    """Softmax temperature of distillation."""
-    replay: float = 0.0
-    """Fraction of each batch drawn from earlier slices' train splits."""
-    joint: bool = False
-    """Draw every batch from all slices at once (the non-continual reference)."""
-    base_steps: int = 0
-    """Train a base model for this many steps before phase 0 (when no --base checkpoint is given)."""
-    base_data: str = "mix"
-    """Data of the base phase: mix (all slices' train splits) or first (the first slice)."""
-    base_lr: float = 3e-3
-    """Peak learning rate of the base phase."""
-    eval_tokens: int = 16384
-    """Held-out tokens scored per slice and split (evenly spaced windows; 0: the whole split)."""
-    usage_tokens: int = 8192
-    """Validation tokens per slice used to record expert usage after its phase."""
-    checkpoint_every: int = 0
-    """Also checkpoint every N steps inside a phase (0: only at phase ends)."""
-    seed: int = 0
-    """Seed of every random choice: init, batches, growth."""
-    device: str = "auto"
-    """auto (CUDA when present), cpu, or cuda."""
-    precision: str = "auto"
-    """Training forward and loss: bf16 (autocast to bfloat16), fp32, or auto (bf16 on CUDA GPUs with
-    native bf16, else fp32). Weights, optimizer state, checkpoints and evaluation stay fp32."""
-
-    def __post_init__(self) -> None:
-        _check_types(self)
-        positive = ("steps", "batch_size", "ewc_batches")
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise UserError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.tokens is not None and self.tokens <= 0:
-            raise UserError(f"tokens must be positive, got {self.tokens}")
-        for name in ("lr", "base_lr"):
-            if not getattr(self, name) > 0:
-                raise UserError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("weight_decay", "expert_weight_decay", "l2sp", "ewc", "distill", "warmup", "base_steps"):
-            if getattr(self, name) < 0:
-                raise UserError(f"{name} must be ≥ 0, got {getattr(self, name)}")
-        if not 0 <= self.replay < 1:
-            raise UserError(f"replay must lie in [0, 1), got {self.replay}")
-        from .index import parse_policy
-
-        parse_policy(self.freeze)  # a bad policy is refused before any work, not at the first phase
-        if self.base_data not in ("mix", "first"):
-            raise UserError(f"base_data must be mix or first, got {self.base_data!r}")
-        if self.expert_moments not in MOMENTS:
-            raise UserError(f"expert_moments must be one of {', '.join(MOMENTS)}, got {self.expert_moments!r}")
-        if self.precision not in PRECISIONS:
-            raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        grow = str(self.grow)
-        if grow not in ("none", "auto") and not (grow.isdigit() and int(grow) > 0):
-            raise UserError(f"grow must be none, auto or a positive number of sub-keys, got {self.grow!r}")
-        self.grow = grow
-
-
-_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
-
-
-def _check_types(config) -> None:
-    """Every field of the type its annotation names (config files and JSON carry any type)."""
-    for f in dataclasses.fields(config):
-        value = getattr(config, f.name)
-        if f.name == "grow" and type(value) is int:  # `grow = 8` in TOML means 8 sub-keys
-            value = str(value)
-            setattr(config, f.name, value)
-        names = [t.strip() for t in str(f.type).split("|")]
-        if value is None and "None" in names:
+def run_phases(run: Run, phases: list[int] | None = None, progress: Progress | None = None) -> RunResults:
+    """Train ``run`` through its slices (or just ``phases``), resuming from where its state says."""
+    emit = progress or (lambda event: None)
+    state = run.state()
+    resume = _restore(run, state, emit)
+    results = _results(run, emit)
+    for phase, slice_name in enumerate(run.config.slices):
+        if phase < state["completed_phases"] or (phases is not None and phase not in phases):
             continue
-        allowed = tuple(t for name in names if name != "None" for t in _TYPES.get(name, (object,)))
-        if (isinstance(value, bool) and bool not in allowed) or not isinstance(value, allowed):
-            want = " or ".join(n for n in names if n != "None")
-            raise UserError(f"{f.name} must be {want}, got {value!r}")
-
-
-@dataclass
-class AttachOptions:
-    """Bring your own model (issue 11): start from a Hugging Face causal LM with PEER layers attached."""
-
-    base_model: str
-    """Hugging Face model name or local directory, loaded through transformers (nothing fetched when local)."""
-    layers: list[int] | None = None
-    """Decoder blocks (0-based, negative from the end) that get a PEER layer; None: the middle block (§3)."""
-    mode: str = "add"
-    """add: PEER beside the block's MLP (the base's own logits until trained); replace: PEER instead of it."""
-    peer: PEERConfig = field(default_factory=PEERConfig)
-    """PEER layer template; its dim is set to the base's hidden size."""
-    trainable: list[str] = field(default_factory=list)
-    """fnmatch patterns of base parameters left trainable (e.g. "*.ln_2.*"); every other base weight is frozen."""
-    context: int | None = None
-    """Training window in tokens; None: the base's max_position_embeddings, at most 1024 (set by create_run)."""
-
-    def __post_init__(self) -> None:
-        if isinstance(self.peer, dict):
-            try:
-                self.peer = PEERConfig(**self.peer)
-            except (TypeError, ValueError) as e:
-                raise UserError(f"invalid [attach.peer] settings: {e}") from None
-        if not isinstance(self.base_model, str) or not self.base_model:
-            raise UserError(f"attach: base_model must name a Hugging Face model or directory, got {self.base_model!r}")
-        if self.mode not in ("add", "replace"):
-            raise UserError(f"attach mode must be add or replace, got {self.mode!r}")
-        if self.layers is not None and (
-            not isinstance(self.layers, list) or not self.layers or not all(type(i) is int for i in self.layers)
-        ):
-            raise UserError(f"attach: layers must be a list of block indices, got {self.layers!r}")
-        if not isinstance(self.trainable, list) or not all(isinstance(t, str) for t in self.trainable):
-            raise UserError(f"attach: trainable must be a list of name patterns, got {self.trainable!r}")
-        if self.context is not None and (type(self.context) is not int or self.context <= 0):
-            raise UserError(f"attach: context must be a positive number of tokens, got {self.context!r}")
-
-    @classmethod
-    def from_dict(cls, data: dict) -> AttachOptions:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise UserError(f"unknown attach option(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        if "base_model" not in data:
-            raise UserError("attach: base_model is required (lpeer run --base-model NAME_OR_PATH)")
-        return cls(**data)
-
-
-@dataclass
-class RunConfig:
-    """Everything a run needs to be rebuilt: saved as config.json in the run directory."""
-
-    run: str
-    stream: str
-    slices: list[str]
-    model: ModelConfig | None
-    """Shape of the byte-level model; None when the run attaches PEER to a base model (``attach``)."""
-    train: TrainConfig
-    base: str | None = None
-    """Base checkpoint the run started from, if any."""
-    extra: dict = field(default_factory=dict)
-    attach: AttachOptions | None = None
-    """Bring your own model: the run starts from this Hugging Face base with PEER attached (issue 11)."""
-
-    def __post_init__(self) -> None:
-        if (self.model is None) == (self.attach is None):
-            raise ValueError("a run config needs exactly one of model (byte-level) and attach (a base model)")
-        if self.attach is not None and self.base is not None:
-            raise UserError(
-                "--base starts from a byte-level checkpoint and --base-model from a Hugging Face model; give one"
-            )
-
-    @property
-    def context(self) -> int | None:
-        """Tokens per training and evaluation window."""
-        return self.attach.context if self.attach is not None else self.model.context
-
-    def to_dict(self) -> dict:
-        return {
-            "run": self.run,
-            "stream": self.stream,
-            "slices": self.slices,
-            "model": self.model.to_dict() if self.model is not None else None,
-            "attach": dataclasses.asdict(self.attach) if self.attach is not None else None,
-            "train": dataclasses.asdict(self.train),
-            "base": self.base,
-            "extra": self.extra,
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict) -> RunConfig:
-        return cls(
-            run=data["run"],
-            stream=data["stream"],
-            slices=list(data["slices"]),
-            model=ModelConfig.from_dict(data["model"]) if data["model"] is not None else None,
-            train=TrainConfig(**data["train"]),
-            base=data.get("base"),
-            extra=data.get("extra", {}),
-            attach=AttachOptions.from_dict(data["attach"]) if data.get("attach") is not None else None,
-        )
-
-
-def resolve_config(strategy: str, overrides: dict | None = None, model: ModelConfig | None = None) -> tuple:
-    """Strategy preset, then user overrides (a flat dict of TrainConfig fields; ``model`` a dict of
-    ModelConfig fields) → (ModelConfig, TrainConfig). Unknown keys are a UserError."""
-    preset = strategy_overrides(strategy)
-    overrides = dict(overrides or {})
-    model_over = {**preset.pop("model", {}), **overrides.pop("model", {})}
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(overrides) - fields)
-    if unknown:
-        raise UserError(f"unknown training option(s): {', '.join(unknown)}; known: {', '.join(sorted(fields))}")
-    train = TrainConfig(**{**preset, **overrides, "strategy": strategy})
-    base_model = model or ModelConfig()
-    try:
-        model_cfg = ModelConfig.from_dict({**base_model.to_dict(), **model_over})
-    except (TypeError, ValueError) as e:
-        raise UserError(f"invalid model configuration: {e}") from None
-    return model_cfg, train
-
-
-# --- data -----------------------------------------------------------------------------------------
-
-
-def sample_batch(pools: list[np.ndarray], replay_pools: list[np.ndarray], cfg: TrainConfig, context: int, gen):
-    """A (batch_size, context + 1) window batch: a ``replay`` fraction from earlier slices, the rest
-    from ``pools`` (the current slice, or all slices when joint); slice and offset drawn from ``gen``."""
-    n_replay = round(cfg.replay * cfg.batch_size) if replay_pools else 0
-    rows = []
-    for r in range(cfg.batch_size):
-        source = replay_pools if r < n_replay else pools
-        tokens = source[int(torch.randint(len(source), (1,), generator=gen))]
-        start = int(torch.randint(len(tokens) - context, (1,), generator=gen))
-        rows.append(torch.from_numpy(np.asarray(tokens[start : start + context + 1], dtype=np.int64)))
-    return torch.stack(rows)
-
-
-def eval_windows(tokens: np.ndarray, context: int, max_tokens: int) -> torch.Tensor:
-    """Evenly spaced, non-overlapping (n, context + 1) windows covering ≤ max_tokens predictions."""
-    n_all = (len(tokens) - 1) // context
-    n = n_all if max_tokens <= 0 else max(1, min(n_all, max_tokens // context))
-    starts = np.linspace(0, (n_all - 1) * context, n).astype(np.int64) if n_all > 0 else np.zeros(0, np.int64)
-    if n_all == 0:
-        return torch.from_numpy(np.asarray(tokens, dtype=np.int64))[None, :]
-    return torch.stack([torch.from_numpy(np.asarray(tokens[s : s + context + 1], dtype=np.int64)) for s in starts])
-
-
-@torch.no_grad()
-def evaluate(model: LanguageModel, windows: torch.Tensor, batch_size: int = 32) -> tuple[float, int]:
-    """(summed nats, tokens predicted) of ``model`` on windows (n, T+1), in eval mode."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for chunk in windows.split(batch_size):
-        chunk = chunk.to(device)
-        logits, _ = model(chunk[:, :-1])
-        nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), chunk[:, 1:].flatten(), reduction="sum")
-        total += float(nll)
-        count += chunk[:, 1:].numel()
-    model.train(was_training)
-    return total, count
-
-
-# --- the run ---------------------------------------------------------------------------------------
-
-
-class Run:
-    """A run directory and the objects a phase needs. Built by ``create_run`` or ``Run.open``."""
-
-    def __init__(self, directory: Path, config: RunConfig, stream):
-        self.dir = directory
-        self.config = config
-        self.stream = stream
-        self.device = _device(config.train.device)
-        self.model: LanguageModel | AttachedLM | None = None
-        self._base = None  # an attach run's plain base model, loaded once (``base_model``)
-        self.fisher: dict[str, torch.Tensor] = {}
-        from .index import UsageLedger
-
-        self.ledger = UsageLedger()
-
-    # files ------------------------------------------------------------------------------------
-    @property
-    def checkpoints(self) -> Path:
-        return self.dir / "checkpoints"
-
-    def state(self) -> dict:
-        """state.json, validated: ``completed_phases``, ``checkpoint`` (the latest, relative to the run
-        directory), its ``phase`` and ``step``, and ``files``: {relative path: {"size", "sha256"}} of
-        every checkpoint the run has written and still keeps (issue 10). No file: a run not started."""
-        import re
-
-        from .errors import CheckpointError
-
-        path = self.dir / "state.json"
-        if not path.exists():
-            return {"completed_phases": 0, "checkpoint": None, "phase": None, "step": None, "files": {}}
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (ValueError, UnicodeDecodeError, RecursionError) as e:
-            raise CheckpointError(f"{path}: corrupted, not valid JSON ({e})") from None
-        if not isinstance(data, dict):
-            raise CheckpointError(f"{path}: corrupted (not a JSON object)")
-        data.setdefault("files", {})  # state files written before issue 10 have no listing
-        ints = {k: data.get(k) for k in ("completed_phases", "phase", "step")}
-        checkpoint, files = data.get("checkpoint"), data["files"]
-        problem = next((k for k, v in ints.items() if v is not None and (type(v) is not int or v < 0)), None)
-        if problem or not isinstance(ints["completed_phases"], int):
-            problem = f"{problem or 'completed_phases'} is not a count"
-        elif checkpoint is not None and not (
-            isinstance(checkpoint, str)
-            and re.fullmatch(r"checkpoints/phase-\d{3,}(-step-\d{6,})?\.safetensors", checkpoint)
-        ):
-            problem = f"checkpoint {checkpoint!r} is not a checkpoint of this run"
-        elif not isinstance(files, dict) or not all(
-            re.fullmatch(r"(checkpoints/)?[A-Za-z0-9_-][A-Za-z0-9._-]*", k)
-            and isinstance(r, dict)
-            and type(r.get("size")) is int
-            and isinstance(r.get("sha256"), str)
-            for k, r in files.items()
-        ):
-            problem = "files is not a listing of {path: {size, sha256}}"
-        if problem:
-            raise CheckpointError(f"{path}: corrupted ({problem})")
-        return data
-
-    def slice_data(self, name: str):
-        return self.stream.slice(name)
-
-    def windows(self, name: str, split: str, max_tokens: int) -> torch.Tensor:
-        return eval_windows(self.slice_data(name).tokens(split), self.config.context, max_tokens)
-
-    # checkpoints --------------------------------------------------------------------------------
-    def save_checkpoint(self, phase: int, step: int | None, opt: PEEROptimizer | None, completed: int) -> Path:
-        """Everything needed to continue; then the state pointer moves to it (both writes atomic)."""
-        name = f"phase-{phase:03d}.safetensors" if step is None else f"phase-{phase:03d}-step-{step:06d}.safetensors"
-        if not distributed.is_main():  # rank 0 writes; the others wait until it has (issue 9)
-            distributed.barrier()
-            return self.checkpoints / name
-        model_tensors, model_meta = _model_record(self.model)
-        tensors = {f"model::{k}": v for k, v in model_tensors.items()}
-        tensors.update({f"fisher::{k}": v for k, v in self.fisher.items()})
-        ledger_tensors, ledger_meta = self.ledger.to_tensors()
-        tensors.update({f"ledger::{k}": v for k, v in ledger_tensors.items()})
-        if opt is not None:
-            tensors.update({f"opt::{k}": v for k, v in opt.state_tensors(dict(self.model.named_parameters())).items()})
-        meta = {
-            "format": RUN_CHECKPOINT_FORMAT,
-            **model_meta,
-            "phase": phase,
-            "step": step,
-            "completed_phases": completed,
-            "ledger": ledger_meta,
-        }
-        path = self.checkpoints / name
-        save_tensors(path, tensors, meta)
-        # integrity listing (issue 10): size + sha256 of every checkpoint kept, published with the pointer
-        from .checkpoint import file_record
-
-        stale = [old for old in self.checkpoints.glob("phase-*-step-*.safetensors") if old.name != name]
-        files = {k: r for k, r in self.state()["files"].items() if self.dir / k not in stale}
-        base = self.checkpoints / "base.safetensors"
-        if "checkpoints/base.safetensors" not in files and base.exists():
-            files["checkpoints/base.safetensors"] = file_record(base)
-        files[f"checkpoints/{name}"] = file_record(path)
-        atomic_write_json(
-            self.dir / "state.json",
-            {
-                "completed_phases": completed,
-                "checkpoint": f"checkpoints/{name}",
-                "phase": phase,
-                "step": step,
-                "files": files,
-            },
-        )
-        # mid-phase checkpoints are superseded by the next one
-        for old in stale:
-            old.unlink(missing_ok=True)
+        started = time.time()
+        opt_state, start_step = (resume["opt"], resume["step"]) if resume and resume["phase"] == phase else (None, 0)
+        ctx = _phase_context(run, phase, start_step, emit)
+        for hook in run.hooks:
+            hook.begin_phase(ctx)  # growth, freezing, batch sources, anchors
+        distributed.sync_decisions(run.model)  # every rank takes rank 0's growth and freezing
+        tokens = train_phase(run, ctx, opt_state)
+        for hook in run.hooks:
+            hook.end_phase(ctx)  # Fisher, importance
+        rows = evaluate_all(run, emit)
+        record_usage(run, slice_name)
+        results.add_phase(phase_record(run, slice_name, tokens, time.time() - started), rows)
+        run.save_checkpoint(phase, None, None, completed=phase + 1)
+        if distributed.is_main():
+            save_results(run.dir, results)
+            write_run_outputs(run.dir, results)
         distributed.barrier()
-        return path
-
-    def load_checkpoint(self, path: Path) -> dict:
-        """Restore model, Fisher and ledger from ``path``; returns its tensors and meta for the rest.
-
-        The file must match its size and sha256 in state.json (when listed there) and its own content
-        checksum; every tensor is checked against the saved config. Any problem is a CheckpointError
-        naming the file, raised before the run's objects change."""
-        from .checkpoint import check_optimizer_state, check_state, verify_file
-        from .errors import CheckpointError
-        from .index import UsageLedger
-
-        path = Path(path)
-        try:
-            rel = path.resolve().relative_to(self.dir.resolve()).as_posix()
-        except ValueError:
-            rel = None
-        record = self.state()["files"].get(rel)
-        if record is not None:
-            verify_file(path, record)
-        tensors, meta = load_tensors(path)
-        if meta.get("format") != RUN_CHECKPOINT_FORMAT:
-            raise CheckpointError(f"{path}: not a run checkpoint (format {meta.get('format')!r})")
-        for key, kinds in (("phase", (int,)), ("step", (int, type(None))), ("completed_phases", (int,))):
-            if type(meta.get(key)) not in kinds or (meta[key] or 0) < 0:
-                raise CheckpointError(f"{path}: metadata {key!r} is missing or not a count")
-        if not isinstance(meta.get("ledger"), dict):
-            raise CheckpointError(f"{path}: metadata 'ledger' is missing or not an object")
-        model = self.read_model(path, tensors, meta)
-        params = dict(model.named_parameters())
-        part = lambda prefix: {k.split("::", 1)[1]: v for k, v in tensors.items() if k.startswith(prefix)}  # noqa: E731
-        fisher = part("fisher::")
-        check_state(path, {k: params[k] for k in fisher if k in params}, fisher)
-        check_optimizer_state(path, params, part("opt::"))
-        ledger = UsageLedger.from_tensors(part("ledger::"), meta["ledger"])
-        self.model = model.to(self.device)
-        self.fisher = {k: v.to(self.device) for k, v in fisher.items()}
-        self.ledger = ledger
-        return {"tensors": tensors, "meta": meta}
-
-    def load_latest(self) -> dict:
-        """Model, Fisher and ledger of the last finished phase (or the starting model) — for
-        inspecting or editing a run between phases. Refuses a run stopped mid-phase."""
-        state = self.state()
-        if state["checkpoint"] is None:
-            base = self.checkpoints / "base.safetensors"
-            if not base.exists():
-                raise UserError(
-                    f"run {self.config.run!r} has no model yet; start it with lpeer run --resume {self.config.run}"
-                )
-            self.model = self.read_model(base).to(self.device)
-            return {"phase": None, "checkpoint": base}
-        if state.get("step") is not None:
-            raise UserError(
-                f"run {self.config.run!r} stopped in the middle of phase {state['phase']}; "
-                f"finish it first with lpeer run --resume {self.config.run}"
-            )
-        self.load_checkpoint(self.dir / state["checkpoint"])
-        return {"phase": state["phase"], "checkpoint": self.dir / state["checkpoint"]}
-
-    def save_edit(self, what: dict) -> Path:
-        """Publish the model edited after ``load_latest`` (growth or freezing by hand) in place of that
-        checkpoint, atomically, and log the edit in edits.jsonl. The next phase starts from it."""
-        state = self.state()
-        if state["checkpoint"] is None:
-            path = self.checkpoints / "base.safetensors"
-            _save_model(self.model, path)
-        else:
-            path = self.save_checkpoint(state["phase"], None, None, completed=state["completed_phases"])
-        with open(self.dir / "edits.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps({"time": time.time(), "checkpoint": path.name, **what}) + "\n")
-        return path
-
-    def previous_model(self, phase: int) -> LanguageModel | AttachedLM:
-        """The model at the start of ``phase`` before growth: the anchor of L2-SP/EWC and the distillation teacher."""
-        name = f"phase-{phase - 1:03d}.safetensors" if phase > 0 else "base.safetensors"
-        return self.read_model(self.checkpoints / name).to(self.device).eval()
-
-    def read_model(self, path: Path, tensors: dict | None = None, meta: dict | None = None):
-        """The model stored in ``path`` (on the CPU): a run checkpoint's ``model::`` part or a base file,
-        byte-level (``MODEL_FORMAT``) or attached (``ATTACHED_FORMAT``: its delta put on a copy of
-        ``base_model``, refused when the base's fingerprint differs). Every reader of run files uses it.
-        ``tensors``, ``meta``: the file's content when already read."""
-        if tensors is None:
-            tensors, meta = load_tensors(path)
-        if meta.get("format") == RUN_CHECKPOINT_FORMAT:
-            tensors = {k.split("::", 1)[1]: v for k, v in tensors.items() if k.startswith("model::")}
-            kind = ATTACHED_FORMAT if "attach_config" in meta else MODEL_FORMAT
-            meta = {k: v for k, v in meta.items() if k in ("model_config", "attach_config")} | {"format": kind}
-        attached = meta.get("format") == ATTACHED_FORMAT
-        if attached != (self.config.attach is not None):
-            want = "an attached model" if self.config.attach is not None else "a byte-level model"
-            raise CheckpointError(f"{path}: does not hold {want}, which is what run {self.config.run!r} trains")
-        if attached:
-            return attached_from_tensors(path, tensors, meta.get("attach_config"), self.base_model())
-        return model_from_tensors(path, tensors, meta)
-
-    def base_model(self):
-        """A fresh copy of an attach run's plain base model (``load_base``, read once per run): what
-        ``attach`` or ``attached_from_tensors`` modifies in place."""
-        if self._base is None:
-            from .attach import load_base
-
-            self._base = load_base(self.config.attach.base_model)
-        return copy.deepcopy(self._base)
+        emit({"event": "phase_end", "phase": phase, "slice": slice_name, "rows": rows})
+        resume = None
+    return results
 
 
-def _model_record(model) -> tuple[dict, dict]:
-    """(tensors, metadata entry) of what a checkpoint keeps of ``model``: all of a byte-level model; of an
-    attached one only the delta (PEER layers + trainable base weights) and its ``AttachConfig``."""
-    if isinstance(model, AttachedLM):
-        return model.delta_state_dict(), {"attach_config": model.config.to_dict()}
-    return model.state_dict(), {"model_config": model.config.to_dict()}
+def _phase_context(run: Run, phase: int, start_step: int, emit: Progress) -> PhaseContext:
+    """What the hooks of ``phase`` start from: batches from its slice, experts as they are now."""
+    pools = [run.slice_data(run.config.slices[phase]).tokens("train")]
+    existed = [p.num_experts for p in run.model.peer_layers()]
+    return PhaseContext(run=run, phase=phase, start_step=start_step, emit=emit, pools=pools, existed=existed)
 
 
-def _save_model(model, path: Path) -> None:
-    """A run's base.safetensors: ``save_model`` or, for an attached model, ``save_attached`` (the delta)."""
-    (save_attached if isinstance(model, AttachedLM) else save_model)(model, path)
+def train_phase(run: Run, ctx: PhaseContext, opt_state: dict | None) -> int:
+    """Train on the phase's batches for the phase budget; returns the training tokens consumed."""
+    tc, model = run.config.train, run.model
+    steps = phase_steps(tc, run.config.context)
+    for p in regularize.shared_parameters(model).values():
+        p.requires_grad_(tc.train_shared)
+    opt = make_optimizer(model, tc)
+    if opt_state is not None:
+        opt.load_state_tensors(dict(model.named_parameters()), opt_state)
+    ctx.emit(
+        {"event": "phase_start", "phase": ctx.phase, "slice": ctx.slice_name, "steps": steps, "start": ctx.start_step}
+    )
+    train_steps(
+        run, ctx.phase, tc, range(ctx.start_step, steps), opt, (ctx.pools, ctx.replay_pools), run.hooks, ctx.emit
+    )
+    return (steps - ctx.start_step) * tc.batch_size * run.config.context
+
+
+def train_base(run: Run, emit: Progress) -> None:
+    """A longer first phase on a mix of all slices (or the first), so phases measure drift, not learning English."""
+    cfg = run.config
+    names = cfg.slices if cfg.train.base_data == "mix" else cfg.slices[:1]
+    pools = [run.slice_data(n).tokens("train") for n in names]
+    tc = dataclasses.replace(cfg.train, lr=cfg.train.base_lr, replay=0.0, steps=cfg.train.base_steps, tokens=None)
+    opt = make_optimizer(run.model, tc)
+    emit({"event": "phase_start", "phase": -1, "slice": "base", "steps": tc.steps, "start": 0})
+    train_steps(run, -1, tc, range(tc.steps), opt, (pools, []), [], emit)
+
+
+def make_optimizer(model: torch.nn.Module, tc: TrainConfig) -> PEEROptimizer:
+    """The optimizer of a phase (or of base training): AdamW + row-sparse Adam for the expert tables."""
+    return build_optimizer(
+        model,
+        lr=tc.lr,
+        expert_lr=tc.expert_lr,
+        weight_decay=tc.weight_decay,
+        expert_weight_decay=tc.expert_weight_decay,
+        moments=tc.expert_moments,
+    )
+
+
+def train_steps(
+    run: Run, phase: int, tc: TrainConfig, steps: range, opt: PEEROptimizer, sources: tuple, hooks, emit: Progress
+) -> None:
+    """``steps`` of ``phase`` (-1: base training), batches drawn from ``sources`` = (pools, replay pools).
+
+    In a phase, Ctrl-C saves exactly after the current step and stops, and ``checkpoint_every`` applies.
+    """
+    total = steps.stop
+    run.model.train()
+    # the module to call: DDP for the dense weights (+ BatchNorm over the global batch) when distributed
+    replica = distributed.data_parallel(run.model)
+    guard = _interrupt_at_step_boundary() if phase >= 0 else contextlib.nullcontext(lambda: False)
+    with guard as interrupted:
+        for n in steps:
+            gen = torch.Generator().manual_seed(seed_for(tc.seed, phase, n))
+            batch = sample_batch(*sources, tc, run.config.context, gen)  # the global batch, the same on every rank
+            torch.manual_seed(seed_for(tc.seed, phase, n))  # dropout of a Hugging Face base: exact on resume too
+            local = distributed.shard(batch).to(run.device)  # this rank's rows of it (issue 9)
+            lr_scale = _lr_scale(n, total, tc)
+            for group in opt.param_groups:
+                group["lr"] = group.setdefault("peak_lr", group["lr"]) * lr_scale
+            loss, elapsed = step(run.model, replica, opt, local, hooks, tc, run.device)
+            _log_step(run, phase, n, loss, opt, batch, elapsed, emit)
+            if phase < 0 or n + 1 == total:
+                continue
+            # Ctrl-C: save exactly after this step, then stop; decided together so every rank stops at once
+            if distributed.mean(float(interrupted())) > 0:
+                run.save_checkpoint(phase, n + 1, opt, completed=phase)
+                raise UserError(f"interrupted at phase {phase}, step {n + 1}; progress saved — continue with --resume")
+            if tc.checkpoint_every and (n + 1) % tc.checkpoint_every == 0:
+                run.save_checkpoint(phase, n + 1, opt, completed=phase)
+
+
+def step(
+    model: torch.nn.Module,
+    replica: torch.nn.Module,
+    opt: PEEROptimizer,
+    batch: torch.Tensor,
+    hooks: list[PhaseHook],
+    tc: TrainConfig,
+    device: torch.device,
+) -> tuple[float, float]:
+    """One optimizer step on this rank's rows ``batch`` (B, T+1): loss + the hooks' penalties, backward,
+    expert-gradient exchange, clip, update. ``replica``: ``model`` or its DDP wrapper.
+    Returns (the loss averaged over ranks, seconds taken)."""
+    t0 = time.perf_counter()
+    with autocast(tc.precision, device):
+        logits, loss = replica(batch[:, :-1], batch[:, 1:])
+        total = loss
+        for hook in hooks:
+            term = hook.penalty(model, batch, logits)
+            if term is not None:
+                total = total + term
+    opt.zero_grad(set_to_none=True)
+    total.backward()  # through DDP: dense gradients arrive averaged over ranks
+    distributed.average_expert_gradients(model)  # expert rows, row-sparse: now the global-batch gradient
+    if tc.grad_clip:  # clips the global-batch gradient (after both exchanges), the same on every rank
+        opt.clip_grad_norm_(tc.grad_clip)
+    opt.step()
+    del logits, total
+    elapsed = time.perf_counter() - t0
+    return distributed.mean(loss.item()), elapsed
 
 
 def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
@@ -597,386 +200,6 @@ def autocast(precision: str, device: torch.device) -> contextlib.AbstractContext
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("device cuda was asked for, but CUDA is not available on this machine")
-    return torch.device(name)
-
-
-def create_run(workspace, cfg: RunConfig, stream=None) -> Run:
-    """Make the run directory, write config.json, register the run in the workspace.
-
-    ``stream``: the data (default: ``cfg.stream`` opened from the workspace) — anything with
-    ``tokenizer`` and ``slice(name)`` returning objects with ``tokens(split)`` / ``num_bytes(split)``.
-    """
-    stream_name = cfg.stream
-    if stream is None:
-        from .streams.store import open_stream
-
-        stream = open_stream(workspace, stream_name)
-    directory = workspace.run_dir(cfg.run)
-    if directory.exists() and any(directory.iterdir()):
-        raise UserError(f"run {cfg.run!r} already exists in {workspace.root}; resume it with --resume {cfg.run}")
-    if cfg.attach is not None:
-        _check_base_model(cfg.attach, stream_name, stream.tokenizer)
-    elif cfg.model.vocab_size < stream.tokenizer.vocab_size:
-        raise UserError(
-            f"model vocab_size {cfg.model.vocab_size} is smaller than the stream's tokenizer ({stream.tokenizer.vocab_size})"
-        )
-    for name in cfg.slices:
-        data = stream.slice(name)
-        for split in ("train", "validation"):
-            n = len(data.tokens(split))
-            if n < 2 or (split == "train" and n <= cfg.context):
-                raise UserError(
-                    f"slice {name!r} of stream {stream_name!r} has only {n} {split} tokens; "
-                    f"training needs more than the context ({cfg.context}) — use a coarser --slice"
-                )
-    directory.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(directory / "config.json", cfg.to_dict())
-    workspace.register_run(cfg.run, {"stream": stream_name, "strategy": cfg.train.strategy, "dir": str(directory)})
-    return Run(directory, cfg, stream)
-
-
-def _check_base_model(opts: AttachOptions, stream_name: str, tokenizer) -> None:
-    """An attach run's base fits its stream: the stream was tokenized by the base's own tokenizer (the
-    same definition, however named), whose ids the base's vocabulary covers (Hugging Face models often
-    pad it); sets ``opts.context`` when not given. Reads the base's config and tokenizer, not its weights."""
-    from .attach import HFTokenizer, load_base_config
-
-    base = opts.base_model
-    hf_config = load_base_config(base)
-    vocab = int(hf_config.vocab_size)
-    max_pos = getattr(hf_config, "max_position_embeddings", None)
-    again = f"ingest it again with --tokenizer hf:{base}"
-    if not tokenizer.name.startswith("hf:"):
-        raise UserError(
-            f"stream {stream_name!r} was ingested with tokenizer {tokenizer.name!r}, but base model {base!r} "
-            f"reads its own tokens; {again}"
-        )
-    if tokenizer.name != f"hf:{base}":
-        try:
-            own = HFTokenizer(base)
-        except UserError:  # a base directory without tokenizer files: the stream's is taken as its own
-            own = None
-        if own is not None and own.fingerprint() != tokenizer.fingerprint():
-            raise UserError(
-                f"stream {stream_name!r} was ingested with tokenizer {tokenizer.name!r}, which is not the "
-                f"tokenizer of base model {base!r}; {again}"
-            )
-    if tokenizer.vocab_size > vocab:
-        raise UserError(
-            f"stream {stream_name!r}: tokenizer {tokenizer.name!r} has {tokenizer.vocab_size:,} tokens, more than "
-            f"the {vocab:,} rows of base model {base!r}'s vocabulary"
-        )
-    if opts.context is None:
-        opts.context = min(int(max_pos), 1024) if max_pos else 1024
-    if max_pos and opts.context > max_pos:
-        raise UserError(f"context {opts.context} exceeds base model {base!r}'s max_position_embeddings ({max_pos})")
-
-
-def open_run(workspace, run: str, stream=None) -> Run:
-    """An existing run, for resuming or inspecting."""
-    directory = workspace.resolve_run(run)
-    try:
-        cfg = RunConfig.from_dict(json.loads((directory / "config.json").read_text()))
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{directory / 'config.json'}: cannot read the run's config ({e})") from None
-    if stream is None:
-        from .streams.store import open_stream
-
-        stream = open_stream(workspace, cfg.stream)
-    return Run(directory, cfg, stream)
-
-
-def load_config_file(path: str | Path) -> dict:
-    """A TOML run config: ``[train]`` (TrainConfig fields), ``[model]`` and ``[model.peer]``, or for a
-    run on a base model ``[attach]`` (AttachOptions fields) and ``[attach.peer]``.
-
-    Returns ``{"train": {...}, "model": {...}, "attach": {...}}``; unknown tables are a UserError naming the file.
-    """
-    import tomllib
-
-    path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"{path}: config file not found") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not valid TOML ({e})") from None
-    unknown = sorted(set(data) - {"train", "model", "attach"})
-    if unknown:
-        raise UserError(
-            f"{path}: unknown table(s) {', '.join(unknown)}; expected [train], [model], [model.peer], [attach]"
-        )
-    return {name: dict(data.get(name, {})) for name in ("train", "model", "attach")}
-
-
-def new_run(
-    workspace,
-    stream_name: str,
-    strategy: str = "naive",
-    overrides: dict | None = None,
-    model_overrides: dict | None = None,
-    base: str | None = None,
-    run_id: str | None = None,
-    slices: list[str] | None = None,
-    config_file: str | Path | None = None,
-    attach: dict | None = None,
-) -> Run:
-    """Resolve a run's configuration (preset < config file < overrides) and create its directory.
-
-    With a ``base`` checkpoint the model's shape comes from the checkpoint. With ``attach``
-    (AttachOptions fields over the config file's ``[attach]`` table; either one names ``base_model``)
-    the run starts from that Hugging Face model with PEER attached instead of a byte-level model.
-    """
-    from .checkpoint import read_meta
-    from .streams.store import open_stream
-
-    stream = open_stream(workspace, stream_name)
-    slices = slices or [s.name for s in stream.slices]
-    for name in slices:
-        stream.slice(name)  # UserError listing the slices when unknown
-    file_cfg = load_config_file(config_file) if config_file else {"train": {}, "model": {}, "attach": {}}
-    train_over = {**file_cfg["train"], **(overrides or {})}
-    model_over = {**file_cfg["model"], **(model_overrides or {})}
-    run_id = run_id or _new_run_id(workspace, f"{stream_name}-{strategy}")
-    if attach or file_cfg["attach"]:
-        if base:
-            raise UserError(
-                "--base starts from a byte-level checkpoint and --base-model from a Hugging Face model; give one"
-            )
-        if model_over or strategy_overrides(strategy).get("model"):
-            what = f"strategy {strategy!r}" if not model_over else "[model] options"
-            raise UserError(f"{what} shape the byte-level model and do not apply with --base-model; use [attach]")
-        options = AttachOptions.from_dict({**file_cfg["attach"], **(attach or {})})
-        _, train_cfg = resolve_config(strategy, train_over)
-        cfg = RunConfig(run=run_id, stream=stream_name, slices=slices, model=None, train=train_cfg, attach=options)
-        return create_run(workspace, cfg, stream=stream)
-    base_model = ModelConfig(vocab_size=stream.tokenizer.vocab_size)
-    if base:
-        meta = read_meta(base)
-        try:
-            base_model = ModelConfig.from_dict(meta["model_config"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise UserError(f"{base}: not a model checkpoint ({e})") from None
-        if model_over:
-            raise UserError("model options cannot be changed when starting from --base (its shape is fixed)")
-    peer_over = model_over.pop("peer", {})
-    if not isinstance(peer_over, dict):
-        raise UserError(f"[model.peer] must be a table of PEER settings, got {peer_over!r}")
-    model_over = {"peer": {**base_model.peer.to_dict(), **peer_over}, **model_over}
-    model_cfg, train_cfg = resolve_config(strategy, {**train_over, "model": model_over}, base_model)
-    cfg = RunConfig(run=run_id, stream=stream_name, slices=slices, model=model_cfg, train=train_cfg, base=base)
-    return create_run(workspace, cfg, stream=stream)
-
-
-def _new_run_id(workspace, prefix: str) -> str:
-    n = 1
-    while workspace.run_dir(f"{prefix}-{n}").exists():
-        n += 1
-    return f"{prefix}-{n}"
-
-
-def add_slice(run: Run, slice_name: str) -> int:
-    """Append a newly ingested slice to a run (data that arrives one slice at a time); returns its phase.
-
-    Earlier models are evaluated on it from their phase-end checkpoints, so the matrix stays complete.
-    """
-    if slice_name in run.config.slices:
-        phase = run.config.slices.index(slice_name)
-        if phase < run.state()["completed_phases"]:
-            raise UserError(f"run {run.config.run!r} has already trained on slice {slice_name!r}")
-        return phase
-    run.stream.slice(slice_name)
-    run.config.slices.append(slice_name)
-    if (run.dir / "results.json").exists():
-        results = load_results(run.dir)
-        results.slices.append(slice_name)
-        for split, evals in results.eval.items():
-            models = [run.checkpoints / "base.safetensors"]
-            models += [run.checkpoints / f"phase-{i:03d}.safetensors" for i in range(len(evals.after))]
-            for row, path in zip([evals.before, *evals.after], models, strict=True):
-                model = run.read_model(path)
-                _append_eval(row, run, model.to(run.device), slice_name, split)
-        save_results(run.dir, results)
-    atomic_write_json(run.dir / "config.json", run.config.to_dict())
-    return len(run.config.slices) - 1
-
-
-def _append_eval(row: EvalRow, run: Run, model: LanguageModel, slice_name: str, split: str) -> None:
-    data = run.slice_data(slice_name)
-    total, count = evaluate(model, run.windows(slice_name, split, run.config.train.eval_tokens))
-    num_bytes = max(1, round(count * data.num_bytes(split) / max(1, len(data.tokens(split)))))
-    new = EvalRow.from_totals([total], [count], [num_bytes])
-    row.nll.append(new.nll[0])
-    row.bpb.append(new.bpb[0])
-    row.tokens.append(new.tokens[0])
-    row.bytes.append(new.bytes[0])
-
-
-def recompute_results(run: Run) -> RunResults:
-    """Rebuild results.json from the run's base and phase-end checkpoints (when it was lost or deleted)."""
-    state = run.state()
-    base = run.checkpoints / "base.safetensors"
-    if not base.exists():
-        raise UserError(f"run {run.config.run!r} has no checkpoints to evaluate yet")
-    run.model = run.read_model(base).to(run.device)
-    # wall times are unknown (0) in a recomputed file
-    results = _new_results(run, evaluate_all(run, lambda event: None), recomputed_from_checkpoints=True)
-    for phase in range(state["completed_phases"]):
-        path = run.checkpoints / f"phase-{phase:03d}.safetensors"
-        run.model = run.read_model(path).to(run.device)
-        tokens = _phase_steps(run.config.train, run.config.context) * run.config.train.batch_size
-        record = _phase_record(run, run.config.slices[phase], tokens * run.config.context, 0.0)
-        results.add_phase(record, evaluate_all(run, lambda event: None))
-    if distributed.is_main():
-        save_results(run.dir, results)
-    return results
-
-
-# --- the phase loop --------------------------------------------------------------------------------
-
-
-def run_phases(run: Run, phases: list[int] | None = None, progress: Progress | None = None) -> RunResults:
-    """Train ``run`` through its slices (or just ``phases``), resuming from where its state says.
-
-    For each slice, in time order: grow → train → evaluate → record usage → (decide freezing for
-    the next phase) → checkpoint.
-    """
-    cfg, tc = run.config, run.config.train
-    emit = progress or (lambda event: None)
-    state = run.state()
-    resume = _restore(run, state, emit)
-    results = _results(run, emit)
-    for phase, slice_name in enumerate(cfg.slices):
-        if phase < state["completed_phases"] or (phases is not None and phase not in phases):
-            continue
-        started = time.time()
-        opt_state, start_step = (resume["opt"], resume["step"]) if resume and resume["phase"] == phase else (None, 0)
-        if start_step == 0:
-            grow_and_freeze(run, phase, emit)
-            distributed.sync_decisions(run.model)  # every rank takes rank 0's growth and freezing
-        tokens = train_phase(run, phase, slice_name, start_step, opt_state, emit)
-        rows = evaluate_all(run, emit)
-        record_usage(run, slice_name)
-        if tc.ewc > 0:
-            update_fisher(run, phase)
-        results.add_phase(_phase_record(run, slice_name, tokens, time.time() - started), rows)
-        run.save_checkpoint(phase, None, None, completed=phase + 1)
-        if distributed.is_main():
-            save_results(run.dir, results)
-            write_run_outputs(run.dir, results)
-        distributed.barrier()
-        emit({"event": "phase_end", "phase": phase, "slice": slice_name, "rows": rows})
-        resume = None
-    return results
-
-
-def grow_and_freeze(run: Run, phase: int, emit: Progress) -> None:
-    """Between phases: grow the pool (not before the very first training of a fresh model), then
-    make the frozen set what the policy says for this phase (recomputed from scratch)."""
-    from .index import UsageLedger, collect_usage, freeze_model, grow_model
-
-    tc, model = run.config.train, run.model
-    layers = model.peer_layers()
-    if not layers:
-        return
-    new_slice, old_slices = run.config.slices[phase], run.config.slices[:phase]
-    existed = [p.num_experts for p in layers]
-    gen = torch.Generator().manual_seed(_seed(tc.seed, phase, -1))
-    new_windows = eval_windows(run.slice_data(new_slice).tokens("train"), run.config.context, tc.usage_tokens)
-    new_windows = new_windows[:, :-1]  # model inputs (the windows carry one extra target token)
-    fresh = phase == 0 and run.config.base is None and tc.base_steps == 0
-    if tc.grow != "none" and not fresh:
-        # sampled layer inputs of the new slice (where to place sub-keys) and of old slices (what must not move)
-        new_inputs = collect_usage(model, new_windows, None, sample_inputs=4096, generator=gen)["inputs"]
-        old_inputs = None
-        if old_slices:
-            old_windows = torch.cat(
-                [run.windows(s, "validation", tc.usage_tokens // len(old_slices)) for s in old_slices]
-            )
-            old_windows = old_windows[:, :-1]
-            old_inputs = collect_usage(model, old_windows, None, sample_inputs=4096, generator=gen)["inputs"]
-        k = "auto" if tc.grow == "auto" else int(tc.grow)
-        reports = grow_model(model, k, new_inputs=new_inputs, old_inputs=old_inputs, seed=_seed(tc.seed, phase, -1))
-        emit({"event": "grow", "phase": phase, "layers": reports})
-    if tc.freeze != "none":
-        ledger = UsageLedger()
-        ledger.merge(run.ledger)
-        if tc.freeze.startswith("tfidf"):  # SMF ranks by the new slice's usage, measured before training on it
-            collect_usage(model, new_windows, ledger, new_slice)
-        reports = freeze_model(model, tc.freeze, ledger, new_slice, old_slices, existed, subkeys=tc.freeze_subkeys)
-        emit({"event": "freeze", "phase": phase, "layers": reports})
-
-
-def train_phase(run: Run, phase: int, slice_name: str, start_step: int, opt_state, emit: Progress) -> int:
-    """Train on one slice for the phase budget; returns the training tokens consumed."""
-    cfg, tc, model = run.config, run.config.train, run.model
-    context = cfg.context
-    steps = _phase_steps(tc, context)
-    for p in regularize.shared_parameters(model).values():
-        p.requires_grad_(tc.train_shared)
-    opt = build_optimizer(
-        model,
-        lr=tc.lr,
-        expert_lr=tc.expert_lr,
-        weight_decay=tc.weight_decay,
-        expert_weight_decay=tc.expert_weight_decay,
-        moments=tc.expert_moments,
-    )
-    if opt_state is not None:
-        opt.load_state_tensors(dict(model.named_parameters()), opt_state)
-    previous = run.previous_model(phase) if (tc.l2sp or tc.ewc or tc.distill) else None
-    anchor = regularize.snapshot(previous) if previous is not None else {}
-    pools, replay_pools = _pools(run, phase)
-    emit({"event": "phase_start", "phase": phase, "slice": slice_name, "steps": steps, "start": start_step})
-    model.train()
-    # the module to call: DDP for the dense weights (+ BatchNorm over the global batch) when distributed
-    replica = distributed.data_parallel(model)
-    with _interrupt_at_step_boundary() as interrupted:
-        for step in range(start_step, steps):
-            gen = torch.Generator().manual_seed(_seed(tc.seed, phase, step))
-            batch = sample_batch(pools, replay_pools, tc, context, gen)  # the global batch, the same on every rank
-            torch.manual_seed(_seed(tc.seed, phase, step))  # dropout of a Hugging Face base: exact on resume too
-            local = distributed.shard(batch).to(run.device)  # this rank's rows of it (issue 9)
-            lr_scale = _lr_scale(step, steps, tc)
-            for group in opt.param_groups:
-                group["lr"] = group.setdefault("peak_lr", group["lr"]) * lr_scale
-            t0 = time.perf_counter()
-            with autocast(tc.precision, run.device):
-                logits, loss = replica(local[:, :-1], local[:, 1:])
-                total = loss
-                if tc.l2sp:
-                    total = total + tc.l2sp * regularize.l2sp(model, anchor)
-                if tc.ewc and run.fisher:
-                    total = total + tc.ewc * regularize.ewc(model, anchor, run.fisher)
-                if tc.distill:
-                    with torch.no_grad():
-                        teacher_logits, _ = previous(local[:, :-1])
-                    total = total + tc.distill * regularize.distillation(logits, teacher_logits, tc.distill_temperature)
-            opt.zero_grad(set_to_none=True)
-            total.backward()  # through DDP: dense gradients arrive averaged over ranks
-            distributed.average_expert_gradients(model)  # expert rows, row-sparse: now the global-batch gradient
-            if tc.grad_clip:  # clips the global-batch gradient (after both exchanges), the same on every rank
-                opt.clip_grad_norm_(tc.grad_clip)
-            opt.step()
-            del logits, total
-            elapsed = time.perf_counter() - t0
-            _log_step(run, phase, step, distributed.mean(loss.item()), opt, batch, elapsed, emit)
-            # Ctrl-C: save exactly after this step, then stop; decided together so every rank stops at once
-            if distributed.mean(float(interrupted())) > 0 and step + 1 < steps:
-                run.save_checkpoint(phase, step + 1, opt, completed=phase)
-                raise UserError(
-                    f"interrupted at phase {phase}, step {step + 1}; progress saved — continue with --resume"
-                )
-            if tc.checkpoint_every and (step + 1) % tc.checkpoint_every == 0 and step + 1 < steps:
-                run.save_checkpoint(phase, step + 1, opt, completed=phase)
-    return (steps - start_step) * tc.batch_size * context
-
-
 @contextlib.contextmanager
 def _interrupt_at_step_boundary():
     """Defer Ctrl-C (SIGINT) to the end of the current step, so the checkpoint written on it is exact —
@@ -992,29 +215,6 @@ def _interrupt_at_step_boundary():
         signal.signal(signal.SIGINT, previous)
 
 
-def evaluate_all(run: Run, emit: Progress) -> dict[str, EvalRow]:
-    """Mean NLL and bits per byte of the current model on every slice's validation and test split."""
-    rows = {}
-    for split in ("validation", "test"):
-        sums, tokens, num_bytes = [], [], []
-        for name in run.config.slices:
-            data = run.slice_data(name)
-            all_tokens = data.tokens(split)
-            if len(all_tokens) < 2:  # a tiny slice with no held-out text: reported as missing
-                sums.append(0.0)
-                tokens.append(0)
-                num_bytes.append(0)
-                continue
-            total, count = evaluate(run.model, run.windows(name, split, run.config.train.eval_tokens))
-            sums.append(total)
-            tokens.append(count)
-            # bytes behind the scored tokens, at the split's bytes-per-token ratio
-            num_bytes.append(max(1, round(count * data.num_bytes(split) / len(all_tokens))))
-        rows[split] = EvalRow.from_totals(sums, tokens, num_bytes)
-    emit({"event": "evaluated", "rows": rows})
-    return rows
-
-
 def record_usage(run: Run, slice_name: str) -> None:
     """Expert usage of the slice's validation split after its phase: what the index manager consumes."""
     if not run.model.peer_layers():
@@ -1025,28 +225,6 @@ def record_usage(run: Run, slice_name: str) -> None:
     collect_usage(run.model, windows[:, :-1], run.ledger, slice_name)
 
 
-def update_fisher(run: Run, phase: int) -> None:
-    """Online EWC: F ← F + F_phase, on batches of the slice just trained (Schwarz et al. 2018 without decay)."""
-    tc = run.config.train
-    pools, _ = _pools(run, phase)
-    gen = torch.Generator().manual_seed(_seed(tc.seed, phase, -2))
-    batches = [sample_batch(pools, [], tc, run.config.context, gen).to(run.device) for _ in range(tc.ewc_batches)]
-    new = regularize.fisher_diagonal(run.model, batches)
-    for name, f in new.items():
-        run.fisher[name] = run.fisher.get(name, torch.zeros_like(f)) + f
-
-
-# --- helpers -----------------------------------------------------------------------------------------
-
-
-def _seed(seed: int, phase: int, step: int) -> int:
-    return (seed * 1_000_003 + (phase + 7) * 10_007 + step + 3) % (2**63 - 1)
-
-
-def _phase_steps(tc: TrainConfig, context: int) -> int:
-    return max(1, math.ceil(tc.tokens / (tc.batch_size * context))) if tc.tokens else tc.steps
-
-
 def _lr_scale(step: int, steps: int, tc: TrainConfig) -> float:
     if step < tc.warmup:
         return (step + 1) / (tc.warmup + 1)
@@ -1054,16 +232,8 @@ def _lr_scale(step: int, steps: int, tc: TrainConfig) -> float:
     return tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def _pools(run: Run, phase: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    names = run.config.slices
-    if run.config.train.joint:
-        return [run.slice_data(n).tokens("train") for n in names], []
-    current = [run.slice_data(names[phase]).tokens("train")]
-    replay = [run.slice_data(n).tokens("train") for n in names[:phase]] if run.config.train.replay else []
-    return current, replay
-
-
 def _log_step(run: Run, phase: int, step: int, loss: float, opt, batch, elapsed: float, emit: Progress) -> None:
+    """The step's event (the same fields in base training and in a phase), and its metrics.jsonl line."""
     layers = run.model.peer_layers()
     experts = sum(p.num_experts for p in layers)
     frozen = sum(int(p.frozen.sum()) for p in layers) / experts if experts else 0.0
@@ -1076,44 +246,17 @@ def _log_step(run: Run, phase: int, step: int, loss: float, opt, batch, elapsed:
         "experts": experts,
         "frozen_fraction": frozen,
     }
-    if distributed.is_main():
+    if distributed.is_main() and phase >= 0:  # base training is not part of the run's metrics
         with open(run.dir / "metrics.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
     emit({"event": "step", **record})
-
-
-def _phase_record(run: Run, slice_name: str, tokens: int, wall: float) -> PhaseRecord:
-    layers = run.model.peer_layers()
-    experts = sum(p.num_experts for p in layers)
-    frozen = sum(int(p.frozen.sum()) for p in layers)
-    return PhaseRecord(
-        slice=slice_name,
-        train_tokens=tokens,
-        wall_time_s=wall,
-        num_experts=experts,
-        frozen_fraction=frozen / experts if experts else 0.0,
-        params=run.model.num_params(),
-        active_params=run.model.active_params_per_token(),
-    )
-
-
-def _new_results(run: Run, before: dict[str, EvalRow], **extra) -> RunResults:
-    """An empty results.json for ``run`` holding the starting model's evaluation (the 'before' row)."""
-    return RunResults(
-        run=run.config.run,
-        strategy=run.config.train.strategy,
-        slices=list(run.config.slices),
-        phases=[],
-        eval={split: SplitEval(before=row, after=[]) for split, row in before.items()},
-        extra=extra,
-    )
 
 
 def _results(run: Run, emit: Progress) -> RunResults:
     """results.json so far, or a new one holding the base model's evaluation ('before' row)."""
     if (run.dir / "results.json").exists():
         return load_results(run.dir)
-    results = _new_results(run, evaluate_all(run, emit))
+    results = new_results(run, evaluate_all(run, emit))
     if distributed.is_main():
         save_results(run.dir, results)
     return results
@@ -1214,32 +357,6 @@ def _start_model(run: Run, emit: Progress) -> None:
     if distributed.is_main():
         _save_model(run.model, run.checkpoints / "base.safetensors")
     distributed.barrier()
-
-
-def train_base(run: Run, emit: Progress) -> None:
-    """A longer first phase on a mix of all slices (or the first), so phases measure drift, not learning English."""
-    cfg = run.config
-    names = cfg.slices if cfg.train.base_data == "mix" else cfg.slices[:1]
-    pools = [run.slice_data(n).tokens("train") for n in names]
-    tc = dataclasses.replace(cfg.train, lr=cfg.train.base_lr, replay=0.0, steps=cfg.train.base_steps, tokens=None)
-    opt = build_optimizer(run.model, lr=tc.lr, weight_decay=tc.weight_decay, moments=tc.expert_moments)
-    emit({"event": "phase_start", "phase": -1, "slice": "base", "steps": tc.steps, "start": 0})
-    run.model.train()
-    replica = distributed.data_parallel(run.model)
-    for step in range(tc.steps):
-        gen = torch.Generator().manual_seed(_seed(tc.seed, -1, step))
-        torch.manual_seed(_seed(tc.seed, -1, step))
-        batch = distributed.shard(sample_batch(pools, [], tc, cfg.context, gen)).to(run.device)
-        for group in opt.param_groups:
-            group["lr"] = group.setdefault("peak_lr", group["lr"]) * _lr_scale(step, tc.steps, tc)
-        with autocast(tc.precision, run.device):
-            _, loss = replica(batch[:, :-1], batch[:, 1:])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        distributed.average_expert_gradients(run.model)
-        opt.clip_grad_norm_(tc.grad_clip or math.inf)
-        opt.step()
-        emit({"event": "step", "phase": -1, "step": step, "loss": distributed.mean(loss.item())})
 
 
 def _truncate_metrics(run: Run, phase: int, step: int | None, completed: int) -> None:

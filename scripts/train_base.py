@@ -17,8 +17,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from lifelong_peer.run import new_run
 from lifelong_peer.streams import ingest_default
-from lifelong_peer.train import new_run, run_phases
+from lifelong_peer.train import run_phases
 from lifelong_peer.workspace import Workspace
 
 DEFAULT_MODEL = {"peer_blocks": "all", "peer": {"num_subkeys": 32, "heads": 4, "topk": 8, "dim_key": 64}}

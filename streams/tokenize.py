@@ -47,7 +47,7 @@ TOKENIZERS = {"bytes": ByteTokenizer}
 def get_tokenizer(name: str) -> Tokenizer:
     """``bytes``, or ``hf:NAME_OR_PATH``: a Hugging Face model's own tokenizer (issue 11, needs transformers)."""
     if name.startswith("hf:") and name[3:]:
-        from lifelong_peer.attach import HFTokenizer
+        from lifelong_peer.streams.hf_tokenizer import HFTokenizer
 
         return HFTokenizer(name[3:])
     try:

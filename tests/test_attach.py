@@ -11,7 +11,6 @@ from lifelong_peer import CheckpointError, LanguageModel, ModelConfig, PEERConfi
 from lifelong_peer import attach as attach_fn  # noqa: E402
 from lifelong_peer.attach import (  # noqa: E402
     AttachedLM,
-    HFTokenizer,
     PEERBranch,
     decoder_blocks,
     load_attached,
@@ -20,9 +19,10 @@ from lifelong_peer.attach import (  # noqa: E402
     save_attached,
 )
 from lifelong_peer.checkpoint import load_tensors, save_model  # noqa: E402
+from lifelong_peer.evaluate import evaluate  # noqa: E402
 from lifelong_peer.index import collect_usage  # noqa: E402
 from lifelong_peer.optim import build_optimizer  # noqa: E402
-from lifelong_peer.train import evaluate  # noqa: E402
+from lifelong_peer.streams.hf_tokenizer import HFTokenizer  # noqa: E402
 
 PEER_CFG = PEERConfig(dim=32, num_subkeys=8, heads=2, topk=4, dim_key=16)
 ARCHS = ["gpt2", "llama"]

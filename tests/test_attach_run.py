@@ -17,8 +17,9 @@ from typer.testing import CliRunner  # noqa: E402
 from lifelong_peer.checkpoint import load_tensors  # noqa: E402
 from lifelong_peer.cli.main import app, main  # noqa: E402
 from lifelong_peer.errors import UserError  # noqa: E402
+from lifelong_peer.run import new_run, open_run  # noqa: E402
 from lifelong_peer.streams import open_stream  # noqa: E402
-from lifelong_peer.train import new_run, open_run, run_phases  # noqa: E402
+from lifelong_peer.train import run_phases  # noqa: E402
 from lifelong_peer.workspace import Workspace  # noqa: E402
 
 runner = CliRunner()

@@ -4,8 +4,8 @@ from typer.testing import CliRunner
 
 from lifelong_peer import ModelConfig, PEERConfig
 from lifelong_peer.cli.main import app
+from lifelong_peer.config import TrainConfig
 from lifelong_peer.config_docs import field_docs, reference
-from lifelong_peer.train import TrainConfig
 
 
 def test_every_config_field_is_documented():

@@ -14,9 +14,9 @@ from pathlib import Path
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from lifelong_peer.config import TrainConfig, load_config_file, resolve_config
 from lifelong_peer.errors import UserError
 from lifelong_peer.model import ModelConfig
-from lifelong_peer.train import TrainConfig, load_config_file, resolve_config
 from lifelong_peer.workspace import Workspace
 
 FAST = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -16,9 +16,11 @@ import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from lifelong_peer.cli.main import app, main
-from lifelong_peer.index import UsageLedger, collect_usage, freeze_run, inspect_run, pair_of, parse_expert_ids
+from lifelong_peer.index import UsageLedger, collect_usage, pair_of
+from lifelong_peer.run import new_run, open_run
+from lifelong_peer.runops import freeze_run, inspect_run, parse_expert_ids
 from lifelong_peer.streams import ingest
-from lifelong_peer.train import new_run, open_run, run_phases
+from lifelong_peer.train import run_phases
 from lifelong_peer.workspace import Workspace
 
 runner = CliRunner()

@@ -375,8 +375,8 @@ def test_checkpoint_moments_convert_or_refuse_across_settings():
 
 
 def test_moments_setting_is_validated_in_optimizer_and_config():
+    from lifelong_peer.config import TrainConfig
     from lifelong_peer.errors import UserError
-    from lifelong_peer.train import TrainConfig
 
     with pytest.raises(ValueError, match="fp32, bf16, rowwise"):
         build_optimizer(tiny_model(), moments="fp16")

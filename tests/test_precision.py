@@ -12,10 +12,12 @@ from conftest import MemoryStream
 
 from lifelong_peer import PEERConfig
 from lifelong_peer.checkpoint import load_tensors
+from lifelong_peer.config import RunConfig, TrainConfig, resolve_config
 from lifelong_peer.errors import UserError
 from lifelong_peer.model import ModelConfig
 from lifelong_peer.peer import PEER
-from lifelong_peer.train import RunConfig, TrainConfig, autocast, create_run, open_run, resolve_config, run_phases
+from lifelong_peer.run import create_run, open_run
+from lifelong_peer.train import autocast, run_phases
 from lifelong_peer.workspace import Workspace
 
 TINY = ModelConfig(dim=32, layers=2, heads=2, context=32, peer=PEERConfig(num_subkeys=8, heads=2, topk=4, dim_key=16))

@@ -32,9 +32,11 @@ from lifelong_peer.checkpoint import (
     save_model,
     save_tensors,
 )
+from lifelong_peer.config import RunConfig, resolve_config
 from lifelong_peer.errors import CheckpointError, UserError
 from lifelong_peer.model import LanguageModel, ModelConfig
-from lifelong_peer.train import RunConfig, create_run, open_run, resolve_config, run_phases
+from lifelong_peer.run import create_run, open_run
+from lifelong_peer.train import run_phases
 from lifelong_peer.workspace import Workspace
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -346,7 +348,7 @@ def test_full_disk_through_the_cli_is_one_line_exit_2(runs, tmp_path, monkeypatc
     from lifelong_peer.cli.main import main
 
     ws = _copy(runs, tmp_path)
-    monkeypatch.setattr("lifelong_peer.train.open_run", lambda w, r: open_run(w, r, stream=_stream()))
+    monkeypatch.setattr("lifelong_peer.run.open_run", lambda w, r: open_run(w, r, stream=_stream()))
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))

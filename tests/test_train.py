@@ -9,9 +9,11 @@ import torch
 
 from lifelong_peer import PEERConfig
 from lifelong_peer.checkpoint import load_tensors
+from lifelong_peer.config import RunConfig, resolve_config
 from lifelong_peer.model import ModelConfig
+from lifelong_peer.run import create_run, open_run
 from lifelong_peer.strategies import STRATEGIES
-from lifelong_peer.train import RunConfig, create_run, open_run, resolve_config, run_phases
+from lifelong_peer.train import run_phases
 from lifelong_peer.workspace import Workspace
 
 TINY = ModelConfig(dim=32, layers=2, heads=2, context=32, peer=PEERConfig(num_subkeys=8, heads=2, topk=4, dim_key=16))
@@ -114,8 +116,8 @@ def test_unknown_options_and_strategies_are_user_errors():
 
 
 def test_lost_results_are_recomputed_from_checkpoints(tmp_path, memory_stream):
+    from lifelong_peer.evaluate import recompute_results
     from lifelong_peer.metrics import load_results
-    from lifelong_peer.train import recompute_results
 
     _, run = make_run(tmp_path, memory_stream, "lifelong", base_steps=4)
     run_phases(run, phases=[0, 1])

@@ -1,0 +1,130 @@
+"""Evaluation of a run's models: held-out NLL and bits per byte on every slice, the results matrix,
+and its recomputation from the phase checkpoints. What reports and the CLI import (never the trainer)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+
+from . import distributed
+from .config import phase_steps
+from .data import eval_windows
+from .errors import UserError
+from .metrics import EvalRow, PhaseRecord, RunResults, SplitEval, save_results
+from .model import LanguageModel
+
+if TYPE_CHECKING:
+    from .run import Run
+
+Progress = Callable[[dict], None]
+
+
+@torch.no_grad()
+def evaluate(model: LanguageModel, windows: torch.Tensor, batch_size: int = 32) -> tuple[float, int]:
+    """(summed nats, tokens predicted) of ``model`` on windows (n, T+1), in eval mode."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for chunk in windows.split(batch_size):
+        chunk = chunk.to(device)
+        logits, _ = model(chunk[:, :-1])
+        nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), chunk[:, 1:].flatten(), reduction="sum")
+        total += float(nll)
+        count += chunk[:, 1:].numel()
+    model.train(was_training)
+    return total, count
+
+
+def evaluate_all(run: Run, emit: Progress) -> dict[str, EvalRow]:
+    """Mean NLL and bits per byte of the current model on every slice's validation and test split."""
+    rows = {}
+    for split in ("validation", "test"):
+        sums, tokens, num_bytes = [], [], []
+        for name in run.config.slices:
+            data = run.slice_data(name)
+            all_tokens = data.tokens(split)
+            if len(all_tokens) < 2:  # a tiny slice with no held-out text: reported as missing
+                sums.append(0.0)
+                tokens.append(0)
+                num_bytes.append(0)
+                continue
+            total, count = evaluate(run.model, run.windows(name, split, run.config.train.eval_tokens))
+            sums.append(total)
+            tokens.append(count)
+            # bytes behind the scored tokens, at the split's bytes-per-token ratio
+            num_bytes.append(max(1, round(count * data.num_bytes(split) / len(all_tokens))))
+        rows[split] = EvalRow.from_totals(sums, tokens, num_bytes)
+    emit({"event": "evaluated", "rows": rows})
+    return rows
+
+
+def phase_record(run: Run, slice_name: str, tokens: int, wall: float) -> PhaseRecord:
+    layers = run.model.peer_layers()
+    experts = sum(p.num_experts for p in layers)
+    frozen = sum(int(p.frozen.sum()) for p in layers)
+    return PhaseRecord(
+        slice=slice_name,
+        train_tokens=tokens,
+        wall_time_s=wall,
+        num_experts=experts,
+        frozen_fraction=frozen / experts if experts else 0.0,
+        params=run.model.num_params(),
+        active_params=run.model.active_params_per_token(),
+    )
+
+
+def new_results(run: Run, before: dict[str, EvalRow], **extra) -> RunResults:
+    """An empty results.json for ``run`` holding the starting model's evaluation (the 'before' row)."""
+    return RunResults(
+        run=run.config.run,
+        strategy=run.config.train.strategy,
+        slices=list(run.config.slices),
+        phases=[],
+        eval={split: SplitEval(before=row, after=[]) for split, row in before.items()},
+        extra=extra,
+    )
+
+
+def append_eval(row: EvalRow, run: Run, model: LanguageModel, slice_name: str, split: str) -> None:
+    data = run.slice_data(slice_name)
+    total, count = evaluate(model, run.windows(slice_name, split, run.config.train.eval_tokens))
+    num_bytes = max(1, round(count * data.num_bytes(split) / max(1, len(data.tokens(split)))))
+    new = EvalRow.from_totals([total], [count], [num_bytes])
+    row.nll.append(new.nll[0])
+    row.bpb.append(new.bpb[0])
+    row.tokens.append(new.tokens[0])
+    row.bytes.append(new.bytes[0])
+
+
+def recompute_results(run: Run) -> RunResults:
+    """Rebuild results.json from the run's base and phase-end checkpoints (when it was lost or deleted)."""
+    state = run.state()
+    base = run.checkpoints / "base.safetensors"
+    if not base.exists():
+        raise UserError(f"run {run.config.run!r} has no checkpoints to evaluate yet")
+    run.model = run.read_model(base).to(run.device)
+    # wall times are unknown (0) in a recomputed file
+    results = new_results(run, evaluate_all(run, lambda event: None), recomputed_from_checkpoints=True)
+    for phase in range(state["completed_phases"]):
+        path = run.checkpoints / f"phase-{phase:03d}.safetensors"
+        run.model = run.read_model(path).to(run.device)
+        tokens = phase_steps(run.config.train, run.config.context) * run.config.train.batch_size
+        record = phase_record(run, run.config.slices[phase], tokens * run.config.context, 0.0)
+        results.add_phase(record, evaluate_all(run, lambda event: None))
+    if distributed.is_main():
+        save_results(run.dir, results)
+    return results
+
+
+__all__ = [
+    "append_eval",
+    "eval_windows",
+    "evaluate",
+    "evaluate_all",
+    "new_results",
+    "phase_record",
+    "recompute_results",
+]

@@ -1,0 +1,39 @@
+"""Freezing between phases, and the rule ``lpeer freeze --policy`` shares with the loop (issue 5)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from ..index import UsageLedger, collect_usage, freeze_model, parse_policy
+from .base import PhaseContext, PhaseHook
+
+
+def freeze_run_model(
+    run, policy, new_slice: str | None, old_slices: Sequence[str], existed=None, subkeys: bool = False
+) -> list[dict]:
+    """Make ``run.model``'s frozen set what ``policy`` says (``index.freeze_model``); a ``tfidf`` policy
+    ranks experts by ``new_slice``'s usage, recorded on its train split before training on it (in a
+    copy of the run's ledger: ranking only). ``existed``: experts per layer that count as old."""
+    ledger = UsageLedger()
+    ledger.merge(run.ledger)
+    if parse_policy(policy).kind == "tfidf":  # SMF ranks by the new slice's usage, measured before training on it
+        windows = run.windows(new_slice, "train", run.config.train.usage_tokens)[:, :-1]
+        collect_usage(run.model, windows, ledger, new_slice)
+    return freeze_model(run.model, policy, ledger, new_slice, old_slices, existed, subkeys=subkeys)
+
+
+class Freezing(PhaseHook):
+    """``freeze``: before each phase the frozen set is recomputed from scratch by the policy."""
+
+    def __init__(self, policy: str, subkeys: bool):
+        self.policy, self.subkeys = policy, subkeys
+
+    @classmethod
+    def from_config(cls, tc) -> Freezing | None:
+        return cls(tc.freeze, tc.freeze_subkeys) if tc.freeze != "none" else None
+
+    def begin_phase(self, ctx: PhaseContext) -> None:
+        if ctx.start_step or not ctx.run.model.peer_layers():
+            return
+        reports = freeze_run_model(ctx.run, self.policy, ctx.slice_name, ctx.old_slices, ctx.existed, self.subkeys)
+        ctx.emit({"event": "freeze", "phase": ctx.phase, "layers": reports})

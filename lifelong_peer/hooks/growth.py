@@ -1,0 +1,70 @@
+"""Growth between phases, and the planner ``lpeer grow`` shares with the loop (one seed rule, one
+input-sample rule): new sub-keys go where the new slice's queries are poorly served (issue 5)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from ..data import seed_for
+from ..index import collect_usage, grow_model
+from .base import PhaseContext, PhaseHook
+
+SAMPLE_INPUTS = 4096
+"""Layer inputs sampled per growth: of the new slice's train split, and of the old slices' validation splits."""
+
+
+def growth_seed(seed: int, phase: int, experts: int) -> int:
+    """The seed of a growth before ``phase`` of a model with ``experts`` experts in all: repeated growths
+    (by hand, then by the loop) draw different sub-keys. Below 2³¹: FAISS k-means takes a C int."""
+    return (seed_for(seed, phase, -1) * 31 + experts) % 2**31
+
+
+def layer_inputs(run, slices: Sequence[str], split: str, sample: int, generator: torch.Generator) -> dict | None:
+    """Sampled PEER-layer inputs {position: (m, dim)} over ``split`` windows of ``slices`` (None if none)."""
+    if not slices:
+        return None
+    budget = run.config.train.usage_tokens
+    parts: dict[int, list[Tensor]] = {}
+    for name in slices:  # one pass per slice: a short split gives shorter windows than the others
+        windows = run.windows(name, split, max(budget // len(slices), 1))[:, :-1]
+        got = collect_usage(run.model, windows, None, sample_inputs=max(sample // len(slices), 1), generator=generator)
+        for pos, x in got["inputs"].items():
+            parts.setdefault(pos, []).append(x)
+    return {pos: torch.cat(xs) for pos, xs in parts.items()}
+
+
+def grow_run_model(
+    run, phase: int, k, new_slice: str | None, old_slices: Sequence[str], layer: int | None = None
+) -> list[dict]:
+    """Grow ``run.model`` before ``phase`` by ``k`` sub-keys per half (or ``"auto"``): layer inputs of
+    ``new_slice``'s train split place the new sub-keys (none: drawn at random), inputs of
+    ``old_slices``' validation splits measure ``changed_old``. Returns ``grow_model``'s reports."""
+    experts = sum(p.num_experts for p in run.model.peer_layers())
+    seed = growth_seed(run.config.train.seed, phase, experts)
+    generator = torch.Generator().manual_seed(seed)
+    new_inputs = layer_inputs(run, [new_slice] if new_slice else [], "train", SAMPLE_INPUTS, generator)
+    old_inputs = layer_inputs(run, old_slices, "validation", SAMPLE_INPUTS, generator)
+    return grow_model(run.model, k, new_inputs, old_inputs, layer=layer, seed=seed)
+
+
+class Growth(PhaseHook):
+    """``grow``: K sub-keys per half before each phase, or ``auto`` (``index.decide_growth``); not before
+    the very first training of a fresh model."""
+
+    def __init__(self, grow: str):
+        self.k = "auto" if grow == "auto" else int(grow)
+
+    @classmethod
+    def from_config(cls, tc) -> Growth | None:
+        return cls(tc.grow) if tc.grow != "none" else None
+
+    def begin_phase(self, ctx: PhaseContext) -> None:
+        run, tc = ctx.run, ctx.run.config.train
+        fresh = ctx.phase == 0 and run.config.base is None and tc.base_steps == 0
+        if ctx.start_step or fresh or not run.model.peer_layers():
+            return
+        reports = grow_run_model(run, ctx.phase, self.k, ctx.slice_name, ctx.old_slices)
+        ctx.emit({"event": "grow", "phase": ctx.phase, "layers": reports})
