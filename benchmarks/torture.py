@@ -68,7 +68,8 @@ def child(spec: str, argv: list[str]) -> None:
     """Run ``lpeer argv`` with hooks counting every event of ``KINDS``; SPEC ``kind:N`` SIGKILLs this
     process at the N-th event ``kind`` (``write:N:NAME`` / ``publish:N:NAME``: of files named NAME);
     SPEC ``count:PATH`` only writes the counts to PATH at the end."""
-    from lifelong_peer import checkpoint, index, optim, train
+    from lifelong_peer import checkpoint, optim, train
+    from lifelong_peer.hooks import growth
     from lifelong_peer.model import LanguageModel
 
     target, _, arg = spec.partition(":")
@@ -117,7 +118,7 @@ def child(spec: str, argv: list[str]) -> None:
     checkpoint.atomic_write = atomic_write
     wrap(optim.PEEROptimizer, "step", "step")
     wrap(LanguageModel, "forward", "forward")
-    wrap(index, "grow_model", "grow", after=True)
+    wrap(growth, "grow_model", "grow", after=True)  # the loop's growth planner calls it
     wrap(train, "_log_step", "log", before_death=cut_line)
     from lifelong_peer.cli.main import main
 

@@ -2,6 +2,8 @@
 
 Each preset is a set of ``TrainConfig`` overrides (and, for ``dense``, model overrides). Anything a
 preset sets can be overridden again by the user (``--config FILE.toml`` or command-line options).
+The resolved config chooses the run's phase hooks (``lifelong_peer.hooks.build_hooks``): a preset is
+config, and its hooks follow from it (``preset_hooks`` names them).
 """
 
 from __future__ import annotations
@@ -21,6 +23,10 @@ STRATEGIES: dict[str, dict] = {
     # Fisher is of batch-mean gradients, tiny per weight, so the weight is large: 3e5 had the best
     # final average on the SOTU validation splits among 1e3…1e7 (seed 0; 100 did nothing, RESULTS.md)
     "ewc": {"ewc": 3e5},
+    # naive + MAS (Aljundi et al. 2018) on every shared weight: importance from the output's
+    # sensitivity, no labels needed (hooks/mas.py). The weight is not tuned yet (issue 15 adds MAS
+    # as the example of a new regulariser)
+    "mas": {"mas": 1.0},
     # sparse memory finetuning (Lin et al. 2025): fixed pool, only the experts ranked highest by
     # TF-IDF of the new slice's usage train; the rest of the pool is frozen
     "smf": {"freeze": "tfidf:256"},
@@ -36,3 +42,12 @@ def strategy_overrides(name: str) -> dict:
     if name not in STRATEGIES:
         raise UserError(f"unknown strategy {name!r}; choose one of: {', '.join(STRATEGIES)}")
     return {k: (dict(v) if isinstance(v, dict) else v) for k, v in STRATEGIES[name].items()}
+
+
+def preset_hooks(name: str) -> list[str]:
+    """The phase hooks preset ``name`` turns on (class names, in loop order), e.g. ewc → ["EWC"]."""
+    from .config import resolve_config
+    from .hooks import build_hooks
+
+    _, train = resolve_config(name)
+    return [type(hook).__name__ for hook in build_hooks(train)]
