@@ -6,17 +6,22 @@ from pathlib import Path
 
 import typer
 
+from lifelong_peer import advice
+
+from .options import FormatOpt, QuietOpt
 from .output import Format, emit, stdout
 from .run_cmds import _progress_display
 
 
 def demo(
-    out: Path = typer.Option(Path("lpeer-demo"), "--out", help="Workspace folder for the demo's runs and report."),
+    out: Path = typer.Option(
+        Path("lpeer-demo"), "--workspace", "-w", "--out", help="Workspace folder for the demo's runs and report."
+    ),
     steps: int = typer.Option(40, help="Optimizer steps per era."),
     seed: int = typer.Option(0, help="Seed of every random choice."),
     eval_tokens: int = typer.Option(4096, help="Held-out tokens scored per era and split."),
-    fmt: Format = typer.Option(Format.human, "--format", help="human: tables; json: the comparison on stdout."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display."),
+    fmt: Format = FormatOpt,
+    quiet: bool = QuietOpt,
 ) -> None:
     """Run naive and lifelong over the six State of the Union eras from the shipped base; compare forgetting.
 
@@ -38,7 +43,8 @@ def demo(
         c = {**c, "files": c["files"]["report"]}
         _render_report(c)
         stdout.print(f"heatmaps: {', '.join(comparison['files']['heatmaps'])}")
-        stdout.print(f"workspace: {comparison['files']['workspace']} (try: lpeer eval demo-lifelong-s{seed} -w {out})")
+        try_next = advice.EVAL.format(run=f"demo-lifelong-s{seed}", workspace=out)
+        stdout.print(f"workspace: {comparison['files']['workspace']} (try: {try_next})")
 
     emit(comparison, fmt, human)
 

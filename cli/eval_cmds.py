@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from .options import FormatOpt, WorkspaceOpt
 from .output import Format, emit, message, stdout
 
 
@@ -16,12 +17,8 @@ class Split(str, Enum):
     test = "test"
 
 
-FormatOpt = typer.Option(Format.human, "--format", help="human: tables; json: machine-readable on stdout.")
 SplitOpt = typer.Option(
     Split.test, "--split", help="held-out split: test for reported numbers, validation for decisions."
-)
-WorkspaceOpt = typer.Option(
-    None, "--workspace", help="workspace holding the runs (default: $LPEER_WORKSPACE, else cwd)."
 )
 
 
@@ -85,7 +82,7 @@ def eval_cmd(
     run: str = typer.Argument(..., help="run id in the workspace, or a run directory."),
     split: Split = SplitOpt,
     fmt: Format = FormatOpt,
-    workspace: Path = WorkspaceOpt,
+    workspace: Path | None = WorkspaceOpt,
 ) -> None:
     """Loss matrix and forgetting metrics (forgetting, BWT, FWT, final average) of one run.
 
@@ -119,7 +116,7 @@ def report_cmd(
     out: Path = typer.Option(Path("report"), "--out", help="directory for report.json, report.md and report.png."),
     split: Split = SplitOpt,
     fmt: Format = FormatOpt,
-    workspace: Path = WorkspaceOpt,
+    workspace: Path | None = WorkspaceOpt,
 ) -> None:
     """Compare runs side by side: a table and a plot of forgetting against newest-slice bits per byte.
 

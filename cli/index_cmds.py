@@ -13,12 +13,9 @@ from rich.table import Table
 
 from lifelong_peer.index import POLICY_HELP
 
+from .options import FormatOpt, WorkspaceOpt
 from .output import Format, emit, key_value_table, message, stdout
 
-WorkspaceOpt = typer.Option(
-    None, "--workspace", "-w", help="Workspace folder (default: $LPEER_WORKSPACE, else the current directory)."
-)
-FormatOpt = typer.Option(Format.human, "--format", help="human: tables; json: machine-readable on stdout.")
 RunArg = typer.Argument(..., help="Run id in the workspace, or a run directory.")
 LayerOpt = typer.Option(None, "--layer", help="Only this PEER layer (its position among the PEER layers, from 0).")
 

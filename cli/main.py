@@ -6,12 +6,14 @@ import os
 import sys
 import traceback
 import warnings
+from pathlib import Path
 
 import typer
 
 from lifelong_peer import __version__
 from lifelong_peer.errors import UserError
 
+from .options import FormatOpt, WorkspaceOpt
 from .output import Format, emit, key_value_table, stderr, stdout
 
 app = typer.Typer(
@@ -20,8 +22,6 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-
-FormatOpt = typer.Option(Format.human, "--format", help="human: tables; json: machine-readable on stdout.")
 
 
 _default_showwarning = warnings.showwarning
@@ -46,14 +46,16 @@ def _root(
 
 
 @app.command()
-def info(fmt: Format = FormatOpt) -> None:
-    """Versions of torch / faiss / datasets, threads, CUDA and faiss-GPU availability.
+def info(workspace: Path | None = WorkspaceOpt, fmt: Format = FormatOpt) -> None:
+    """Versions of torch / faiss / datasets, threads, CUDA and faiss-GPU availability, and the workspace.
 
     Example: lpeer info --format json
     """
     from lifelong_peer.system import info as system_info
+    from lifelong_peer.workspace import default_root
 
-    emit(system_info(), fmt, lambda d: stdout.print(key_value_table(d, title="lifelong-peer environment")))
+    data = system_info() | {"workspace": str(workspace or default_root())}
+    emit(data, fmt, lambda d: stdout.print(key_value_table(d, title="lifelong-peer environment")))
 
 
 from .streams_cmds import register as _register_streams  # noqa: E402  (init, ingest, streams)

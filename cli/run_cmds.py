@@ -9,25 +9,12 @@ import typer
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from lifelong_peer.config import TrainConfig
-from lifelong_peer.config_docs import field_docs
+from lifelong_peer import advice
 from lifelong_peer.errors import UserError
+from lifelong_peer.strategies import STRATEGIES
 
+from .options import FormatOpt, QuietOpt, WorkspaceOpt, with_train_options
 from .output import Format, emit, stderr, stdout
-
-WorkspaceOpt = typer.Option(
-    None, "--workspace", "-w", help="Workspace folder (default: $LPEER_WORKSPACE, else the current directory)."
-)
-FormatOpt = typer.Option(Format.human, "--format", help="human: tables; json: the final summary on stdout.")
-QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress display.")
-_TRAIN_DOCS = {
-    k: escape(v) for k, v in field_docs(TrainConfig).items()
-}  # the config's own field docs are the options' help (one source)
-
-
-def _train_overrides(**values) -> dict:
-    """Command-line options that were given (not None) → TrainConfig overrides."""
-    return {k: v for k, v in values.items() if v is not None}
 
 
 @contextlib.contextmanager
@@ -113,7 +100,9 @@ def _finish(run, results, fmt: Format) -> None:
 def run(
     stream: str | None = typer.Option(None, "--stream", "-s", help="Stream to train through (see `lpeer streams`)."),
     strategy: str = typer.Option(
-        "naive", "--strategy", help="naive | lifelong | replay | ewc | smf | dense | joint (presets over one loop)."
+        "naive",
+        "--strategy",
+        help=f"{' | '.join(STRATEGIES)} (presets over one loop; the options below override them).",
     ),
     config: Path | None = typer.Option(
         None, "--config", help=escape("TOML file with [train], [model], [model.peer] (and [attach]) tables.")
@@ -137,25 +126,10 @@ def run(
         None, "--context", help="With --base-model: tokens per window (default: the base's maximum, at most 1024)."
     ),
     slices: str | None = typer.Option(None, "--slices", help="Comma-separated slice names (default: all, in order)."),
-    steps: int | None = typer.Option(None, help=_TRAIN_DOCS["steps"]),
-    tokens: int | None = typer.Option(None, help=_TRAIN_DOCS["tokens"]),
-    batch_size: int | None = typer.Option(None, help=_TRAIN_DOCS["batch_size"]),
-    lr: float | None = typer.Option(None, help=_TRAIN_DOCS["lr"]),
-    expert_lr: float | None = typer.Option(None, help=_TRAIN_DOCS["expert_lr"]),
-    grow: str | None = typer.Option(None, help=_TRAIN_DOCS["grow"]),
-    freeze: str | None = typer.Option(None, help=_TRAIN_DOCS["freeze"]),
-    replay: float | None = typer.Option(None, help=_TRAIN_DOCS["replay"]),
-    l2sp: float | None = typer.Option(None, help=_TRAIN_DOCS["l2sp"]),
-    ewc: float | None = typer.Option(None, help=_TRAIN_DOCS["ewc"]),
-    distill: float | None = typer.Option(None, help=_TRAIN_DOCS["distill"]),
-    base_steps: int | None = typer.Option(None, help=_TRAIN_DOCS["base_steps"]),
-    checkpoint_every: int | None = typer.Option(None, help=_TRAIN_DOCS["checkpoint_every"]),
-    seed: int | None = typer.Option(None, help=_TRAIN_DOCS["seed"]),
-    device: str | None = typer.Option(None, help=_TRAIN_DOCS["device"]),
-    precision: str | None = typer.Option(None, help=_TRAIN_DOCS["precision"]),
     workspace: Path | None = WorkspaceOpt,
     fmt: Format = FormatOpt,
     quiet: bool = QuietOpt,
+    train: dict | None = None,
 ) -> None:
     """Train one model through a stream's slices, one phase per slice, and report forgetting.
 
@@ -170,24 +144,7 @@ def run(
     distributed.init_from_env()  # under torchrun (WORLD_SIZE > 1): one data-parallel run over all ranks
     main = distributed.is_main()
     ws = Workspace.open(workspace)
-    overrides = _train_overrides(
-        steps=steps,
-        tokens=tokens,
-        batch_size=batch_size,
-        lr=lr,
-        expert_lr=expert_lr,
-        grow=grow,
-        freeze=freeze,
-        replay=replay,
-        l2sp=l2sp,
-        ewc=ewc,
-        distill=distill,
-        base_steps=base_steps,
-        checkpoint_every=checkpoint_every,
-        seed=seed,
-        device=device,
-        precision=precision,
-    )
+    overrides = train or {}  # the TrainConfig options given (``with_train_options``)
     attach_opts = _attach_options(base_model, attach, layers, trainable, context)
     with ws.lock() if main else contextlib.nullcontext():  # rank 0 holds the lock for all ranks
         if resume:
@@ -196,7 +153,7 @@ def run(
             the_run = open_run(ws, resume)
         else:
             if not stream:
-                raise UserError("--stream is required (see `lpeer streams`), or --resume RUN")
+                raise UserError(f"--stream is required (see `{advice.STREAMS}`), or --resume RUN")
             slice_names = [s.strip() for s in slices.split(",")] if slices else None
             run_id = distributed.decide_on_main(  # rank 0 creates the run, the others open it
                 lambda: (
@@ -244,7 +201,9 @@ def train(
     stream: str = typer.Option(..., "--stream", "-s", help="Stream holding the slice."),
     slice_: str = typer.Option(..., "--slice", help="The slice to train on (e.g. the one ingested today)."),
     run_id: str | None = typer.Option(None, "--run", help="Run to extend (default: STREAM-online; created if new)."),
-    strategy: str = typer.Option("lifelong", "--strategy", help="Strategy when the run is created."),
+    strategy: str = typer.Option(
+        "lifelong", "--strategy", help=f"Strategy when the run is created: {' | '.join(STRATEGIES)}."
+    ),
     base: Path | None = typer.Option(None, "--base", help="Model checkpoint to start from when the run is created."),
     steps: int | None = typer.Option(None, help="Optimizer steps for this phase."),
     workspace: Path | None = WorkspaceOpt,
@@ -268,7 +227,7 @@ def train(
             if the_run.config.stream != stream:
                 raise UserError(f"run {run_id!r} trains stream {the_run.config.stream!r}, not {stream!r}")
         else:
-            overrides = _train_overrides(steps=steps)
+            overrides = {"steps": steps} if steps is not None else {}
             the_run = new_run(ws, stream, strategy, overrides, None, str(base) if base else None, run_id, [slice_])
         phase = add_slice(the_run, slice_)
         with _progress_display(quiet or fmt == Format.json) as on_event:
@@ -277,5 +236,5 @@ def train(
 
 
 def register(app: typer.Typer) -> None:
-    app.command()(run)
+    app.command()(with_train_options(run))
     app.command()(train)

@@ -7,27 +7,30 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from lifelong_peer import advice
 from lifelong_peer.errors import UserError
 
+from .options import FormatOpt, WorkspaceOpt
 from .output import Format, emit, stderr, stdout
-
-WorkspaceOpt = typer.Option(
-    None, "--workspace", "-w", help="Workspace folder (default: $LPEER_WORKSPACE, else the current directory)."
-)
-FormatOpt = typer.Option(Format.human, "--format", help="human: tables; json: machine-readable on stdout.")
 
 
 def init(
-    directory: Path = typer.Argument(..., help="Folder to create (or an existing one to turn into a workspace)."),
+    directory: Path | None = typer.Argument(
+        None, help="Folder to create (or an existing one to turn into a workspace); default: --workspace."
+    ),
+    workspace: Path | None = WorkspaceOpt,
+    fmt: Format = FormatOpt,
 ) -> None:
     """Create a workspace: a folder with a manifest of streams, slices and runs.
 
     Example: lpeer init ./work && cd ./work && lpeer ingest --default
     """
-    from lifelong_peer.workspace import Workspace
+    from lifelong_peer.workspace import Workspace, default_root
 
-    ws = Workspace.init(directory)
-    stderr.print(f"created workspace {ws.root}")
+    if directory is not None and workspace is not None and directory.resolve() != workspace.resolve():
+        raise UserError(f"give the workspace folder once: {directory} or --workspace {workspace}")
+    ws = Workspace.init(directory or workspace or default_root())
+    emit({"workspace": str(ws.root)}, fmt, lambda d: stderr.print(f"created workspace {d['workspace']}"))
 
 
 def ingest(
@@ -133,7 +136,7 @@ def _render_summary(summary: dict) -> None:
 
 def _render_streams(data: dict) -> None:
     if not data["streams"]:
-        stdout.print("no streams yet (run `lpeer ingest --default` or `lpeer ingest SOURCE --name NAME`)")
+        stdout.print(f"no streams yet (run `{advice.INGEST_DEFAULT}` or `{advice.INGEST}`)")
     for s in data["streams"]:
         stdout.print(_slice_table(f"{s['name']} ← {s['source']}", s["slices"]))
 

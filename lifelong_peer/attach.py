@@ -40,7 +40,8 @@ from torch import Tensor, nn
 
 from .checkpoint import CheckpointError, check_state, load_tensors, save_tensors
 from .errors import UserError
-from .peer import PEER, PEERConfig, active_params_per_token
+from .peer import PEER, PEERConfig
+from .peer_model import PEERModel
 from .streams.hf_tokenizer import check_local_dir, load_error, offline
 
 Mode = Literal["add", "replace"]
@@ -238,8 +239,8 @@ def _build(model: nn.Module, config: AttachConfig) -> AttachedLM:
     return AttachedLM(model, config)
 
 
-class AttachedLM(nn.Module):
-    """A Hugging Face causal LM with PEER layers, behind the ``LanguageModel`` interface.
+class AttachedLM(PEERModel):
+    """A Hugging Face causal LM with PEER layers, a ``PEERModel`` like the byte-level ``LanguageModel``.
 
     ``forward(idx (B, T), targets (B, T) | None) → (logits (B, T, vocab), mean NLL | None)``.
     """
@@ -263,34 +264,12 @@ class AttachedLM(nn.Module):
     def peer_layers(self) -> list[PEER]:
         return peer_layers(self.hf)
 
-    def grow(self, num_new: int, layer: int | None = None, **kwargs) -> dict[int, Tensor]:
-        """Grow every PEER layer (or the ``layer``-th one) by ``num_new`` sub-keys per half; see ``PEER.grow``.
-
-        Returns {position among PEER layers: new expert ids}; updates ``config.peer_subkeys``.
-        """
-        layers = self.peer_layers()
-        positions = range(len(layers)) if layer is None else [layer]
-        for pos in positions:
-            if not 0 <= pos < len(layers):
-                raise ValueError(
-                    f"PEER layer {pos} does not exist; this model has {len(layers)} (0..{len(layers) - 1})"
-                )
-        new = {pos: layers[pos].grow(num_new, **kwargs) for pos in positions}
-        self.config.peer_subkeys = [p.config.num_subkeys for p in layers]
-        return new
-
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
-
-    def active_params_per_token(self) -> int:
-        """Parameters a token touches: all but other tokens' input embeddings and unretrieved experts."""
-        total = self.num_params()
+    def untouched_params(self) -> int:
+        """The other tokens' input-embedding rows (none when tied: the output layer touches it in full)."""
         emb, out = self.hf.get_input_embeddings(), self.hf.get_output_embeddings()
-        if out is None or out.weight is not emb.weight:  # a tied matrix is touched in full as the output layer
-            total -= emb.weight.numel() - emb.weight.shape[1]
-        for p in self.peer_layers():
-            total += active_params_per_token(p.config) - sum(t.numel() for t in p.parameters())
-        return total
+        if out is None or out.weight is not emb.weight:
+            return emb.weight.numel() - emb.weight.shape[1]
+        return 0
 
     def delta_state_dict(self) -> dict[str, Tensor]:
         """What a checkpoint holds: every PEER layer's state and the ``trainable`` base weights (HF names)."""

@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import advice
 from .errors import UserError
 from .model import ModelConfig
 from .optim import MOMENTS
@@ -187,7 +188,7 @@ class AttachOptions:
         if unknown:
             raise UserError(f"unknown attach option(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         if "base_model" not in data:
-            raise UserError("attach: base_model is required (lpeer run --base-model NAME_OR_PATH)")
+            raise UserError(f"attach: base_model is required ({advice.BASE_MODEL})")
         return cls(**data)
 
 

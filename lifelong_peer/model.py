@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .peer import PEER, PEERConfig, active_params_per_token
+from .peer import PEER, PEERConfig
+from .peer_model import PEERModel
 
 
 @dataclass
@@ -144,7 +145,7 @@ class Block(nn.Module):
         return x + self.ffn(self.ln2(x))
 
 
-class LanguageModel(nn.Module):
+class LanguageModel(PEERModel):
     """tokens (B, T) → logits (B, T, vocab). ``forward(idx, targets)`` also returns the mean NLL."""
 
     def __init__(self, config: ModelConfig):
@@ -187,30 +188,6 @@ class LanguageModel(nn.Module):
         """The PEER layers, in block order."""
         return [b.ffn for b in self.blocks if isinstance(b.ffn, PEER)]
 
-    def grow(self, num_new: int, layer: int | None = None, **kwargs) -> dict[int, Tensor]:
-        """Grow every PEER layer (or the ``layer``-th one) by ``num_new`` sub-keys per half.
-
-        Returns {position among PEER layers: new expert ids}; updates ``config.peer_subkeys``.
-        """
-        layers = self.peer_layers()
-        if not layers:
-            raise ValueError("this model has no PEER layers to grow")
-        positions = range(len(layers)) if layer is None else [layer]
-        for pos in positions:
-            if not 0 <= pos < len(layers):
-                raise ValueError(
-                    f"PEER layer {pos} does not exist; this model has {len(layers)} (0..{len(layers) - 1})"
-                )
-        new = {pos: layers[pos].grow(num_new, **kwargs) for pos in positions}
-        self.config.peer_subkeys = [p.config.num_subkeys for p in layers]
-        return new
-
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
-
-    def active_params_per_token(self) -> int:
-        """Parameters a token touches: everything but other tokens' embeddings and unretrieved experts."""
-        total = self.num_params() - self.tok.weight.numel() + self.config.dim
-        for p in self.peer_layers():
-            total += active_params_per_token(p.config) - sum(t.numel() for t in p.parameters())
-        return total
+    def untouched_params(self) -> int:
+        """The other tokens' embedding rows."""
+        return self.tok.weight.numel() - self.config.dim

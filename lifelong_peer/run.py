@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from . import distributed
+from . import advice, distributed
 from .attach import ATTACHED_FORMAT, AttachedLM, attached_from_tensors, save_attached
 from .checkpoint import (
     MODEL_FORMAT,
@@ -212,14 +212,14 @@ class Run:
             base = self.checkpoints / "base.safetensors"
             if not base.exists():
                 raise UserError(
-                    f"run {self.config.run!r} has no model yet; start it with lpeer run --resume {self.config.run}"
+                    f"run {self.config.run!r} has no model yet; start it with {advice.RESUME.format(run=self.config.run)}"
                 )
             self.model = self.read_model(base).to(self.device)
             return {"phase": None, "checkpoint": base}
         if state.get("step") is not None:
             raise UserError(
                 f"run {self.config.run!r} stopped in the middle of phase {state['phase']}; "
-                f"finish it first with lpeer run --resume {self.config.run}"
+                f"finish it first with {advice.RESUME.format(run=self.config.run)}"
             )
         self.load_checkpoint(self.dir / state["checkpoint"])
         return {"phase": state["phase"], "checkpoint": self.dir / state["checkpoint"]}

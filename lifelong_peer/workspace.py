@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
+from . import advice
 from .checkpoint import atomic_write_json
 from .errors import UserError
 
@@ -66,11 +67,9 @@ class Workspace:
     @classmethod
     def open(cls, path: str | os.PathLike | None = None) -> Workspace:
         """The workspace at ``path``, else ``$LPEER_WORKSPACE``, else the current directory."""
-        if path is None:
-            path = os.environ.get(ENV_VAR) or os.getcwd()
-        root = Path(path)
+        root = default_root(path)
         if not (root / MANIFEST).is_file():
-            raise UserError(f"{root} is not an lpeer workspace (run `lpeer init DIR`)")
+            raise UserError(f"{root} is not an lpeer workspace (run `{advice.INIT}`)")
         ws = cls(root)
         ws.manifest()  # validate early: a corrupted manifest is reported before any work starts
         return ws
@@ -85,7 +84,7 @@ class Workspace:
         try:
             data = json.loads(self.manifest_path.read_text(encoding="utf-8"))
         except FileNotFoundError:
-            raise UserError(f"{self.root} is not an lpeer workspace (run `lpeer init DIR`)") from None
+            raise UserError(f"{self.root} is not an lpeer workspace (run `{advice.INIT}`)") from None
         except (ValueError, UnicodeDecodeError) as e:
             raise UserError(f"{self.manifest_path} is corrupted: not valid JSON ({e})") from None
         problem = _manifest_problem(data)
@@ -166,6 +165,11 @@ class Workspace:
             return path.resolve()
         known = ", ".join(sorted(runs)) or "none yet"
         raise UserError(f"no run {run_or_path!r} in workspace {self.root} (known runs: {known})")
+
+
+def default_root(path: str | os.PathLike | None = None) -> Path:
+    """``path``, else ``$LPEER_WORKSPACE``, else the current directory: where a command's workspace is."""
+    return Path(path if path is not None else os.environ.get(ENV_VAR) or os.getcwd())
 
 
 def check_name(what: str, name: str) -> None:

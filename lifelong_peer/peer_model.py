@@ -1,0 +1,51 @@
+"""What "a model with PEER layers" means to the trainer, the index manager and checkpoints (issue 15).
+
+The byte-level ``LanguageModel`` and the attached Hugging Face model (``AttachedLM``) both derive from
+``PEERModel``: ``forward(idx (B, T), targets (B, T) | None) → (logits (B, T, V), mean NLL | None)``
+(targets of -1 ignored), a ``config`` with ``context``, ``peer_subkeys`` and ``to_dict()``, and the
+methods below. A subclass says where its PEER layers are and which parameters no token touches.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from .peer import PEER, active_params_per_token
+
+
+class PEERModel(nn.Module):
+    def peer_layers(self) -> list[PEER]:
+        """The PEER layers, in block order."""
+        raise NotImplementedError
+
+    def untouched_params(self) -> int:
+        """Parameters outside PEER that a token never touches (the other tokens' input-embedding rows)."""
+        raise NotImplementedError
+
+    def grow(self, num_new: int, layer: int | None = None, **kwargs) -> dict[int, Tensor]:
+        """Grow every PEER layer (or the ``layer``-th one) by ``num_new`` sub-keys per half; see ``PEER.grow``.
+
+        Returns {position among PEER layers: new expert ids}; updates ``config.peer_subkeys``.
+        """
+        layers = self.peer_layers()
+        if not layers:
+            raise ValueError("this model has no PEER layers to grow")
+        positions = range(len(layers)) if layer is None else [layer]
+        for pos in positions:
+            if not 0 <= pos < len(layers):
+                raise ValueError(
+                    f"PEER layer {pos} does not exist; this model has {len(layers)} (0..{len(layers) - 1})"
+                )
+        new = {pos: layers[pos].grow(num_new, **kwargs) for pos in positions}
+        self.config.peer_subkeys = [p.config.num_subkeys for p in layers]
+        return new
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def active_params_per_token(self) -> int:
+        """Parameters a token touches: everything but ``untouched_params`` and unretrieved experts."""
+        total = self.num_params() - self.untouched_params()
+        for p in self.peer_layers():
+            total += active_params_per_token(p.config) - sum(t.numel() for t in p.parameters())
+        return total
