@@ -68,7 +68,7 @@ def test_ewc_penalty_and_gradient_match_the_formula():
     anchor, fisher = _anchor_and_importance(model)
     hook = EWC(3.0, batches=2)
     assert hook.penalty(model, None, None) is None  # no Fisher yet (phase 0): no term
-    hook.fisher, hook.anchor = fisher, anchor
+    hook.importance, hook.anchor = fisher, anchor
     value = hook.penalty(model, None, None)
     want = 3.0 * 0.5 * sum((fisher[n] * (p - anchor[n]) ** 2).sum() for n, p in _shared(model).items())
     assert torch.allclose(value, want, rtol=1e-5)
@@ -144,7 +144,7 @@ def test_mas_penalty_and_gradient_match_the_formula():
     anchor, omega = _anchor_and_importance(model)
     hook = MAS(2.0, batches=2)
     assert hook.penalty(model, None, None) is None
-    hook.anchor, hook.omega = anchor, omega
+    hook.anchor, hook.importance = anchor, omega
     value = hook.penalty(model, None, None)
     want = 2.0 * sum((omega[n] * (p - anchor[n]) ** 2).sum() for n, p in _shared(model).items())
     assert torch.allclose(value, want, rtol=1e-5)

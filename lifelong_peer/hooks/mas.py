@@ -14,8 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import regularize
-from .base import PhaseContext, PhaseHook
-from .regularizers import importance_batches
+from .regularizers import ImportanceWeighted
 
 
 def mas_importance(model: nn.Module, batches: list[Tensor]) -> dict[str, Tensor]:
@@ -45,31 +44,16 @@ def mas_penalty(model: nn.Module, anchor: dict[str, Tensor], omega: dict[str, Te
     return torch.stack(terms).sum() if terms else torch.zeros(())
 
 
-class MAS(PhaseHook):
+class MAS(ImportanceWeighted):
     name = "mas"
-
-    def __init__(self, weight: float, batches: int):
-        self.weight, self.batches = weight, batches
-        self.anchor: dict[str, Tensor] = {}
-        self.omega: dict[str, Tensor] = {}
+    salt = -3
 
     @classmethod
     def from_config(cls, tc) -> MAS | None:
         return cls(tc.mas, tc.ewc_batches) if tc.mas > 0 else None
 
-    def begin_phase(self, ctx: PhaseContext) -> None:
-        self.anchor = regularize.snapshot(ctx.previous())
+    def measure(self, model: nn.Module, batches: list[Tensor]) -> dict[str, Tensor]:
+        return mas_importance(model, batches)
 
-    def penalty(self, model: nn.Module, batch: Tensor, logits: Tensor) -> Tensor | None:
-        return self.weight * mas_penalty(model, self.anchor, self.omega) if self.omega else None
-
-    def end_phase(self, ctx: PhaseContext) -> None:
-        new = mas_importance(ctx.run.model, importance_batches(ctx, self.batches, -3))
-        for name, w in new.items():
-            self.omega[name] = self.omega.get(name, torch.zeros_like(w)) + w
-
-    def state_tensors(self) -> dict[str, Tensor]:
-        return dict(self.omega)
-
-    def load_state_tensors(self, tensors: dict[str, Tensor]) -> None:
-        self.omega = dict(tensors)
+    def formula(self, model: nn.Module, anchor: dict[str, Tensor], importance: dict[str, Tensor]) -> Tensor:
+        return mas_penalty(model, anchor, importance)

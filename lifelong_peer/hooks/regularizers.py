@@ -31,38 +31,62 @@ class L2SP(PhaseHook):
         return self.weight * regularize.l2sp(model, self.anchor)
 
 
-class EWC(PhaseHook):
-    """``ewc`` · ½ Σ F (θ − θ_prev)² on shared weights, F the diagonal Fisher summed over past phases
-    (online EWC, Schwarz et al. 2018 without decay); estimated at each phase's end on ``ewc_batches``."""
+class ImportanceWeighted(PhaseHook):
+    """A quadratic pull towards the previous phase's shared weights, each weight by its importance Ω,
+    which is measured at each phase's end on ``batches`` batches of what the phase trained on and
+    summed over phases. Subclasses give the importance and the penalty's formula (EWC, MAS)."""
 
-    name = "fisher"  # the checkpoint key prefix runs have always used
+    salt = -2
+    """Step number of the seed the importance batches are drawn with (``importance_batches``)."""
 
     def __init__(self, weight: float, batches: int):
         self.weight, self.batches = weight, batches
         self.anchor: dict[str, Tensor] = {}
-        self.fisher: dict[str, Tensor] = {}
+        self.importance: dict[str, Tensor] = {}
 
-    @classmethod
-    def from_config(cls, tc) -> EWC | None:
-        return cls(tc.ewc, tc.ewc_batches) if tc.ewc > 0 else None
+    def measure(self, model: nn.Module, batches: list[Tensor]) -> dict[str, Tensor]:
+        """Ω of this phase: parameter name → tensor of its shape."""
+        raise NotImplementedError
+
+    def formula(self, model: nn.Module, anchor: dict[str, Tensor], importance: dict[str, Tensor]) -> Tensor:
+        raise NotImplementedError
 
     def begin_phase(self, ctx: PhaseContext) -> None:
         self.anchor = regularize.snapshot(ctx.previous())
 
     def penalty(self, model: nn.Module, batch: Tensor, logits: Tensor) -> Tensor | None:
-        return self.weight * regularize.ewc(model, self.anchor, self.fisher) if self.fisher else None
+        if not self.importance:  # nothing learnt before (phase 0): no term
+            return None
+        return self.weight * self.formula(model, self.anchor, self.importance)
 
     def end_phase(self, ctx: PhaseContext) -> None:
-        """F ← F + F_phase, on batches of what the phase trained on."""
-        new = regularize.fisher_diagonal(ctx.run.model, importance_batches(ctx, self.batches, -2))
-        for name, f in new.items():
-            self.fisher[name] = self.fisher.get(name, torch.zeros_like(f)) + f
+        """Ω ← Ω + Ω_phase."""
+        new = self.measure(ctx.run.model, importance_batches(ctx, self.batches, self.salt))
+        for name, w in new.items():
+            self.importance[name] = self.importance.get(name, torch.zeros_like(w)) + w
 
     def state_tensors(self) -> dict[str, Tensor]:
-        return dict(self.fisher)
+        return dict(self.importance)
 
     def load_state_tensors(self, tensors: dict[str, Tensor]) -> None:
-        self.fisher = dict(tensors)
+        self.importance = dict(tensors)
+
+
+class EWC(ImportanceWeighted):
+    """``ewc`` · ½ Σ F (θ − θ_prev)² on shared weights, F the diagonal Fisher summed over past phases
+    (online EWC, Schwarz et al. 2018 without decay); estimated at each phase's end on ``ewc_batches``."""
+
+    name = "fisher"  # the checkpoint key prefix runs have always used
+
+    @classmethod
+    def from_config(cls, tc) -> EWC | None:
+        return cls(tc.ewc, tc.ewc_batches) if tc.ewc > 0 else None
+
+    def measure(self, model: nn.Module, batches: list[Tensor]) -> dict[str, Tensor]:
+        return regularize.fisher_diagonal(model, batches)
+
+    def formula(self, model: nn.Module, anchor: dict[str, Tensor], importance: dict[str, Tensor]) -> Tensor:
+        return regularize.ewc(model, anchor, importance)
 
 
 class Distillation(PhaseHook):
