@@ -1,6 +1,6 @@
 """``lpeer inspect``, ``lpeer grow``, ``lpeer freeze``: the index manager on a run between phases (issue 5).
 
-Each parses, calls one function of ``lifelong_peer.index`` (``inspect_run``, ``grow_run``,
+Each parses, calls one function of ``lifelong_peer.runops`` (``inspect_run``, ``grow_run``,
 ``freeze_run``) on the opened run, and renders its dict.
 """
 

@@ -13,7 +13,7 @@ from .config import phase_steps
 from .data import eval_windows
 from .errors import UserError
 from .metrics import EvalRow, PhaseRecord, RunResults, SplitEval, save_results
-from .model import LanguageModel
+from .peer_model import PEERModel
 
 if TYPE_CHECKING:
     from .run import Run
@@ -22,7 +22,7 @@ Progress = Callable[[dict], None]
 
 
 @torch.no_grad()
-def evaluate(model: LanguageModel, windows: torch.Tensor, batch_size: int = 32) -> tuple[float, int]:
+def evaluate(model: PEERModel, windows: torch.Tensor, batch_size: int = 32) -> tuple[float, int]:
     """(summed nats, tokens predicted) of ``model`` on windows (n, T+1), in eval mode."""
     was_training = model.training
     model.eval()
@@ -88,7 +88,7 @@ def new_results(run: Run, before: dict[str, EvalRow], **extra) -> RunResults:
     )
 
 
-def append_eval(row: EvalRow, run: Run, model: LanguageModel, slice_name: str, split: str) -> None:
+def append_eval(row: EvalRow, run: Run, model: PEERModel, slice_name: str, split: str) -> None:
     data = run.slice_data(slice_name)
     total, count = evaluate(model, run.windows(slice_name, split, run.config.train.eval_tokens))
     num_bytes = max(1, round(count * data.num_bytes(split) / max(1, len(data.tokens(split)))))

@@ -41,8 +41,9 @@ from .config import AttachOptions, RunConfig, load_config_file, resolve_config
 from .data import eval_windows
 from .errors import CheckpointError, UserError
 from .hooks import build_hooks
-from .model import LanguageModel, ModelConfig
+from .model import ModelConfig
 from .optim import PEEROptimizer
+from .peer_model import PEERModel
 from .strategies import strategy_overrides
 
 RUN_CHECKPOINT_FORMAT = "lifelong-peer/run-checkpoint/1"
@@ -56,7 +57,7 @@ class Run:
         self.config = config
         self.stream = stream
         self.device = _device(config.train.device)
-        self.model: LanguageModel | AttachedLM | None = None
+        self.model: PEERModel | None = None
         self._base = None  # an attach run's plain base model, loaded once (``base_model``)
         self.hooks = build_hooks(config.train)  # their state travels in the checkpoints
         from .index import UsageLedger
@@ -237,7 +238,7 @@ class Run:
             f.write(json.dumps({"time": time.time(), "checkpoint": path.name, **what}) + "\n")
         return path
 
-    def previous_model(self, phase: int) -> LanguageModel | AttachedLM:
+    def previous_model(self, phase: int) -> PEERModel:
         """The model at the start of ``phase`` before growth: the anchor of L2-SP/EWC and the distillation teacher."""
         name = f"phase-{phase - 1:03d}.safetensors" if phase > 0 else "base.safetensors"
         return self.read_model(self.checkpoints / name).to(self.device).eval()
