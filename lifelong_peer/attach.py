@@ -30,7 +30,7 @@ import fnmatch
 import hashlib
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from .checkpoint import CheckpointError, check_state, load_tensors, save_tensors
 from .errors import UserError
 from .peer import PEER, PEERConfig
-from .peer_model import PEERModel
+from .peer_model import PEERModel, PEERModelConfig
 from .streams.hf_tokenizer import check_local_dir, load_error, offline
 
 Mode = Literal["add", "replace"]
@@ -51,7 +51,7 @@ MLP_NAMES = ("mlp", "feed_forward", "ffn")
 
 
 @dataclass
-class AttachConfig:
+class AttachConfig(PEERModelConfig):
     """Where PEER layers sit in a base model, and what identifies that base. Saved with every checkpoint."""
 
     base: str = ""
@@ -85,20 +85,9 @@ class AttachConfig:
                 f"AttachConfig.peer_subkeys has {len(self.peer_subkeys)} entries for {len(self.layers)} layers"
             )
 
-    def peer_config(self, position: int) -> PEERConfig:
-        """The PEERConfig of the ``position``-th PEER layer (0-based among PEER layers)."""
-        n = self.peer.num_subkeys if self.peer_subkeys is None else self.peer_subkeys[position]
-        return dataclasses.replace(self.peer, num_subkeys=n)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
     @classmethod
     def from_dict(cls, data: dict) -> AttachConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown attach config keys: {', '.join(sorted(unknown))}")
+        cls.check_keys(data, "attach")
         return cls(**data)
 
 

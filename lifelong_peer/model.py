@@ -9,18 +9,18 @@ either dense (4·dim hidden, GELU) or a PEER layer. The paper replaces the FFN o
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .peer import PEER, PEERConfig
-from .peer_model import PEERModel
+from .peer_model import PEERModel, PEERModelConfig
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(PEERModelConfig):
     """Shape of the language model; checkpointed with the weights (nanoGPT-style)."""
 
     vocab_size: int = 256
@@ -84,20 +84,9 @@ class ModelConfig:
             )
         return blocks
 
-    def peer_config(self, position: int) -> PEERConfig:
-        """The PEERConfig of the ``position``-th PEER block (0-based among PEER blocks)."""
-        n = self.peer.num_subkeys if self.peer_subkeys is None else self.peer_subkeys[position]
-        return dataclasses.replace(self.peer, num_subkeys=n)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
     @classmethod
     def from_dict(cls, data: dict) -> ModelConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown model config keys: {', '.join(sorted(unknown))}")
+        cls.check_keys(data, "model")
         data = dict(data)
         if isinstance(data.get("peer"), dict):
             peer_known = {f.name for f in dataclasses.fields(PEERConfig)}

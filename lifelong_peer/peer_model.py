@@ -8,9 +8,31 @@ methods below. A subclass says where its PEER layers are and which parameters no
 
 from __future__ import annotations
 
+import dataclasses
+
 from torch import Tensor, nn
 
-from .peer import PEER, active_params_per_token
+from .peer import PEER, PEERConfig, active_params_per_token
+
+
+class PEERModelConfig:
+    """What the configs of both kinds of ``PEERModel`` share (a dataclass mixin): a PEER layer template
+    ``peer`` and ``peer_subkeys``, the sub-keys per half of each PEER layer once grown (None: the template's)."""
+
+    def peer_config(self, position: int) -> PEERConfig:
+        """The PEERConfig of the ``position``-th PEER layer (0-based among PEER layers)."""
+        n = self.peer.num_subkeys if self.peer_subkeys is None else self.peer_subkeys[position]
+        return dataclasses.replace(self.peer, num_subkeys=n)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def check_keys(cls, data: dict, what: str) -> None:
+        """ValueError naming the keys of ``data`` that are not fields of this config."""
+        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown {what} config keys: {', '.join(sorted(unknown))}")
 
 
 class PEERModel(nn.Module):

@@ -231,7 +231,7 @@ class Run:
         state = self.state()
         if state["checkpoint"] is None:
             path = self.checkpoints / "base.safetensors"
-            _save_model(self.model, path)
+            save_run_model(self.model, path)
         else:
             path = self.save_checkpoint(state["phase"], None, None, completed=state["completed_phases"])
         with open(self.dir / "edits.jsonl", "a", encoding="utf-8") as f:
@@ -280,7 +280,7 @@ def _model_record(model) -> tuple[dict, dict]:
     return model.state_dict(), {"model_config": model.config.to_dict()}
 
 
-def _save_model(model, path: Path) -> None:
+def save_run_model(model, path: Path) -> None:
     """A run's base.safetensors: ``save_model`` or, for an attached model, ``save_attached`` (the delta)."""
     (save_attached if isinstance(model, AttachedLM) else save_model)(model, path)
 

@@ -36,7 +36,7 @@ from .hooks import PhaseContext, PhaseHook
 from .metrics import RunResults, load_results, save_results, write_run_outputs
 from .model import LanguageModel
 from .optim import PEEROptimizer, build_optimizer
-from .run import Run, _save_model
+from .run import Run, save_run_model
 
 Progress = Callable[[dict], None]
 
@@ -311,6 +311,8 @@ def _restore(run: Run, state: dict, emit: Progress) -> dict | None:
             if distributed.is_main():
                 (run.dir / "state.json").unlink()  # its listing describes files about to be rewritten
         state.update(completed_phases=0, checkpoint=None, phase=None, step=None, files={})
+        for hook in run.hooks:
+            hook.load_state_tensors({})  # nothing learnt yet
         _start_model(run, emit)
         meta = {"phase": 0, "step": 0, "completed_phases": 0}
     else:
@@ -355,7 +357,7 @@ def _start_model(run: Run, emit: Progress) -> None:
             train_base(run, emit)
     run.checkpoints.mkdir(parents=True, exist_ok=True)
     if distributed.is_main():
-        _save_model(run.model, run.checkpoints / "base.safetensors")
+        save_run_model(run.model, run.checkpoints / "base.safetensors")
     distributed.barrier()
 
 

@@ -152,3 +152,32 @@ def test_ctrl_c_saves_exactly_after_the_current_step_and_resume_is_exact(tmp_pat
     a, b = final_weights(straight.dir), final_weights(stopped.dir)
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_base_steps_report_the_same_fields_as_phase_steps(tmp_path, memory_stream):
+    """Issue 17 item 5: base training's progress showed 0 tok/s; one step() now serves both."""
+    events = []
+    _, run = make_run(tmp_path, memory_stream, "naive", base_steps=2, steps=2)
+    run_phases(run, phases=[0], progress=events.append)
+    base = [e for e in events if e["event"] == "step" and e["phase"] == -1]
+    phase = [e for e in events if e["event"] == "step" and e["phase"] == 0]
+    assert len(base) == 2 and len(phase) == 2
+    assert base[0].keys() == phase[0].keys()
+    assert all(e["tok_s"] > 0 for e in base)
+    lines = [json.loads(x) for x in (run.dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["phase"] for r in lines] == [0, 0]  # the run's metrics stay its phases'
+
+
+def test_base_training_uses_the_phase_optimizer_groups(tmp_path, memory_stream):
+    """expert_lr (and expert_weight_decay) apply to base training too: with a vanishing expert_lr the
+    expert tables leave base training exactly as initialised, while the dense weights move."""
+    from lifelong_peer.model import LanguageModel
+
+    _, run = make_run(tmp_path, memory_stream, "naive", base_steps=3, expert_lr=1e-30)
+    run_phases(run, phases=[])
+    base, _ = load_tensors(run.dir / "checkpoints" / "base.safetensors")
+    torch.manual_seed(run.config.train.seed)
+    init = LanguageModel(run.config.model).state_dict()
+    experts = [k for k in init if k.rsplit(".", 1)[-1] in ("U", "V", "subkeys")]
+    assert experts and all(torch.equal(base[k], init[k]) for k in experts)
+    assert not torch.equal(base["tok.weight"], init["tok.weight"])
