@@ -250,3 +250,24 @@ def test_a_regulariser_at_weight_0_is_naive_bit_for_bit_and_at_weight_1_is_not(t
     on = _weights_after(tmp_path, memory_stream, f"{field}-on", **{field: 1e4})
     assert all(torch.equal(naive[k], off[k]) for k in naive)
     assert any(not torch.equal(naive[k], on[k]) for k in naive)
+
+
+def test_lpeer_grow_and_the_loop_grow_alike(tmp_path, memory_stream):
+    """One growth planner (issue 15): ``grow_run`` before phase 1 places exactly the sub-keys the
+    loop's Growth hook places there (same seed rule, same input samples)."""
+    from lifelong_peer.hooks import Growth
+    from lifelong_peer.run import open_run
+    from lifelong_peer.runops import grow_run
+    from lifelong_peer.workspace import Workspace
+
+    ws, run = make_run(tmp_path, memory_stream, "naive", grow="2", base_steps=2)
+    run_phases(run, phases=[0])
+    by_loop = open_run(Workspace.open(tmp_path / "ws"), "r", stream=memory_stream)
+    by_loop.load_latest()  # before the edit below replaces the phase-0 checkpoint
+    Growth("2").begin_phase(_ctx(by_loop, 1))
+    by_hand = open_run(ws, "r", stream=memory_stream)
+    report = grow_run(by_hand, subkeys=2, slice_name="b")
+    assert report["old_slices"] == ["a"] and all(r["k"] == 2 for r in report["layers"])
+    for a, b in zip(by_hand.model.peer_layers(), by_loop.model.peer_layers(), strict=True):
+        assert a.num_subkeys == b.num_subkeys
+        assert torch.equal(a.subkeys, b.subkeys)
