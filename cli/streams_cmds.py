@@ -38,6 +38,9 @@ def ingest(
     default: bool = typer.Option(False, "--default", help="Ingest the shipped State of the Union stream (six eras)."),
     text_field: str = typer.Option("text", help="Field holding the document text."),
     time_field: str = typer.Option("time", help="Field holding the time: ISO date/datetime, YYYY-MM, year, epoch s."),
+    time_unit: str = typer.Option(
+        "auto", help="A bare number in the time field is: auto (a year 1000-2100 or epoch s 1973-2100) | year | s | ms."
+    ),
     id_field: str = typer.Option("id", help="Field with a stable document id (split hash); else the text's hash."),
     slice_: str = typer.Option(
         "year", "--slice", help="year | quarter | month | eras:1790,1840,... | quantiles:K | field:NAME."
@@ -64,6 +67,7 @@ def ingest(
     """
     from lifelong_peer.streams import ingest as ingest_fn
     from lifelong_peer.streams import ingest_default
+    from lifelong_peer.streams.store import bad_record_lines
     from lifelong_peer.workspace import Workspace
 
     try:
@@ -87,6 +91,7 @@ def ingest(
                 progress=progress,
                 text_field=text_field,
                 time_field=time_field,
+                time_unit=time_unit,
                 id_field=id_field,
                 slice=slice_,
                 time_from_name=time_from_name,
@@ -96,13 +101,16 @@ def ingest(
                 tokenizer=tokenizer,
                 **common,
             )
-    for line in summary["warnings"] + summary["bad_records"]:
+    for line in summary["warnings"]:
         stderr.print(f"[yellow]warning:[/yellow] {line}", highlight=False)
+    if summary["bad_records"]:  # each file's path once, one record per line (issue 17)
+        skipped = summary["skipped"]["bad"]
+        stderr.print("\n".join(bad_record_lines(summary["bad_records"], skipped)), highlight=False, markup=False)
     emit(summary, fmt, _render_summary)
 
 
 def streams(workspace: Path | None = WorkspaceOpt, fmt: Format = FormatOpt) -> None:
-    """List the workspace's streams and their slices: time span, documents, bytes, tokens per split.
+    """List the workspace's streams and their slices: time span, documents, text bytes, tokens per split.
 
     Example: lpeer streams --format json
     """
@@ -114,7 +122,8 @@ def streams(workspace: Path | None = WorkspaceOpt, fmt: Format = FormatOpt) -> N
 
 def _slice_table(title: str, slices: list[dict]) -> Table:
     table = Table(title=title)
-    for col in ("slice", "start", "end", "documents", "bytes", "train", "validation", "test"):
+    # the split columns count tokens (not documents or bytes): say so in their headers (issue 17)
+    for col in ("slice", "start", "end", "documents", "bytes", "train tokens", "validation tokens", "test tokens"):
         table.add_column(col, justify="left" if col in ("slice", "start", "end") else "right")
     for s in slices:
         t = s["tokens"]
