@@ -10,6 +10,7 @@ from rich.table import Table
 from lifelong_peer.errors import UserError
 
 from .output import Format, emit, stderr, stdout
+from .progress import PlainIngestProgress
 
 WorkspaceOpt = typer.Option(
     None, "--workspace", "-w", help="Workspace folder (default: $LPEER_WORKSPACE, else the current directory)."
@@ -80,7 +81,7 @@ def ingest(
         raise UserError("--name is required with a SOURCE")
     ws = Workspace.open(workspace)
     common = {"split": fractions, "block_size": block_size, "on_bad_record": on_bad_record, "replace": replace}
-    with _progress(fmt) as progress:
+    with _progress(fmt, name or "sotu") as progress:
         if default:
             summary = ingest_default(ws, name or "sotu", progress=progress, **common)
         else:
@@ -148,16 +149,20 @@ def _render_streams(data: dict) -> None:
 
 
 class _progress:
-    """A rich progress bar on stderr for the two ingest passes (none in JSON mode)."""
+    """A rich progress bar on stderr for the two ingest passes; off a terminal, plain lines every 10 s
+    (issue 17); none in JSON mode."""
 
-    def __init__(self, fmt: Format):
+    def __init__(self, fmt: Format, stream: str = ""):
         self.enabled = fmt == Format.human and stderr.is_terminal
+        self.plain = fmt == Format.human and not stderr.is_terminal
+        self.stream = stream
         self.bar = None
         self.tasks: dict[str, int] = {}
 
     def __enter__(self):
         if not self.enabled:
-            return None
+            write = lambda line: stderr.print(line, markup=False, highlight=False)  # noqa: E731
+            return PlainIngestProgress(write, self.stream) if self.plain else None
         from rich.progress import Progress
 
         self.bar = Progress(console=stderr, transient=True)
