@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from lifelong_peer.errors import UserError
@@ -103,7 +104,7 @@ def ingest(
                 **common,
             )
     for line in summary["warnings"]:
-        stderr.print(f"[yellow]warning:[/yellow] {line}", highlight=False)
+        stderr.print(f"[yellow]warning:[/yellow] {escape(line)}", highlight=False)
     if summary["bad_records"]:  # each file's path once, one record per line (issue 17)
         skipped = summary["skipped"]["bad"]
         stderr.print("\n".join(bad_record_lines(summary["bad_records"], skipped)), highlight=False, markup=False)
@@ -122,14 +123,15 @@ def streams(workspace: Path | None = WorkspaceOpt, fmt: Format = FormatOpt) -> N
 
 
 def _slice_table(title: str, slices: list[dict]) -> Table:
-    table = Table(title=title)
+    """Slice names and sources are data (a ``field:`` value can be "[/b]"): escaped, not rich markup."""
+    table = Table(title=escape(title))
     # the split columns count tokens (not documents or bytes): say so in their headers (issue 17)
     for col in ("slice", "start", "end", "documents", "bytes", "train tokens", "validation tokens", "test tokens"):
         table.add_column(col, justify="left" if col in ("slice", "start", "end") else "right")
     for s in slices:
         t = s["tokens"]
         table.add_row(
-            s["name"], s["start"], s["end"], f"{s['documents']:,}", f"{s['bytes']:,}",
+            escape(s["name"]), s["start"], s["end"], f"{s['documents']:,}", f"{s['bytes']:,}",
             f"{t['train']:,}", f"{t['validation']:,}", f"{t['test']:,}",
         )  # fmt: skip
     return table

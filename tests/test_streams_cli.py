@@ -107,6 +107,23 @@ def test_user_errors_exit_2_with_one_line(tmp_path, monkeypatch, capsys, args, m
     assert err.strip().startswith("error:")
 
 
+def test_messages_with_brackets_are_printed_as_text(tmp_path, monkeypatch, capsys):
+    """Field names and values reach error and warning lines; "[/a]" there crashed rich's markup parser."""
+    ws = tmp_path / "ws"
+    runner.invoke(app, ["init", str(ws)])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"[/a]": 1, "time": 2001}\n')
+    monkeypatch.setattr(sys, "argv", ["lpeer", "ingest", str(bad), "--name", "b", "-w", str(ws)])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    assert exit_.value.code == 2 and "no field 'text' (fields: [/a], time)" in capsys.readouterr().err
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"text": "x", "time": 2001, "k": "[/b]"}\n')
+    monkeypatch.setattr(sys, "argv", ["lpeer", "ingest", str(good), "--name", "g", "-w", str(ws), "--slice", "field:k"])
+    main()
+    assert "slice '[/b]' has 1 document(s)" in capsys.readouterr().err
+
+
 def test_progress_bar_renders_both_passes():
     from lifelong_peer.cli.output import Format
     from lifelong_peer.cli.streams_cmds import _progress
