@@ -9,6 +9,7 @@ import warnings
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
 from lifelong_peer import __version__
 from lifelong_peer.errors import UserError
@@ -100,7 +101,7 @@ def main() -> None:
     try:
         app(standalone_mode=False)
     except UserError as e:
-        stderr.print(f"[red]error:[/red] {e}", highlight=False)
+        stderr.print(f"[red]error:[/red] {escape(str(e))}", highlight=False)  # a record's "[/a]" is text
         sys.exit(2)
     except OSError as e:
         where = f": {e.filename}" if e.filename else ""

@@ -15,13 +15,18 @@ from lifelong_peer.strategies import STRATEGIES
 
 from .options import FormatOpt, QuietOpt, WorkspaceOpt, with_train_options
 from .output import Format, emit, stderr, stdout
+from .progress import PlainProgress
 
 
 @contextlib.contextmanager
-def _progress_display(quiet: bool):
-    """A rich progress bar per phase on stderr: step, loss, tok/s, experts, frozen %, ETA."""
+def _progress_display(quiet: bool, run: str | None = None):
+    """A rich progress bar per phase on stderr: step, loss, tok/s, experts, frozen %, ETA; off a
+    terminal, a plain line naming the run every 10 s (cli/progress.py, issue 17)."""
     if quiet:
         yield None
+        return
+    if not stderr.is_terminal:
+        yield PlainProgress(lambda line: stderr.print(line, markup=False, highlight=False), run)
         return
     columns = (
         TextColumn("[bold]{task.description}"),
@@ -71,6 +76,8 @@ def _progress_display(quiet: bool):
                     )
             elif kind == "resume":
                 progress.console.print(f"resuming at phase {event['phase']}, step {event['step']}")
+            elif kind == "run_start":  # the demo's runs, one after the other
+                progress.console.print(f"run [bold]{event['run']}[/bold]")
             elif kind == "phase_end":
                 row = event["rows"]["validation"]
                 progress.console.print(
@@ -174,7 +181,7 @@ def run(
             the_run = open_run(ws, run_id)
             if main:
                 stderr.print(f"run [bold]{the_run.config.run}[/bold] in {the_run.dir}")
-        with _progress_display(quiet or fmt == Format.json or not main) as on_event:
+        with _progress_display(quiet or fmt == Format.json or not main, the_run.config.run) as on_event:
             results = run_phases(the_run, progress=on_event)
     if main:
         _finish(the_run, results, fmt)
@@ -230,7 +237,7 @@ def train(
             overrides = {"steps": steps} if steps is not None else {}
             the_run = new_run(ws, stream, strategy, overrides, None, str(base) if base else None, run_id, [slice_])
         phase = add_slice(the_run, slice_)
-        with _progress_display(quiet or fmt == Format.json) as on_event:
+        with _progress_display(quiet or fmt == Format.json, the_run.config.run) as on_event:
             results = run_phases(the_run, phases=[phase], progress=on_event)
     _finish(the_run, results, fmt)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from lifelong_peer import advice
@@ -12,6 +13,7 @@ from lifelong_peer.errors import UserError
 
 from .options import FormatOpt, WorkspaceOpt
 from .output import Format, emit, stderr, stdout
+from .progress import PlainIngestProgress
 
 
 def init(
@@ -41,6 +43,9 @@ def ingest(
     default: bool = typer.Option(False, "--default", help="Ingest the shipped State of the Union stream (six eras)."),
     text_field: str = typer.Option("text", help="Field holding the document text."),
     time_field: str = typer.Option("time", help="Field holding the time: ISO date/datetime, YYYY-MM, year, epoch s."),
+    time_unit: str = typer.Option(
+        "auto", help="A bare number in the time field is: auto (a year 1000-2100 or epoch s 1973-2100) | year | s | ms."
+    ),
     id_field: str = typer.Option("id", help="Field with a stable document id (split hash); else the text's hash."),
     slice_: str = typer.Option(
         "year", "--slice", help="year | quarter | month | eras:1790,1840,... | quantiles:K | field:NAME."
@@ -67,6 +72,7 @@ def ingest(
     """
     from lifelong_peer.streams import ingest as ingest_fn
     from lifelong_peer.streams import ingest_default
+    from lifelong_peer.streams.store import bad_record_lines
     from lifelong_peer.workspace import Workspace
 
     try:
@@ -79,7 +85,7 @@ def ingest(
         raise UserError("--name is required with a SOURCE")
     ws = Workspace.open(workspace)
     common = {"split": fractions, "block_size": block_size, "on_bad_record": on_bad_record, "replace": replace}
-    with _progress(fmt) as progress:
+    with _progress(fmt, name or "sotu") as progress:
         if default:
             summary = ingest_default(ws, name or "sotu", progress=progress, **common)
         else:
@@ -90,6 +96,7 @@ def ingest(
                 progress=progress,
                 text_field=text_field,
                 time_field=time_field,
+                time_unit=time_unit,
                 id_field=id_field,
                 slice=slice_,
                 time_from_name=time_from_name,
@@ -99,13 +106,16 @@ def ingest(
                 tokenizer=tokenizer,
                 **common,
             )
-    for line in summary["warnings"] + summary["bad_records"]:
-        stderr.print(f"[yellow]warning:[/yellow] {line}", highlight=False)
+    for line in summary["warnings"]:
+        stderr.print(f"[yellow]warning:[/yellow] {escape(line)}", highlight=False)
+    if summary["bad_records"]:  # each file's path once, one record per line (issue 17)
+        skipped = summary["skipped"]["bad"]
+        stderr.print("\n".join(bad_record_lines(summary["bad_records"], skipped)), highlight=False, markup=False)
     emit(summary, fmt, _render_summary)
 
 
 def streams(workspace: Path | None = WorkspaceOpt, fmt: Format = FormatOpt) -> None:
-    """List the workspace's streams and their slices: time span, documents, bytes, tokens per split.
+    """List the workspace's streams and their slices: time span, documents, text bytes, tokens per split.
 
     Example: lpeer streams --format json
     """
@@ -116,13 +126,15 @@ def streams(workspace: Path | None = WorkspaceOpt, fmt: Format = FormatOpt) -> N
 
 
 def _slice_table(title: str, slices: list[dict]) -> Table:
-    table = Table(title=title)
-    for col in ("slice", "start", "end", "documents", "bytes", "train", "validation", "test"):
+    """Slice names and sources are data (a ``field:`` value can be "[/b]"): escaped, not rich markup."""
+    table = Table(title=escape(title))
+    # the split columns count tokens (not documents or bytes): say so in their headers (issue 17)
+    for col in ("slice", "start", "end", "documents", "bytes", "train tokens", "validation tokens", "test tokens"):
         table.add_column(col, justify="left" if col in ("slice", "start", "end") else "right")
     for s in slices:
         t = s["tokens"]
         table.add_row(
-            s["name"], s["start"], s["end"], f"{s['documents']:,}", f"{s['bytes']:,}",
+            escape(s["name"]), s["start"], s["end"], f"{s['documents']:,}", f"{s['bytes']:,}",
             f"{t['train']:,}", f"{t['validation']:,}", f"{t['test']:,}",
         )  # fmt: skip
     return table
@@ -142,16 +154,20 @@ def _render_streams(data: dict) -> None:
 
 
 class _progress:
-    """A rich progress bar on stderr for the two ingest passes (none in JSON mode)."""
+    """A rich progress bar on stderr for the two ingest passes; off a terminal, plain lines every 10 s
+    (issue 17); none in JSON mode."""
 
-    def __init__(self, fmt: Format):
+    def __init__(self, fmt: Format, stream: str = ""):
         self.enabled = fmt == Format.human and stderr.is_terminal
+        self.plain = fmt == Format.human and not stderr.is_terminal
+        self.stream = stream
         self.bar = None
         self.tasks: dict[str, int] = {}
 
     def __enter__(self):
         if not self.enabled:
-            return None
+            write = lambda line: stderr.print(line, markup=False, highlight=False)  # noqa: E731
+            return PlainIngestProgress(write, self.stream) if self.plain else None
         from rich.progress import Progress
 
         self.bar = Progress(console=stderr, transient=True)

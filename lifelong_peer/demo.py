@@ -3,7 +3,7 @@
 It starts from the small base model the project trains with ``scripts/train_base.py`` and ships in
 ``lifelong_peer/assets/`` (continual learning continues a trained model; from scratch nothing looks
 forgotten — RESEARCH.md), ingests the shipped corpus, runs each strategy over the six eras, and writes
-the per-run heatmaps and a comparison report.
+a comparison report with the runs' heatmaps on one colour scale.
 """
 
 from __future__ import annotations
@@ -72,10 +72,11 @@ def run_demo(config: DemoConfig, progress: Callable[[dict], None] | None = None)
                 run = new_run(ws, "sotu", strategy, overrides, base=str(config.base), run_id=run_id)
             results.append(run_phases(run, progress=emit))
     comparison = compare_runs(results, "test")
-    files = write_report(out / "report", comparison)
+    files = write_report(out / "report", comparison, results)
     comparison["files"] = {
         "report": {k: str(v) for k, v in files.items()},
-        "heatmaps": [str(ws.run_dir(r.run) / "heatmap.png") for r in results],
+        # the report's heatmaps: one colour scale for both runs (each run's own heatmap.png has its own)
+        "heatmaps": [str(files["heatmaps"] / f"{r.run}.png") for r in results],
         "workspace": str(ws.root),
     }
     return comparison

@@ -139,6 +139,11 @@ class RunResults:
     extra: dict = field(default_factory=dict)
     """further top-level keys (config, seed, ...); kept as they are"""
 
+    def __post_init__(self):
+        # one split order however the results were built: results.json stores its keys sorted, so a
+        # resumed run would otherwise write matrix.csv / metrics.csv rows in another order (issue 17)
+        self.eval = dict(sorted(self.eval.items(), key=lambda kv: _split_order(kv[0])))
+
     def add_phase(self, phase: PhaseRecord, rows: dict[str, EvalRow]) -> None:
         """Record a finished phase and its evaluation on every split (the trainer's one call per phase)."""
         if set(rows) != set(self.eval):
@@ -222,6 +227,11 @@ class RunResults:
             eval=parsed,
             extra=extra,
         )
+
+
+def _split_order(split: str) -> tuple[int, str]:
+    """validation, test (the trainer's order), then any other split by name."""
+    return (SPLITS.index(split) if split in SPLITS else len(SPLITS), split)
 
 
 _PHASE_KEYS = ("slice", "train_tokens", "wall_time_s", "num_experts", "frozen_fraction", "params", "active_params")

@@ -6,8 +6,11 @@ window, safe on a headless machine and inside tests.
 
 from __future__ import annotations
 
+import hashlib
+from dataclasses import dataclass
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -25,36 +28,103 @@ def _phase_labels(slices: list[str], phases: int) -> list[str]:
     return ["base", *(f"{i}: {slices[i]}" for i in range(phases))]
 
 
-def heatmap(path: str | Path, slices: list[str], matrix: list[list[float]], before: list[float], title: str) -> Path:
-    """Bits per byte, rows = base model + one per phase, columns = eval slices.
+@dataclass(frozen=True)
+class Scale:
+    """Colour limits of a heatmap; runs compared side by side share one (issue 17)."""
 
-    Each cell below the diagonal also shows L[i][j] − L[j][j], its change since the phase that
-    trained slice j (positive = forgot); the diagonal cells are outlined.
+    bpb: tuple[float, float]
+    """bits per byte at the two ends of the absolute colour map"""
+    change: float
+    """the change-since-trained map runs from −change to +change, centred at zero"""
+
+
+def change_since_trained(matrix: list[list[float]]) -> np.ndarray:
+    """(P, S) losses after each phase → (P, S) ``L[i][j] − L[j][j]`` for j ≤ i: how much worse (> 0,
+    forgot) or better (< 0) slice j is than right after the phase that trained it; NaN for j > i."""
+    L = np.asarray(matrix, dtype=float).reshape(len(matrix), -1)
+    change = np.full(L.shape, np.nan)
+    for i in range(L.shape[0]):
+        for j in range(min(i + 1, L.shape[1])):
+            change[i, j] = L[i, j] - L[j, j]
+    return change
+
+
+def shared_scale(runs: list[tuple[list[list[float]], list[float]]]) -> Scale:
+    """One scale for several runs' (matrix, before): the union of their bpb ranges, the largest change."""
+    ranges = [_range(np.array([before, *matrix], dtype=float)) for matrix, before in runs]
+    changes = [np.abs(change_since_trained(matrix)) for matrix, _ in runs if len(matrix)]
+    largest = max((float(np.nanmax(c, initial=0.0)) for c in changes), default=0.0)
+    return Scale((min(r[0] for r in ranges), max(r[1] for r in ranges)), largest if largest > 0 else 0.01)
+
+
+def heatmap(
+    path: str | Path,
+    slices: list[str],
+    matrix: list[list[float]],
+    before: list[float],
+    title: str,
+    scale: Scale | None = None,
+) -> Path:
+    """The run's heatmap PNG (``heatmap_figure``)."""
+    return _save(heatmap_figure(slices, matrix, before, title, scale), path)
+
+
+def heatmap_figure(
+    slices: list[str], matrix: list[list[float]], before: list[float], title: str, scale: Scale | None = None
+) -> Figure:
+    """Two panels: bits per byte (rows = base model + one per phase, columns = eval slices), and the
+    forgetting view: each slice's change since the phase that trained it, on a diverging map centred
+    at zero (red = forgot, blue = improved), which absolute colours hide (issue 17). The diagonal
+    (each slice right after its own phase) is outlined. ``scale``: shared colour limits (default:
+    this run's own range).
     """
     L = np.array([before, *matrix], dtype=float)  # (1 + P, S): row 0 is the base model
     rows, cols = L.shape
-    fig = Figure(figsize=(1.6 + 1.15 * cols, 1.2 + 0.55 * rows))
-    ax = fig.add_subplot()
+    scale = scale or shared_scale([(matrix, before)])
+    fig = Figure(figsize=(2 * (1.6 + 1.15 * cols) + 1.0, 1.2 + 0.55 * rows), layout="constrained")
+    ax, ax_change = fig.subplots(1, 2)
     # colours span the trained phases: an untrained base model (≈ 8 bpb) would wash out the
     # differences that matter; its row saturates but keeps its numbers
-    vmin, vmax = _range(L)
-    image = ax.imshow(L, cmap="RdYlGn_r", aspect="auto", vmin=vmin, vmax=vmax)
+    image = ax.imshow(L, cmap="RdYlGn_r", aspect="auto", vmin=scale.bpb[0], vmax=scale.bpb[1])
     fig.colorbar(image, ax=ax, label="bits per byte (lower is better)")
-    ax.set_xticks(range(cols), slices, rotation=30, ha="right")
-    ax.set_yticks(range(rows), _phase_labels(slices, rows - 1))
+    for r in range(rows):
+        for j in range(cols):
+            ax.text(j, r, f"{L[r, j]:.3f}" if np.isfinite(L[r, j]) else "—", ha="center", va="center", fontsize=7)
+        if 0 <= r - 1 < cols:
+            ax.add_patch(_outline(r - 1, r))
+    _label(ax, slices, _phase_labels(slices, rows - 1), "bits per byte")
+
+    if not len(matrix):
+        ax_change.axis("off")
+        ax_change.text(0.5, 0.5, "forgetting: no phase has finished yet", ha="center", transform=ax_change.transAxes)
+    else:
+        _change_panel(fig, ax_change, slices, change_since_trained(matrix), scale.change)
+    fig.suptitle(title)
+    return fig
+
+
+def _change_panel(fig: Figure, ax, slices: list[str], change: np.ndarray, limit: float) -> None:
+    """change (P, S), NaN above the diagonal, on a diverging map from −limit to +limit."""
+    cmap = matplotlib.colormaps["RdBu_r"].with_extremes(bad="#eeeeee")  # grey: not trained yet
+    image = ax.imshow(np.ma.masked_invalid(change), cmap=cmap, aspect="auto", vmin=-limit, vmax=limit)
+    fig.colorbar(image, ax=ax, label="change since trained, bits per byte (> 0: forgot)")
+    for i in range(change.shape[0]):
+        for j in range(min(i + 1, change.shape[1])):
+            value = change[i, j]
+            text = f"{value:+.3f}" if np.isfinite(value) else "—"  # — : a slice without held-out text
+            colour = "white" if abs(value) > 0.6 * limit else "black"  # white on the map's dark ends
+            ax.text(j, i, text, ha="center", va="center", fontsize=7, color=colour)
+        if i < change.shape[1]:
+            ax.add_patch(_outline(i, i))
+    _label(ax, slices, _phase_labels(slices, change.shape[0])[1:], "forgetting: change since the slice was trained")
+
+
+def _label(ax, slices: list[str], rows: list[str], what: str) -> None:
+    ax.set_xticks(range(len(slices)), slices, rotation=30, ha="right")
+    ax.set_yticks(range(len(rows)), rows)
     ax.set_xlabel("evaluated slice")
     ax.set_ylabel("after phase (trained slice)")
-    ax.set_title(title)
-    for r in range(rows):
-        i = r - 1  # phase index of this row
-        for j in range(cols):
-            text = f"{L[r, j]:.3f}" if np.isfinite(L[r, j]) else "—"
-            if 0 <= j < i and np.isfinite(L[r, j] - L[j + 1, j]):
-                text += f"\n{L[r, j] - L[j + 1, j]:+.3f}"
-            ax.text(j, r, text, ha="center", va="center", fontsize=7, color="black")
-        if 0 <= i < cols:
-            ax.add_patch(_outline(i, r))
-    return _save(fig, path)
+    ax.set_title(what)
 
 
 def _range(L: np.ndarray) -> tuple[float, float]:
@@ -98,7 +168,33 @@ def curves(path: str | Path, slices: list[str], matrix: list[list[float]], befor
     return _save(fig, path)
 
 
+def _strategy_key(strategy: str) -> tuple[int, str]:
+    """The presets in their order, then other names alphabetically."""
+    from .strategies import STRATEGIES
+
+    names = list(STRATEGIES)
+    return (names.index(strategy) if strategy in names else len(names), strategy)
+
+
+def strategy_colour(strategy: str) -> tuple[float, float, float]:
+    """A strategy's colour in every plot, whatever the order runs are given in (issue 17): the presets
+    take tab10's colours in their order; any other name one of the colours left, by a hash of it."""
+    from .strategies import STRATEGIES
+
+    palette = matplotlib.colormaps["tab10"].colors
+    names = list(STRATEGIES)
+    if strategy in names:
+        return palette[names.index(strategy) % len(palette)]
+    spare = palette[len(names) :] or palette
+    return spare[int(hashlib.sha256(strategy.encode()).hexdigest()[:8], 16) % len(spare)]
+
+
 def forgetting_scatter(path: str | Path, rows: list[dict], title: str) -> Path:
+    """The report's PNG (``forgetting_scatter_figure``)."""
+    return _save(forgetting_scatter_figure(rows, title), path)
+
+
+def forgetting_scatter_figure(rows: list[dict], title: str) -> Figure:
     """One point per run: average forgetting (x) against the newest slice's final bpb (y), by strategy.
 
     rows: dicts with run, strategy, avg_forgetting_bpb (None for one-phase runs, left out) and newest_bpb.
@@ -107,10 +203,11 @@ def forgetting_scatter(path: str | Path, rows: list[dict], title: str) -> Path:
     fig = Figure(figsize=(6.0, 4.5))
     ax = fig.add_subplot()
     shown = [r for r in rows if r["avg_forgetting_bpb"] is not None and r["newest_bpb"] is not None]
-    strategies = list(dict.fromkeys(r["strategy"] for r in shown))
+    strategies = sorted({r["strategy"] for r in shown}, key=_strategy_key)  # one order, whatever the runs' order
     for s in strategies:
         points = [r for r in shown if r["strategy"] == s]
-        ax.scatter([r["avg_forgetting_bpb"] for r in points], [r["newest_bpb"] for r in points], label=s)
+        x, y = [r["avg_forgetting_bpb"] for r in points], [r["newest_bpb"] for r in points]
+        ax.scatter(x, y, label=s, color=strategy_colour(s))
         for r in points:
             ax.annotate(
                 r["run"],
@@ -130,9 +227,9 @@ def forgetting_scatter(path: str | Path, rows: list[dict], title: str) -> Path:
         )
     ax.axvline(0.0, color="grey", linewidth=0.8)
     ax.set_xlabel("average forgetting, bits per byte (lower is better)")
-    ax.set_ylabel("newest slice after the last phase, bits per byte")
+    ax.set_ylabel("newest slice after the last phase, bits per byte (lower is better)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     if strategies:
         ax.legend(title="strategy", fontsize=8)
-    return _save(fig, path)
+    return fig

@@ -164,8 +164,10 @@ def markdown(comparison: dict) -> str:
     )
 
 
-def write_report(out_dir: str | Path, comparison: dict) -> dict[str, Path]:
-    """Write report.json, report.md and report.png (forgetting against newest-slice bpb) into ``out_dir``."""
+def write_report(out_dir: str | Path, comparison: dict, runs: list[RunResults] | None = None) -> dict[str, Path]:
+    """Write report.json, report.md and report.png (forgetting against newest-slice bpb) into ``out_dir``,
+    and with ``runs`` (those compared) ``heatmaps/RUN.png``: every run's heatmap on one colour scale,
+    so that the colours of two runs can be compared (issue 17)."""
     from . import plots
 
     out = Path(out_dir)
@@ -175,11 +177,23 @@ def write_report(out_dir: str | Path, comparison: dict) -> dict[str, Path]:
     plots.forgetting_scatter(
         paths["plot"], comparison["runs"], f"forgetting vs newest slice ({comparison['split']} split)"
     )
+    if runs:
+        split = comparison["split"]
+        shown = [summarize(r, split) for r in runs]
+        scale = plots.shared_scale([(s["matrix_bpb"], s["before_bpb"]) for s in shown])
+        paths["heatmaps"] = out / "heatmaps"
+        paths["heatmaps"].mkdir(parents=True, exist_ok=True)
+        for s in shown:
+            title = f"{s['run']} ({s['strategy']}), {split} split; colours shared by the report's runs"
+            plots.heatmap(
+                paths["heatmaps"] / f"{s['run']}.png", s["slices"], s["matrix_bpb"], s["before_bpb"], title, scale
+            )
     return paths
 
 
 def report(runs: list[str], out_dir: str | Path, split: str = "test", workspace: str | Path | None = None) -> dict:
     """Load the runs, compare them, write the report files; for ``lpeer report``."""
-    comparison = compare_runs([load_run(r, workspace) for r in runs], split)
-    files = write_report(out_dir, comparison)
+    loaded = [load_run(r, workspace) for r in runs]
+    comparison = compare_runs(loaded, split)
+    files = write_report(out_dir, comparison, loaded)
     return comparison | {"files": {k: str(v) for k, v in files.items()}}

@@ -49,7 +49,7 @@ class SliceSpec:
         if kind == "eras" and arg:
             bounds = tuple(b.strip() for b in arg.split(",") if b.strip())
             try:
-                times = [parse_time(b) for b in bounds]
+                times = [boundary_time(b) for b in bounds]
             except ValueError as e:
                 raise UserError(f"--slice {spec}: {e}") from None
             if any(a >= b for a, b in pairwise(times)):
@@ -66,6 +66,16 @@ class SliceSpec:
     def __str__(self) -> str:
         arg = {"eras": ",".join(self.boundaries), "quantiles": str(self.k), "field": self.field}.get(self.kind)
         return f"{self.kind}:{arg}" if arg else self.kind
+
+
+def boundary_time(boundary: str) -> int:
+    """An era boundary as written → epoch seconds: up to four digits is a year (``eras:800,1200``
+    whatever ``--time-unit`` says of the data), anything else is read like a document's time."""
+    return parse_time(boundary, "year" if _is_year(boundary) else "auto")
+
+
+def _is_year(boundary: str) -> bool:
+    return boundary.isdigit() and len(boundary) <= 4
 
 
 @dataclass
@@ -96,7 +106,7 @@ def assign_slices(
         uniq, slice_of = np.unique(keys, return_inverse=True)
         labels = [label_of(int(k)) for k in uniq]
     elif spec.kind == "eras":
-        bounds = np.array([parse_time(b) for b in spec.boundaries], dtype=np.int64)
+        bounds = np.array([boundary_time(b) for b in spec.boundaries], dtype=np.int64)
         slice_of = np.searchsorted(bounds, times, side="right") - 1
         labels = _era_names(spec.boundaries, times, slice_of)
     elif spec.kind == "quantiles":
@@ -135,7 +145,7 @@ def _calendar_keys(kind: str, times: np.ndarray):
 
 def _era_names(boundaries: tuple[str, ...], times: np.ndarray, slice_of: np.ndarray) -> list[str]:
     """``1790-1839`` when boundaries are years (the last era ends at its latest document's year)."""
-    if all(b.isdigit() and len(b) <= 4 for b in boundaries):
+    if all(_is_year(b) for b in boundaries):
         names = [f"{a}-{int(b) - 1}" for a, b in pairwise(boundaries)]
         last = times[slice_of == len(boundaries) - 1]
         end = format_time(int(last.max()))[:4] if len(last) else ""

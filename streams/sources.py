@@ -267,18 +267,43 @@ def _jsonl_records(path: Path, rel: str, opts: ReadOptions):
             where = f"{rel}:{lineno}"
             if len(raw) >= limit and not raw.endswith(b"\n"):
                 raise UserError(_too_large(where, len(raw), opts).replace("document of", "line of at least"))
-            line = _decode(raw, where, opts)
+            # without its line break: parsed with it, an error at the end of the line is "line 2 column 1"
+            line = _decode(raw, where, opts).rstrip("\r\n")
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                yield where, None, f"malformed JSON ({e.msg} at column {e.colno})"
+                yield where, None, f"malformed JSON ({_json_error(e, line)})"
                 continue
             if not isinstance(record, dict):
-                yield where, None, f"a JSON {type(record).__name__}, not an object"
+                yield where, None, f"{json_kind(record)}, not a JSON object"
                 continue
             yield where, record, None
+
+
+def _json_error(e: json.JSONDecodeError, line: str) -> str:
+    """The decoder's message with the column in the line (1-based, in characters)."""
+    at = f"{e.msg} column" if e.msg.endswith(" at") else f"{e.msg} at column"  # "Unterminated string starting at"
+    end = ", the end of the line" if e.pos >= len(line.rstrip()) else ""
+    return f"{at} {e.pos + 1}{end}"
+
+
+def json_kind(value: object) -> str:
+    """What a parsed JSON value is, in JSON's words with its article: ``a number (42)``, ``an array``."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"a boolean ({'true' if value else 'false'})"
+    if isinstance(value, (int, float)):
+        return f"a number ({value!r})" if len(repr(value)) <= 24 else "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, (list, tuple)):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return f"a {type(value).__name__} value"
 
 
 def _csv_header(path: Path, opts: ReadOptions) -> list[str]:

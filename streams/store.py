@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from array import array
@@ -36,9 +37,9 @@ from lifelong_peer.errors import CheckpointError, UserError
 from lifelong_peer.workspace import Workspace, check_name, now_iso
 
 from .packing import PackWriter, read_tokens
-from .slicing import SPLITS, SliceSpec, assign_slices, assign_splits, hash_unit
-from .sources import ReadOptions, open_source
-from .times import format_time, parse_time
+from .slicing import SPLITS, SliceSpec, assign_slices, assign_splits, boundary_time, hash_unit
+from .sources import ReadOptions, json_kind, open_source
+from .times import TIME_UNITS, format_time, parse_time
 from .tokenize import SEPARATOR_ID, encode_array, get_tokenizer, token_dtype, tokenizer_fingerprint
 
 #: bumped when the stored layout or the meaning of an option changes (old fingerprints then differ)
@@ -54,6 +55,8 @@ class IngestOptions:
     """field / column holding the document text"""
     time_field: str = "time"
     """field / column holding the document time (ISO date or datetime, YYYY-MM, year, epoch seconds)"""
+    time_unit: str = "auto"
+    """how a bare number in the time field is read: auto (a year if 1000-2100, epoch seconds if 1973-2100, else an error) | year | s | ms"""
     id_field: str = "id"
     """field holding a stable document id, used for the split hash; without it, the text's hash is the id"""
     slice: str = "year"
@@ -83,6 +86,8 @@ class IngestOptions:
         self.split = tuple(float(x) for x in self.split)
         if len(self.split) != 3 or min(self.split) < 0 or abs(sum(self.split) - 1) > 1e-6 or self.split[0] == 0:
             raise UserError(f"--split {self.split} must be three fractions train,validation,test summing to 1")
+        if self.time_unit not in TIME_UNITS:
+            raise UserError(f"--time-unit {self.time_unit!r} must be one of {', '.join(TIME_UNITS)}")
         if self.on_bad_record not in ("error", "skip"):
             raise UserError(f"--on-bad-record {self.on_bad_record!r} must be error or skip")
         if self.block_size < 1:
@@ -103,6 +108,8 @@ class IngestOptions:
         d = asdict(self)
         for k in ("on_bad_record", "max_listed", "replace", "max_document_mb"):
             d.pop(k)
+        if d["time_unit"] == "auto":  # the default: streams ingested before the option keep their fingerprint
+            d.pop("time_unit")
         return d
 
 
@@ -267,6 +274,7 @@ def ingest_source(ws: Workspace, src, name: str, opts: IngestOptions, progress: 
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             entries = _pack(src, opts, spec, scan, slices, slice_of, split_of, tmp, tokenizer, progress)
+            warnings += [w for e in entries if (w := _empty_split_warning(e))]
             entry = {
                 "name": name,
                 "source": src.label,
@@ -300,6 +308,19 @@ def ingest_source(ws: Workspace, src, name: str, opts: IngestOptions, progress: 
         if existing is not None and existing["dir"] != entry["dir"]:
             shutil.rmtree(ws.root / existing["dir"], ignore_errors=True)
     return _summary(entry, unchanged=False, seconds=time.perf_counter() - started)
+
+
+def _empty_split_warning(entry: dict) -> str | None:
+    """Issue 17: a slice too small to fill every split is said at ingest, not found later as a gap."""
+    empty = [k for k in SPLITS if entry["splits"][k]["tokens"] == 0]
+    if not empty:
+        return None
+    what = {"train": "a phase on it trains on nothing", "validation": "it is not evaluated", "test": "it is not tested"}
+    return (
+        f"slice {entry['name']!r} has {entry['documents']} document(s), so its {' and '.join(empty)} "
+        f"split{'s are' if len(empty) > 1 else ' is'} empty ({'; '.join(what[k] for k in empty)}); "
+        "add documents or use coarser slices"
+    )
 
 
 def _summary(entry: dict, unchanged: bool, seconds: float) -> dict:
@@ -348,8 +369,11 @@ class _Scan:
     category_: array = field(default_factory=lambda: array("l"))
     categories: list[str] = field(default_factory=list)
     bad: list[str] = field(default_factory=list)
+    """the first ``max_listed`` bad records, as ``where: problem``"""
     bad_count: int = 0
     empty: int = 0
+    early: array = field(default_factory=lambda: array("q"))
+    """times of the otherwise good documents before the first era boundary (bad records too)"""
 
     @property
     def times(self) -> np.ndarray:
@@ -387,7 +411,7 @@ def _extract(fields: dict, opts: IngestOptions, spec: SliceSpec, max_bytes: int,
     if text is None:
         return f"missing text (field {opts.text_field!r} is null)"
     if not isinstance(text, str):
-        return f"field {opts.text_field!r} is a {type(text).__name__}, not a string"
+        return f"field {opts.text_field!r} is {json_kind(text)}, not a string"
     raw = text.encode("utf-8")
     if len(raw) > max_bytes:
         raise UserError(
@@ -397,7 +421,7 @@ def _extract(fields: dict, opts: IngestOptions, spec: SliceSpec, max_bytes: int,
     if "\x00" in text:
         return "text contains a NUL character (reserved as the document separator)"
     try:
-        t = parse_time(fields[opts.time_field])
+        t = parse_time(fields[opts.time_field], opts.time_unit)
     except ValueError as e:
         return f"time: {e}"
     except OverflowError:
@@ -410,7 +434,7 @@ def _extract(fields: dict, opts: IngestOptions, spec: SliceSpec, max_bytes: int,
 def _scan(src, opts: IngestOptions, spec: SliceSpec, progress: Progress | None) -> _Scan:
     scan = _Scan()
     max_bytes = opts.read_options().max_document_bytes
-    first = parse_time(spec.boundaries[0]) if spec.kind == "eras" else None
+    first = boundary_time(spec.boundaries[0]) if spec.kind == "eras" else None
     category_index: dict[str, int] = {}
     for i, (where, fields, problem) in enumerate(src.records(_needed(opts, spec))):
         if progress and i % 256 == 0:
@@ -425,6 +449,7 @@ def _scan(src, opts: IngestOptions, spec: SliceSpec, progress: Progress | None) 
                 continue
             elif first is not None and got[2] < first:
                 problem = f"time {format_time(got[2])} is before the first era boundary {spec.boundaries[0]}"
+                scan.early.append(got[2])
         if problem is not None:
             scan.status.append(0)
             scan.bad_count += 1
@@ -440,16 +465,66 @@ def _scan(src, opts: IngestOptions, spec: SliceSpec, progress: Progress | None) 
             value = str(fields[spec.field])
             scan.category_.append(category_index.setdefault(value, len(category_index)))
     scan.categories = list(category_index)
-    if scan.bad_count and opts.on_bad_record == "error":
-        more = f"; and {scan.bad_count - len(scan.bad)} more" if scan.bad_count > len(scan.bad) else ""
+    if scan.early and not len(scan.times_):  # issue 17: the whole source lies before the eras, one sentence
+        others = scan.bad_count - len(scan.early)
         raise UserError(
-            f"{scan.bad_count} bad record(s) in {src.label}: {'; '.join(scan.bad)}{more} "
-            "(fix them, or pass --on-bad-record skip to skip them)"
+            f"every document of {src.label} is before the first era boundary: its {len(scan.early):,} dated "
+            f"document(s) run from {format_time(min(scan.early))} to {format_time(max(scan.early))}, and "
+            f"--slice {spec} starts at {spec.boundaries[0]}"
+            + (f" ({others:,} other record(s) are bad as well)" if others else "")
         )
+    if scan.bad_count and opts.on_bad_record == "error":
+        raise UserError(bad_records_message(src.label, scan.bad, scan.bad_count))
     if not len(scan.times_):
         what = f" ({scan.bad_count} bad, {scan.empty} empty)" if scan.bad_count or scan.empty else ""
         raise UserError(f"{src.label} has no usable documents{what}")
     return scan
+
+
+_WHERE = re.compile(r"(?P<file>.*?):(?P<at>\d+|row \d+): (?P<problem>.*)", re.DOTALL)
+
+
+def group_bad_records(records: list[str]) -> list[tuple[str, list[str]]]:
+    """``["a.jsonl:3: problem", ...]`` → ``[("a.jsonl", ["line 3: problem", ...]), ...]``, files in order.
+
+    A record without a line (a ``.txt`` file: the whole file is the record) is its own group.
+    """
+    groups: dict[str, list[str]] = {}
+    for record in records:
+        m = _WHERE.fullmatch(record)
+        if m is None:
+            where, _, problem = record.partition(": ")
+            groups.setdefault(where, []).append(problem)
+            continue
+        at = m["at"] if m["at"].startswith("row") else f"line {m['at']}"
+        groups.setdefault(m["file"], []).append(f"{at}: {m['problem']}")
+    return list(groups.items())
+
+
+def bad_record_lines(records: list[str], total: int, named: str | None = None) -> list[str]:
+    """The listed bad records one per line under their file's path (issue 17), then the count of the rest.
+
+    ``named``: a path the caller has already named; records of that file alone are listed without it.
+    """
+    groups = group_bad_records(records)
+    once = len(groups) == 1 and groups[0][0] == named
+    lines = []
+    for path, items in groups:
+        if not once:
+            lines.append(f"  {path}:")
+        lines += [f"  {item}" if once else f"    {item}" for item in items]
+    if total > len(records):
+        lines.append(f"  and {total - len(records):,} more")
+    return lines
+
+
+def bad_records_message(label: str, records: list[str], total: int) -> str:
+    """The error for bad records: one sentence for one, else the count, then one record per line."""
+    fix = "fix {}, or pass --on-bad-record skip to skip bad records"
+    if total == 1:
+        return f"{records[0]} ({fix.format('it')})"
+    head = f"{total:,} bad records in {label} ({fix.format('them')}):"
+    return "\n".join([head, *bad_record_lines(records, total, named=label)])
 
 
 def _needed(opts: IngestOptions, spec: SliceSpec) -> list[str]:

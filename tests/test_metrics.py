@@ -311,6 +311,19 @@ def test_matrix_csv_is_the_matrix(run_dir):
     assert bpb == [BEFORE, *L]
 
 
+def test_run_files_keep_their_row_order_through_a_save_and_load(tmp_path):
+    """Issue 17: matrix.csv changed row order after a resume (results.json stores its splits sorted)."""
+    fresh, resumed = tmp_path / "fresh", tmp_path / "resumed"
+    results = make_results(phases=2)
+    write_run_outputs(fresh, results)
+    save_results(tmp_path, results)
+    write_run_outputs(resumed, load_results(tmp_path))
+    for name in ("matrix.csv", "metrics.csv"):
+        assert (resumed / name).read_text() == (fresh / name).read_text(), name
+    splits = [r["split"] for r in csv.DictReader((fresh / "matrix.csv").open())]
+    assert splits == sorted(splits, key=("validation", "test").index)  # validation first, as the trainer evaluates
+
+
 def test_summary_json(run_dir):
     s = json.loads((run_dir / "summary.json").read_text())
     assert s["reported_split"] == "test" and set(s["splits"]) == {"validation", "test"}

@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
 from lifelong_peer.cli.main import app
 from lifelong_peer.errors import UserError
 from lifelong_peer.metrics import EvalRow, PhaseRecord, RunResults, SplitEval, save_results
-from lifelong_peer.report import compare_runs, evaluate_run, find_run_dir, markdown, report
+from lifelong_peer.report import compare_runs, evaluate_run, find_run_dir, markdown, report, write_report
 
 SLICES = ["1790-1860", "1861-1932", "1933-2024"]
 #: loss matrix (bpb) of a run that forgets (naive) and one that barely does (lifelong)
@@ -77,10 +78,70 @@ def test_different_slices_are_refused():
 def test_report_writes_files(runs, tmp_path):
     out = tmp_path / "out"
     c = report([str(d) for d in runs.values()], out)
-    assert {p.name for p in out.iterdir()} == {"report.json", "report.md", "report.png"}
+    assert {p.name for p in out.iterdir()} == {"report.json", "report.md", "report.png", "heatmaps"}
+    assert sorted(p.name for p in (out / "heatmaps").iterdir()) == ["lifelong-s0.png", "naive-s0.png"]
     assert json.loads((out / "report.json").read_text())["runs"][1]["run"] == "lifelong-s0"
     assert (out / "report.png").read_bytes().startswith(b"\x89PNG") and (out / "report.png").stat().st_size > 5000
     assert c["files"]["plot"] == str(out / "report.png")
+
+
+# ---------------------------------------------------------------------------------------------
+# plots (issue 17): a forgetting view, one colour scale per report, a colour per strategy
+
+
+def test_heatmap_has_a_forgetting_view_centred_at_zero():
+    from lifelong_peer import plots
+
+    fig = plots.heatmap_figure(SLICES, NAIVE, [8.0] * 3, "t")
+    (ax,) = [a for a in fig.axes if a.get_title().startswith("forgetting")]
+    (image,) = ax.images
+    shown = np.ma.filled(image.get_array().astype(float), np.nan)
+    want = [[NAIVE[i][j] - NAIVE[j][j] if j <= i else np.nan for j in range(3)] for i in range(3)]
+    np.testing.assert_allclose(shown, want)  # change since the phase that trained the slice
+    low, high = image.get_clim()
+    assert low == -high and high == pytest.approx(0.8)  # centred at zero, reaching the largest change
+    assert image.get_cmap().name.startswith("RdBu")  # diverging
+
+
+def test_report_heatmaps_share_one_colour_scale(tmp_path, monkeypatch):
+    from lifelong_peer import plots
+
+    wider = [[x + 1.0 for x in row] for row in LIFELONG]  # another range of bits per byte
+    seen = {}
+    real = plots.heatmap
+    monkeypatch.setattr(
+        plots, "heatmap", lambda path, *a, **k: seen.setdefault(path.name, (a, k)) and real(path, *a, **k)
+    )
+    runs = [fabricate("naive-s0", "naive", NAIVE), fabricate("lifelong-s0", "lifelong", wider)]
+    write_report(tmp_path, compare_runs(runs), runs)
+    scales = {name: args[-1] for name, (args, _) in seen.items()}
+    assert set(scales) == {"naive-s0.png", "lifelong-s0.png"}
+    assert scales["naive-s0.png"] == scales["lifelong-s0.png"]
+    assert scales["naive-s0.png"].bpb == (1.0, 3.2)  # the union of the two runs' ranges
+    assert scales["naive-s0.png"].change == pytest.approx(0.8)
+    assert plots.shared_scale([(NAIVE, [8.0] * 3)]).bpb == (1.0, 2.2)  # a run alone: its own range
+
+
+def test_report_plot_colours_follow_the_strategy_not_the_argument_order():
+    from matplotlib.colors import to_rgb
+
+    from lifelong_peer import plots
+
+    rows = compare_runs([fabricate("a", "naive", NAIVE), fabricate("b", "lifelong", LIFELONG)])["runs"]
+
+    def colours(rows):
+        fig = plots.forgetting_scatter_figure(rows, "t")
+        (ax,) = fig.axes
+        assert "lower is better" in ax.get_ylabel() and "lower is better" in ax.get_xlabel()
+        return {c.get_label(): to_rgb(c.get_facecolor()[0]) for c in ax.collections}
+
+    assert colours(rows) == colours(rows[::-1])
+    assert colours(rows)["lifelong"] != colours(rows)["naive"]
+    assert (
+        plots.strategy_colour("my-own")
+        == plots.strategy_colour("my-own")
+        not in map(plots.strategy_colour, ["naive", "lifelong", "replay", "ewc", "smf", "dense", "joint"])
+    )
 
 
 def test_missing_results_is_a_user_error(tmp_path):

@@ -101,6 +101,27 @@ def test_parse_time_rejects(value):
         parse_time(value)
 
 
+@pytest.mark.parametrize("value", [12, "12", 0, -1, 999, 2101, 12345, "99999", 2001.5, 1584230400000, 10**30])
+def test_bare_numbers_are_read_only_where_plausible(value):
+    """Issue 17: `"time": 12` was the year 12; a bare number outside the plausible ranges names itself
+    and the option that says how to read it."""
+    with pytest.raises(ValueError, match=r"bare number .* is neither a plausible year .*--time-unit"):
+        parse_time(value)
+    with pytest.raises(ValueError, match=r"looks like epoch milliseconds: pass --time-unit ms"):
+        parse_time(1584230400000)
+
+
+def test_time_unit_says_how_to_read_a_bare_number():
+    assert parse_time(12, "year") == parse_time("12", "year") == _utc(12, 1, 1)
+    assert parse_time(12, "s") == 12
+    assert parse_time(1584230400000, "ms") == parse_time("1584230400000", "ms") == _utc(2020, 3, 15)
+    assert parse_time(2001.0) == parse_time("2001.0") == _utc(2001, 1, 1)  # a float column of years (pandas + NaN)
+    assert parse_time("1790") == parse_time(1790, "year") == _utc(1790, 1, 1)
+    assert parse_time("2020-03-15", "ms") == _utc(2020, 3, 15)  # the unit is for bare numbers only
+    with pytest.raises(ValueError, match="not a whole year"):
+        parse_time(2001.5, "year")
+
+
 def test_format_time():
     assert format_time(_utc(1790, 1, 8)) == "1790-01-08"
     assert format_time(_utc(2020, 3, 15, 12, 30)) == "2020-03-15T12:30:00Z"
@@ -311,7 +332,7 @@ BAD_CASES = {
     "malformed JSON, every line listed": (
         b'{"text": "ok", "time": "2001"}\n{"text": oops}\n{"text": "ok", "time": "2002"}\n{broken\n',
         "jsonl",
-        r"2 bad record\(s\).*bad\.jsonl:2: malformed JSON.*bad\.jsonl:4: malformed JSON",
+        r"2 bad records in .*bad\.jsonl .*:\n  line 2: malformed JSON.*\n  line 4: malformed JSON",
     ),
     "missing text field": (
         b'{"body": "x", "time": "2001"}\n',
@@ -328,7 +349,25 @@ BAD_CASES = {
     "text not a string": (
         b'{"text": 42, "time": "2001"}\n',
         "jsonl",
-        r"bad\.jsonl:1: field 'text' is a int, not a string",
+        r"bad\.jsonl:1: field 'text' is a number \(42\), not a string",
+    ),
+    "record not an object": (b"[1, 2]\n", "jsonl", r"bad\.jsonl:1: an array, not a JSON object"),
+    # issue 17: the column of an error at the end of the line (it was "column 1": Python's line 2)
+    "JSON cut short": (
+        b'{"text": "x", "time": "2001"\n',
+        "jsonl",
+        r"bad\.jsonl:1: malformed JSON \(Expecting ',' delimiter at column 29, the end of the line\)",
+    ),
+    "JSON unterminated string": (
+        b'{"text": "abc\n',
+        "jsonl",
+        r"bad\.jsonl:1: malformed JSON \(Unterminated string starting at column 10\)",
+    ),
+    "JSON error mid-line": (b'{"text": "x" "time": 1}\r\n', "jsonl", r"Expecting ',' delimiter at column 14\)"),
+    "bare number time": (
+        b'{"text": "x", "time": 12}\n',
+        "jsonl",
+        r"bad\.jsonl:1: time: bare number 12 is neither a plausible year",
     ),
     "not UTF-8": (
         '{"text": "caf\u00e9", "time": "2001"}\n'.encode("latin-1"),
@@ -350,7 +389,8 @@ def test_bad_input(ws, tmp_path, case):
     before = snapshot(ws)
     with pytest.raises(UserError, match=pattern) as err:
         ingest(ws, str(path), "bad")
-    assert "\n" not in str(err.value)
+    first, *records = str(err.value).split("\n")  # one sentence, then one indented line per bad record
+    assert first and all(line.startswith("  ") for line in records)
     assert snapshot(ws) == before
     assert not any((ws.root / "streams").glob("*"))  # no temporary folder left behind either
 
@@ -377,11 +417,76 @@ def test_other_bad_sources(ws, tmp_path):
 
 
 def test_many_bad_records_are_listed_up_to_a_limit(ws, tmp_path):
+    """Issue 17: the path once, one record per line up to the limit, then the count of the rest."""
     path = tmp_path / "bad.jsonl"
     path.write_text("".join("{nope\n" for _ in range(25)))
-    with pytest.raises(UserError, match=r"25 bad record\(s\).*bad\.jsonl:10: .*; and 15 more") as err:
+    with pytest.raises(UserError) as err:
         ingest(ws, str(path), "bad")
-    assert "bad.jsonl:11:" not in str(err.value)
+    lines = str(err.value).split("\n")
+    assert lines[0] == f"25 bad records in {path} (fix them, or pass --on-bad-record skip to skip bad records):"
+    assert lines[1:11] == [
+        f"  line {i}: malformed JSON (Expecting property name enclosed in double quotes at column 2)"
+        for i in range(1, 11)
+    ]
+    assert lines[11:] == ["  and 15 more"]
+    assert str(err.value).count("bad.jsonl") == 1
+
+
+def test_bad_records_of_a_folder_are_grouped_by_file(ws, tmp_path):
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text('{"text": "ok", "time": 2001}\n{nope\n{"text": 1, "time": 2001}\n')
+    (folder / "b.csv").write_text("text,time\nx,soon\n")
+    with pytest.raises(UserError) as err:
+        ingest(ws, str(folder), "bad")
+    assert str(err.value).split("\n") == [
+        f"3 bad records in {folder} (fix them, or pass --on-bad-record skip to skip bad records):",
+        "  corpus/a.jsonl:",
+        "    line 2: malformed JSON (Expecting property name enclosed in double quotes at column 2)",
+        "    line 3: field 'text' is a number (1), not a string",
+        "  corpus/b.csv:",
+        "    line 2: time: 'soon' is not a time (expected an ISO date/datetime, YYYY-MM, a year, or epoch seconds)",
+    ]
+
+
+def test_time_unit_option_at_ingest(ws, tmp_path):
+    path = write_jsonl(tmp_path / "t.jsonl", [{"text": "a", "time": 12}, {"text": "b", "time": 1584230400000}])
+    with pytest.raises(
+        UserError, match=r"2 bad records(.|\n)*line 1: time: bare number 12 (.|\n)*line 2: .*--time-unit ms"
+    ):
+        ingest(ws, str(path), "t")
+    ingest(ws, str(path), "ms", time_unit="ms", on_bad_record="skip")
+    assert [s.name for s in open_stream(ws, "ms").slices] == ["1970", "2020"]  # 12 ms after the epoch
+    ingest(ws, str(path), "years", time_unit="year", on_bad_record="skip")
+    assert [s.name for s in open_stream(ws, "years").slices] == ["0012"]
+    with pytest.raises(UserError, match="--time-unit 'days' must be one of auto, year, s, ms"):
+        ingest(ws, str(path), "x", time_unit="days")
+
+
+def test_a_source_wholly_before_the_eras_is_one_sentence(ws, tmp_path):
+    """Issue 17: `--slice eras:2030` on 1997–2022 data was a 373-record error; it is one sentence."""
+    records = [{"text": f"doc {i}", "time": f"{1997 + i}-06-01"} for i in range(26)]
+    path = write_jsonl(tmp_path / "old.jsonl", records)
+    for mode in ("error", "skip"):
+        with pytest.raises(UserError) as err:
+            ingest(ws, str(path), "old", slice="eras:2030", on_bad_record=mode)
+        assert str(err.value) == (
+            f"every document of {path} is before the first era boundary: its 26 dated document(s) run from "
+            "1997-06-01 to 2022-06-01, and --slice eras:2030 starts at 2030"
+        )
+
+
+def test_a_slice_too_small_for_every_split_is_warned_about_at_ingest(ws, tmp_path):
+    """Issue 17: a one-document slice got 0 validation and test tokens without a word."""
+    records = [{"id": f"d{i}", "text": f"document {i}", "time": "2001-05-01"} for i in range(20)]
+    records.append({"id": "lonely", "text": "the only one", "time": "2002-05-01"})
+    summary = ingest(ws, str(write_jsonl(tmp_path / "a.jsonl", records)), "a")
+    (lonely,) = [s for s in summary["slices"] if s["name"] == "2002"]
+    empty = [k for k, n in lonely["tokens"].items() if n == 0]
+    assert len(empty) == 2
+    (warning,) = [w for w in summary["warnings"] if "2002" in w]
+    assert warning.startswith(f"slice '2002' has 1 document(s), so its {' and '.join(empty)} splits are empty")
+    assert not any("2001" in w for w in summary["warnings"])
 
 
 def test_skip_bad_records_counts_and_reports_them(ws, tmp_path):

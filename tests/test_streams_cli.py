@@ -37,6 +37,38 @@ def test_init_ingest_streams(tmp_path):
     assert human.exit_code == 0 and "2010" in human.stdout
 
 
+def test_streams_table_says_its_split_columns_are_tokens(tmp_path):
+    """Issue 17: `lpeer streams` showed train / validation / test columns without saying they count tokens."""
+    ws = str(tmp_path / "ws")
+    runner.invoke(app, ["init", ws])
+    runner.invoke(app, ["ingest", _jsonl(tmp_path / "a.jsonl"), "--name", "a", "--workspace", ws])
+    human = runner.invoke(app, ["streams", "--workspace", ws], env={"COLUMNS": "200"})
+    header = next(line for line in human.stdout.splitlines() if "slice" in line and "documents" in line)
+    assert "train tokens" in header and "validation tokens" in header and "test tokens" in header
+
+
+def test_skipped_bad_records_name_their_file_once_and_time_unit_is_an_option(tmp_path, capsys, monkeypatch):
+    ws = tmp_path / "ws"
+    runner.invoke(app, ["init", str(ws)])
+    path = tmp_path / "mixed.jsonl"
+    path.write_text('{"text": "a", "time": 2001}\n{nope\n{"text": "b", "time": 12}\n' + "{x\n" * 12)
+    monkeypatch.setattr(
+        sys, "argv", ["lpeer", "ingest", str(path), "--name", "m", "-w", str(ws), "--on-bad-record", "skip"]
+    )
+    main()
+    err = capsys.readouterr().err
+    assert err.count("mixed.jsonl") == 1 and "warning: 14 bad record(s) skipped" in err
+    assert "\n    line 2: malformed JSON" in err and "\n    line 3: time: bare number 12" in err
+    assert err.rstrip().endswith("and 4 more")
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        ["lpeer", "ingest", str(path), "--name", "y", "-w", str(ws), "--on-bad-record", "skip", "--time-unit", "year"],
+    )
+    main()
+    assert "line 3" not in capsys.readouterr().err  # 12 is the year 12 when the user says so
+
+
 def test_workspace_from_environment_and_default_stream(tmp_path, monkeypatch):
     ws = tmp_path / "ws"
     runner.invoke(app, ["init", str(ws)])
@@ -73,6 +105,23 @@ def test_user_errors_exit_2_with_one_line(tmp_path, monkeypatch, capsys, args, m
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and err.strip().count("\n") == 0
     assert err.strip().startswith("error:")
+
+
+def test_messages_with_brackets_are_printed_as_text(tmp_path, monkeypatch, capsys):
+    """Field names and values reach error and warning lines; "[/a]" there crashed rich's markup parser."""
+    ws = tmp_path / "ws"
+    runner.invoke(app, ["init", str(ws)])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"[/a]": 1, "time": 2001}\n')
+    monkeypatch.setattr(sys, "argv", ["lpeer", "ingest", str(bad), "--name", "b", "-w", str(ws)])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    assert exit_.value.code == 2 and "no field 'text' (fields: [/a], time)" in capsys.readouterr().err
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"text": "x", "time": 2001, "k": "[/b]"}\n')
+    monkeypatch.setattr(sys, "argv", ["lpeer", "ingest", str(good), "--name", "g", "-w", str(ws), "--slice", "field:k"])
+    main()
+    assert "slice '[/b]' has 1 document(s)" in capsys.readouterr().err
 
 
 def test_progress_bar_renders_both_passes():
