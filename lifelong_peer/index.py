@@ -27,10 +27,10 @@ Layers are addressed by their position among the model's PEER layers (``model.pe
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypeVar
 
 import faiss
 import numpy as np
@@ -43,6 +43,7 @@ from .errors import CheckpointError, UserError
 from .peer import PEER, pair_of
 
 LEDGER_FORMAT = "lifelong-peer/usage/1"
+T = TypeVar("T")
 
 # --- usage ledger ---------------------------------------------------------------------------------
 
@@ -201,7 +202,7 @@ def collect_usage(
             x = args[0].reshape(-1, module.config.dim)
             if ledger is not None:
                 scores, ids = module.retrieve(x)
-                ledger.record(slice_name, pos, ids, scores.softmax(dim=-1))
+                ledger.record(slice_name, pos, ids, module.gates(scores))
             if sample_inputs > 0:
                 m = min(x.shape[0], math.ceil(sample_inputs * x.shape[0] / total))
                 pick = torch.randperm(x.shape[0], generator=generator)[:m]
@@ -381,6 +382,7 @@ def place_subkeys(
     seed: int = 0,
     old_x: Tensor | None = None,
     budget: float = 0.05,
+    steps_per_octave: int = 2,
 ) -> Tensor:
     """(k, 2, dim_key/2) new sub-keys at spherical ``faiss.Kmeans`` centroids of each half's query halves.
 
@@ -392,7 +394,7 @@ def place_subkeys(
     old queries too. Each key gets the median length of its half's existing sub-keys, or, with a
     sample of old-slice layer inputs ``old_x``, the longest length (at most that median) at which
     the k keys of a side together enter the top-k of at most ``budget`` of the old (token, head)
-    retrievals (``_safe_norms``).
+    retrievals (``_safe_norms``, trying ``steps_per_octave`` lengths per halving over 8 halvings).
     """
     if isinstance(query_halves, Tensor):
         query_halves = query_halves.unbind(1)
@@ -413,13 +415,15 @@ def place_subkeys(
             dirs = torch.cat([pts, F.normalize(fill, dim=-1)])
         out[:, side] = F.normalize(dirs, dim=-1) * old[:, side].norm(dim=-1).median()
     if old_x is not None and len(old_x):
-        out = out * _safe_norms(layer, out, old_x, budget)[:, :, None] / out.norm(dim=-1, keepdim=True)
+        norms = _safe_norms(layer, out, old_x, budget, steps=8 * steps_per_octave, per_octave=steps_per_octave)
+        out = out * norms[:, :, None] / out.norm(dim=-1, keepdim=True)
     return out.to(layer.subkeys)
 
 
-def _safe_norms(layer: PEER, new: Tensor, old_x: Tensor, budget: float, steps: int = 16) -> Tensor:
+def _safe_norms(layer: PEER, new: Tensor, old_x: Tensor, budget: float, steps: int = 16, per_octave: int = 2) -> Tensor:
     """(k, 2) lengths for new sub-keys ``new`` (k, 2, half): per side, the longest of
-    len·2^(-i/2), i < ``steps``, at which at most ``budget`` of old (token, head) pairs get a new expert.
+    len·2^(-i/``per_octave``), i < ``steps``, at which at most ``budget`` of old (token, head) pairs get
+    a new expert — where none does, the longest of those letting in the fewest.
 
     A new sub-key d on side 1 brings experts (d, j); the best of them scores q1·d + best2, and it
     enters the top-k iff that beats the k-th old score: q1·d > kth − best2 =: margin. (Pairs of two
@@ -429,11 +433,11 @@ def _safe_norms(layer: PEER, new: Tensor, old_x: Tensor, budget: float, steps: i
     half = c.dim_key // 2
     with _eval(layer):
         q = layer.queries(old_x.reshape(-1, c.dim)).float().cpu()  # (T, h, dk)
-        kth = layer.retrieve(old_x)[0][..., -1].float().cpu()  # (T, h)
+        kth = layer.retrieve(old_x)[0][..., -1].float().cpu()  # (T, h): the last generation's k-th score
     best = coverage(layer, old_x)  # (T, h, 2)
     lengths = new.norm(dim=-1)  # (k, 2)
     out = torch.empty_like(lengths)
-    factors = 2 ** (-torch.arange(steps) / 2)  # (S,) 1, 0.71, 0.5, …
+    factors = 2 ** (-torch.arange(steps) / per_octave)  # (S,) 1, 0.71, 0.5, … (per_octave 2)
     for side in range(2):
         margin = (kth - best[..., 1 - side]).flatten()  # (T·h,)
         proj = q[..., side * half : (side + 1) * half].reshape(-1, half) @ F.normalize(new[:, side], dim=-1).T
@@ -441,17 +445,30 @@ def _safe_norms(layer: PEER, new: Tensor, old_x: Tensor, budget: float, steps: i
         scaled = proj[None] * (lengths[:, side] * factors[:, None])[:, None, :]  # (S, T·h, k)
         intruded = (scaled > margin[None, :, None]).any(-1).float().mean(-1)  # (S,)
         ok = (intruded <= budget).nonzero()
-        out[:, side] = lengths[:, side] * factors[ok[0, 0] if len(ok) else -1]
+        out[:, side] = lengths[:, side] * factors[ok[0, 0] if len(ok) else int(intruded.argmin())]
     return out
 
 
 def changed_fraction(before: Tensor, after: Tensor, per: Literal["token", "head"] = "token") -> float:
     """Fraction of tokens whose retrieved expert set changed in any head (``per="head"``: of
-    (token, head) pairs whose set changed); ids (T, heads, topk) before and after a growth."""
+    (token, head) pairs whose set changed); ids (T, heads, S) before and after a growth. A growth that
+    adds a generation (``PEER.grow(generation_topk=...)``) appends slots: the slots that existed
+    before are compared."""
     if before.numel() == 0:
         return 0.0
+    after = after[..., : before.shape[-1]]
     diff = (before.sort(dim=-1).values != after.sort(dim=-1).values).any(dim=-1)  # (T, h)
     return float((diff.any(dim=-1) if per == "token" else diff).float().mean())
+
+
+#: How ``grow_model`` adds experts (``TrainConfig.grow_mode``; issue 16, "function-preserving growth"):
+#: ``exact`` — a new generation with its own retrieval (``PEER.grow(generation_topk=...)``): old routing
+#: and gates untouched, new v = 0, so the function is exactly unchanged; sub-keys at k-means centroids
+#: of the new slice's query halves. ``safe`` — new sub-keys join the shared retrieval, k-means placed
+#: and shortened (8 lengths per halving) until they enter none of the sampled old retrievals: approximate.
+#: ``budget`` — the earlier behaviour: the same, shortened only until at most ``GrowthRule.budget`` (5%)
+#: of old retrievals take a new expert (2 lengths per halving).
+GROW_MODES = ("exact", "safe", "budget")
 
 
 def grow_model(
@@ -463,8 +480,13 @@ def grow_model(
     layer: int | None = None,
     rule: GrowthRule | None = None,
     seed: int = 0,
+    mode: str = "budget",
+    generation_topk: int | None = None,
 ) -> list[dict]:
     """Grow every PEER layer (or the ``layer``-th) of ``model``; returns one report per layer.
+
+    ``mode``: one of ``GROW_MODES``. ``generation_topk``: experts per head each new generation
+    retrieves in mode ``exact`` (default: the layer's topk; fewer cost less, see ``PEERConfig.slots``).
 
     ``k``: sub-keys per half, or ``"auto"`` (``decide_growth`` per layer, needs both inputs).
     ``new_inputs`` / ``old_inputs``: per layer position, sampled layer inputs of the new slice and
@@ -473,8 +495,11 @@ def grow_model(
     otherwise they are drawn at random (``PEER.grow``'s default). Each report: layer, k,
     subkeys/experts before and after, poorly_served_new (fraction, worse half), placement,
     ``changed_old`` — the fraction of old-slice tokens whose retrieved set the growth changed
-    (should be small) — and ``new_hit``: the fraction of new-slice tokens now retrieving a new expert.
+    (should be small) — and ``new_hit``: the fraction of new-slice tokens now retrieving a new expert
+    (in mode ``exact`` every token does, through the new generation: 1).
     """
+    if mode not in GROW_MODES:
+        raise ValueError(f"grow mode must be one of {', '.join(GROW_MODES)}; got {mode!r}")
     rule = rule or GrowthRule()
     layers = model.peer_layers()
     positions = range(len(layers)) if layer is None else [layer]
@@ -500,20 +525,71 @@ def grow_model(
             half = peer.config.dim_key // 2
             with _eval(peer):
                 q = peer.queries(new_x)  # (T, h, dk)
-            halves = [q[..., s * half : (s + 1) * half][poor[..., s]] for s in range(2)]
-            subkeys = place_subkeys(peer, halves, num, generator, seed, old_x=old_x, budget=rule.budget)
+            if mode == "exact":  # a retrieval of its own: serve all of the new slice, old tokens are not at stake
+                halves = [q[..., s * half : (s + 1) * half] for s in range(2)]
+                subkeys = place_subkeys(peer, halves, num, generator, seed)
+            else:
+                halves = [q[..., s * half : (s + 1) * half][poor[..., s]] for s in range(2)]
+                budget, per_octave = (0.0, 8) if mode == "safe" else (rule.budget, 2)
+                subkeys = place_subkeys(peer, halves, num, generator, seed, old_x, budget, per_octave)
         before_old = retrieved_ids(peer, old_x)
         if num > 0:
-            model.grow(num, layer=pos, subkeys=subkeys, generator=generator)
+            gen_k = (generation_topk or peer.config.topk) if mode == "exact" else None
+            model.grow(num, layer=pos, subkeys=subkeys, generator=generator, generation_topk=gen_k)
         report |= {
             "subkeys_after": peer.num_subkeys,
             "experts_after": peer.num_experts,
             "placement": "kmeans" if subkeys is not None else "random",
+            "mode": mode,
             "changed_old": changed_fraction(before_old, retrieved_ids(peer, old_x)) if old_x is not None else None,
             "new_hit": new_hit(peer, new_x, report["experts_before"]) if new_x is not None else None,
         }
         reports.append(report)
     return reports
+
+
+@torch.no_grad()
+def _nats(model, windows: Tensor, batch_size: int = 16) -> float:
+    """Summed NLL (nats) of ``model`` on token windows (n, T + 1), in eval mode."""
+    device = next(model.parameters()).device
+    total = 0.0
+    with _eval(model):
+        for chunk in windows.split(batch_size):
+            chunk = chunk.to(device)
+            logits, _ = model(chunk[:, :-1])
+            total += float(F.cross_entropy(logits.flatten(0, 1).float(), chunk[:, 1:].flatten(), reduction="sum"))
+    return total
+
+
+def growth_shock(
+    model,
+    grow: Callable[[], T],
+    old_windows: dict[str, Tensor],
+    bytes_per_token: dict[str, float] | None = None,
+) -> tuple[T, dict]:
+    """Run ``grow()`` — a growth of ``model`` in place — and measure its shock: the change of each old
+    slice's loss right after growth, before any training step (issue 16: function-preserving growth).
+
+    ``old_windows``: per old slice, held-out token windows (n, T + 1); ``bytes_per_token``: per slice,
+    its held-out bytes per token (default 1, the byte tokenizer). The model is scored on them in eval
+    mode before and after ``grow()`` — the same as comparing with an un-grown copy. Returns (what
+    ``grow()`` returned, shock): ``per_slice_bpb`` {slice: after − before, bits per byte; positive = worse},
+    ``max_bpb`` = max over slices of |change| (the target: ≤ 0.002), ``mean_bpb`` = mean change;
+    ``max_bpb`` and ``mean_bpb`` are None without old slices.
+    """
+    before = {name: _nats(model, w) for name, w in old_windows.items()}
+    out = grow()
+    per_slice = {}
+    for name, w in old_windows.items():
+        num_bytes = w[:, 1:].numel() * (bytes_per_token or {}).get(name, 1.0)
+        per_slice[name] = (_nats(model, w) - before[name]) / (max(num_bytes, 1e-9) * math.log(2))
+    changes = list(per_slice.values())
+    shock = {
+        "max_bpb": max((abs(c) for c in changes), default=None),
+        "mean_bpb": sum(changes) / len(changes) if changes else None,
+        "per_slice_bpb": per_slice,
+    }
+    return out, shock
 
 
 def retrieved_ids(layer: PEER, x: Tensor | None) -> Tensor:
@@ -755,7 +831,7 @@ def inspect_text(model, tokens: Tensor, layer: int | None = None) -> dict:
     def hook(pos: int):
         def fn(module: PEER, args: tuple, output: Tensor) -> None:
             scores, ids = module.retrieve(args[0].reshape(-1, module.config.dim))
-            seen[pos] = (ids, scores.softmax(dim=-1))
+            seen[pos] = (ids, module.gates(scores))
 
         return fn
 
@@ -1094,6 +1170,7 @@ def freeze_run(
 
 
 __all__ = [
+    "GROW_MODES",
     "ExpertIndex",
     "FreezePolicy",
     "GrowthRule",
@@ -1110,6 +1187,7 @@ __all__ = [
     "frozen_report",
     "grow_model",
     "grow_run",
+    "growth_shock",
     "inspect_expert",
     "inspect_model",
     "inspect_run",

@@ -91,6 +91,13 @@ class TrainConfig:
     """Global gradient-norm clip (0: off)."""
     grow: str = "none"
     """Growth before each phase: none, K (sub-keys per half), or auto (decided by the index manager)."""
+    grow_mode: str = "exact"
+    """How growth adds experts: exact (a new generation with its own retrieval and v = 0: the function is
+    unchanged, old routing untouched; each generation adds grow_topk experts per head), safe (new sub-keys
+    join the shared retrieval, shortened to enter no sampled old retrieval: near-unchanged), budget (the
+    earlier behaviour: shortened to enter at most 5% of old retrievals)."""
+    grow_topk: int = 0
+    """Experts per head each grown generation retrieves in grow_mode exact (0: the layer's topk)."""
     freeze: str = "none"
     """Freezing policy applied before each phase: none, all-old, usage:P, tfidf:T."""
     freeze_subkeys: bool = False
@@ -150,6 +157,12 @@ class TrainConfig:
         from .index import parse_policy
 
         parse_policy(self.freeze)  # a bad policy is refused before any work, not at the first phase
+        from .index import GROW_MODES
+
+        if self.grow_mode not in GROW_MODES:
+            raise UserError(f"grow_mode must be one of {', '.join(GROW_MODES)}, got {self.grow_mode!r}")
+        if self.grow_topk < 0:
+            raise UserError(f"grow_topk must be ≥ 0, got {self.grow_topk}")
         if self.base_data not in ("mix", "first"):
             raise UserError(f"base_data must be mix or first, got {self.base_data!r}")
         if self.expert_moments not in MOMENTS:
@@ -362,6 +375,7 @@ class Run:
         from .index import UsageLedger
 
         self.ledger = UsageLedger()
+        self.growth_shock: dict | None = None  # this phase's (``index.growth_shock``), for its PhaseRecord
 
     # files ------------------------------------------------------------------------------------
     @property
@@ -435,6 +449,7 @@ class Run:
             "step": step,
             "completed_phases": completed,
             "ledger": ledger_meta,
+            "growth_shock": self.growth_shock if step is not None else None,  # a mid-phase resume keeps it
         }
         path = self.checkpoints / name
         save_tensors(path, tensors, meta)
@@ -499,6 +514,7 @@ class Run:
         self.model = model.to(self.device)
         self.fisher = {k: v.to(self.device) for k, v in fisher.items()}
         self.ledger = ledger
+        self.growth_shock = meta.get("growth_shock") if isinstance(meta.get("growth_shock"), dict) else None
         return {"tensors": tensors, "meta": meta}
 
     def load_latest(self) -> dict:
@@ -865,6 +881,7 @@ def run_phases(run: Run, phases: list[int] | None = None, progress: Progress | N
         if tc.ewc > 0:
             update_fisher(run, phase)
         results.add_phase(_phase_record(run, slice_name, tokens, time.time() - started), rows)
+        run.growth_shock = None
         run.save_checkpoint(phase, None, None, completed=phase + 1)
         if distributed.is_main():
             save_results(run.dir, results)
@@ -878,7 +895,7 @@ def run_phases(run: Run, phases: list[int] | None = None, progress: Progress | N
 def grow_and_freeze(run: Run, phase: int, emit: Progress) -> None:
     """Between phases: grow the pool (not before the very first training of a fresh model), then
     make the frozen set what the policy says for this phase (recomputed from scratch)."""
-    from .index import UsageLedger, collect_usage, freeze_model, grow_model
+    from .index import UsageLedger, collect_usage, freeze_model, grow_model, growth_shock
 
     tc, model = run.config.train, run.model
     layers = model.peer_layers()
@@ -901,8 +918,22 @@ def grow_and_freeze(run: Run, phase: int, emit: Progress) -> None:
             old_windows = old_windows[:, :-1]
             old_inputs = collect_usage(model, old_windows, None, sample_inputs=4096, generator=gen)["inputs"]
         k = "auto" if tc.grow == "auto" else int(tc.grow)
-        reports = grow_model(model, k, new_inputs=new_inputs, old_inputs=old_inputs, seed=_seed(tc.seed, phase, -1))
-        emit({"event": "grow", "phase": phase, "layers": reports})
+        seed = _seed(tc.seed, phase, -1)
+        # the shock of this growth on every old slice's validation loss (issue 16), on the evaluation's windows
+        old_eval = {s: run.windows(s, "validation", tc.eval_tokens) for s in old_slices}
+        per_token = {
+            s: run.slice_data(s).num_bytes("validation") / len(run.slice_data(s).tokens("validation"))
+            for s in old_slices
+        }
+        reports, run.growth_shock = growth_shock(
+            model,
+            lambda: grow_model(
+                model, k, new_inputs, old_inputs, seed=seed, mode=tc.grow_mode, generation_topk=tc.grow_topk or None
+            ),
+            old_eval,
+            per_token,
+        )
+        emit({"event": "grow", "phase": phase, "layers": reports, "growth_shock": run.growth_shock})
     if tc.freeze != "none":
         ledger = UsageLedger()
         ledger.merge(run.ledger)
@@ -1094,6 +1125,8 @@ def _phase_record(run: Run, slice_name: str, tokens: int, wall: float) -> PhaseR
         frozen_fraction=frozen / experts if experts else 0.0,
         params=run.model.num_params(),
         active_params=run.model.active_params_per_token(),
+        growth_shock_bpb=run.growth_shock["max_bpb"] if run.growth_shock else None,
+        extra={"growth_shock_per_slice_bpb": run.growth_shock["per_slice_bpb"]} if run.growth_shock else {},
     )
 
 
