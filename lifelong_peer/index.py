@@ -651,21 +651,64 @@ def parse_policy(text: str | FreezePolicy) -> FreezePolicy:
     raise UserError(f"invalid freezing policy {text!r}; expected {POLICY_HELP}")
 
 
-def tfidf_scores(ledger: UsageLedger, layer: int, new_slice: str, old_slices: Sequence[str]) -> tuple[Tensor, Tensor]:
+def tfidf_scores(
+    ledger: UsageLedger,
+    layer: int,
+    new_slice: str,
+    old_slices: Sequence[str],
+    background: tuple[Tensor, int] | None = None,
+) -> tuple[Tensor, Tensor]:
     """(ids, scores) over the experts ``new_slice`` retrieved: Sparse Memory Finetuning's TF-IDF.
 
     tf = the expert's retrievals on the new slice / all its retrievals there; idf =
-    log((S + 1) / (df + 1)) with df the number of the S old slices that retrieved it (Lin et al.
-    2025 count background batches; our documents are the old slices). High: used by the new slice,
-    rarely by the old ones.
+    log((D + 1) / (df + 1)) with df the number of the D background documents that retrieved it.
+    ``background``: (df (N,) int, D) from ``document_frequency`` over the base model's data — Lin et
+    al. 2025's fixed background batches; without it the documents are the old slices (the earlier
+    behaviour). High: used by the new slice, rarely in the background.
     """
     new = ledger.get(new_slice, layer)
     tf = new.counts.double() / max(int(new.counts.sum()), 1)
-    df = torch.zeros(len(new.ids), dtype=torch.float64)
-    for name in old_slices:
-        df += torch.isin(new.ids, ledger.get(name, layer).ids).double()
-    idf = torch.log(torch.tensor(len(old_slices) + 1.0, dtype=torch.float64) / (df + 1))
+    if background is not None:
+        bg_df, docs = background
+        keep = new.ids < len(bg_df)
+        df = torch.zeros(len(new.ids), dtype=torch.float64)
+        df[keep] = bg_df[new.ids[keep]].double()
+    else:
+        docs = len(old_slices)
+        df = torch.zeros(len(new.ids), dtype=torch.float64)
+        for name in old_slices:
+            df += torch.isin(new.ids, ledger.get(name, layer).ids).double()
+    idf = torch.log(torch.tensor(docs + 1.0, dtype=torch.float64) / (df + 1))
     return new.ids, tf * idf
+
+
+def document_frequency(model, windows: Tensor, batch_size: int = 16) -> dict[int, tuple[Tensor, int]]:
+    """Per PEER-layer position: (df (N,) int64, D): in how many of the D token ``windows`` (D, T) each
+    expert was retrieved at least once — SMF's background statistics (Lin et al. 2025), in eval mode."""
+    layers = model.peer_layers()
+    df = {pos: torch.zeros(p.num_experts, dtype=torch.long) for pos, p in enumerate(layers)}
+    rows = [0]
+
+    def hook(pos: int):
+        def fn(module: PEER, args: tuple, output: Tensor) -> None:
+            ids = module.retrieve(args[0].reshape(-1, module.config.dim))[1].reshape(rows[0], -1).cpu()
+            seen = torch.zeros(rows[0], module.num_experts, dtype=torch.bool).scatter_(1, ids, True)
+            df[pos] += seen.sum(0)
+
+        return fn
+
+    handles = [layer.register_forward_hook(hook(pos)) for pos, layer in enumerate(layers)]
+    device = next(model.parameters()).device
+    try:
+        with _eval(model):
+            for start in range(0, len(windows), batch_size):
+                chunk = windows[start : start + batch_size]
+                rows[0] = len(chunk)
+                model(chunk.to(device))
+    finally:
+        for h in handles:
+            h.remove()
+    return {pos: (counts, len(windows)) for pos, counts in df.items()}
 
 
 def freeze_ids(
@@ -676,6 +719,7 @@ def freeze_ids(
     new_slice: str | None,
     old_slices: Sequence[str],
     existed_before: int,
+    background: tuple[Tensor, int] | None = None,
 ) -> Tensor:
     """The expert ids (ascending int64) ``policy`` freezes in one layer before training on ``new_slice``.
 
@@ -687,8 +731,8 @@ def freeze_ids(
       P% of the total (largest first, ties by id).
     * ``tfidf:T``: every old expert except the T with the highest ``tfidf_scores`` among those the
       new slice retrieved (ties: higher tf, then lower id) — only those are trained. Without
-      growth this is Sparse Memory Finetuning exactly. Needs the new slice's usage in the ledger
-      (recorded on its training data before the phase).
+      growth this is Sparse Memory Finetuning's selection. Needs the new slice's usage in the ledger
+      (recorded on its training data before the phase); ``background``: ``tfidf_scores``'.
     """
     p = parse_policy(policy)
     existed_before = min(existed_before, layer_obj.num_experts)
@@ -712,7 +756,7 @@ def freeze_ids(
         raise UserError(
             f"tfidf freezing needs the usage of the new slice {new_slice!r} on PEER layer {layer}; none recorded"
         )
-    ids, scores = tfidf_scores(ledger, layer, new_slice, old_slices)
+    ids, scores = tfidf_scores(ledger, layer, new_slice, old_slices, background)
     tf = ledger.get(new_slice, layer).counts.double()
     order = _ranked(ids, scores, tf)
     trained = ids[order[: int(p.value)]]
@@ -744,16 +788,19 @@ def freeze_model(
     old_slices: Sequence[str],
     existed_before: Sequence[int] | None = None,
     subkeys: bool = False,
+    background: dict[int, tuple[Tensor, int]] | None = None,
 ) -> list[dict]:
     """Apply ``policy`` to every PEER layer (``set_frozen``); one report per layer.
 
     ``existed_before``: N of each layer before this phase's growth (default: the current N).
+    ``background``: per layer, ``document_frequency`` of the base's data (``tfidf:T``'s idf).
     Reports: layer, policy, frozen, frozen_pct, frozen_subkeys_pct, trainable.
     """
     reports = []
     for pos, layer in enumerate(model.peer_layers()):
         before = layer.num_experts if existed_before is None else existed_before[pos]
-        ids = freeze_ids(policy, layer, ledger, pos, new_slice, old_slices, before)
+        bg = background.get(pos) if background else None
+        ids = freeze_ids(policy, layer, ledger, pos, new_slice, old_slices, before, bg)
         set_frozen(layer, ids, subkeys=subkeys)
         reports.append(frozen_report(pos, layer, str(parse_policy(policy))))
     return reports
@@ -1180,6 +1227,7 @@ __all__ = [
     "collect_usage",
     "coverage",
     "decide_growth",
+    "document_frequency",
     "expert_vectors",
     "freeze_ids",
     "freeze_model",

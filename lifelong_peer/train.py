@@ -65,7 +65,7 @@ class TrainConfig:
     """How a run trains. Strategy presets set some of these; every field can be overridden."""
 
     strategy: str = "naive"
-    """Preset this config started from: naive, lifelong, replay, ewc, smf, dense, joint."""
+    """Preset this config started from: naive, lifelong, replay, ewc, smf, smf-shared, dense, joint."""
     steps: int = 150
     """Optimizer steps per phase (ignored when `tokens` is set)."""
     tokens: int | None = None
@@ -103,7 +103,13 @@ class TrainConfig:
     freeze_subkeys: bool = False
     """Also freeze the sub-keys of frozen experts (keeps their keys, so their scores, fixed)."""
     train_shared: bool = True
-    """Train the shared dense weights (attention, FFNs, embeddings, query nets); False trains experts only."""
+    """Train the shared dense weights (attention, FFNs, embeddings, query nets); False trains experts only
+    and also keeps normalisation statistics (the query BatchNorms' running means) fixed."""
+    train_subkeys: bool = True
+    """Train the PEER sub-keys (False: all frozen, so every expert's key and score stays put; SMF)."""
+    tfidf_background: str = "base"
+    """Background of tfidf:T's idf: base (windows of the base model's data — the first slice's train split
+    with base_data first, every slice's with mix — as SMF's background batches) or old (the old slices)."""
     l2sp: float = 0.0
     """Weight of L2-SP: ½λ‖θ − θ_prev‖² on shared weights, anchored at the previous phase's end."""
     ewc: float = 0.0
@@ -161,6 +167,8 @@ class TrainConfig:
 
         if self.grow_mode not in GROW_MODES:
             raise UserError(f"grow_mode must be one of {', '.join(GROW_MODES)}, got {self.grow_mode!r}")
+        if self.tfidf_background not in ("base", "old"):
+            raise UserError(f"tfidf_background must be base or old, got {self.tfidf_background!r}")
         if self.grow_topk < 0:
             raise UserError(f"grow_topk must be ≥ 0, got {self.grow_topk}")
         if self.base_data not in ("mix", "first"):
@@ -895,7 +903,7 @@ def run_phases(run: Run, phases: list[int] | None = None, progress: Progress | N
 def grow_and_freeze(run: Run, phase: int, emit: Progress) -> None:
     """Between phases: grow the pool (not before the very first training of a fresh model), then
     make the frozen set what the policy says for this phase (recomputed from scratch)."""
-    from .index import UsageLedger, collect_usage, freeze_model, grow_model, growth_shock
+    from .index import UsageLedger, collect_usage, document_frequency, freeze_model, grow_model, growth_shock
 
     tc, model = run.config.train, run.model
     layers = model.peer_layers()
@@ -937,10 +945,28 @@ def grow_and_freeze(run: Run, phase: int, emit: Progress) -> None:
     if tc.freeze != "none":
         ledger = UsageLedger()
         ledger.merge(run.ledger)
+        background = None
         if tc.freeze.startswith("tfidf"):  # SMF ranks by the new slice's usage, measured before training on it
             collect_usage(model, new_windows, ledger, new_slice)
-        reports = freeze_model(model, tc.freeze, ledger, new_slice, old_slices, existed, subkeys=tc.freeze_subkeys)
+            if tc.tfidf_background == "base":
+                background = document_frequency(model, base_windows(run))
+        reports = freeze_model(
+            model, tc.freeze, ledger, new_slice, old_slices, existed, tc.freeze_subkeys, background=background
+        )
         emit({"event": "freeze", "phase": phase, "layers": reports})
+
+
+def base_slices(run: Run) -> list[str]:
+    """The slices the base model was trained on, as ``base_data`` says: the first (first) or all (mix)."""
+    return run.config.slices[:1] if run.config.train.base_data == "first" else list(run.config.slices)
+
+
+def base_windows(run: Run) -> torch.Tensor:
+    """SMF's background documents (Lin et al. 2025: fixed batches of pretraining data): 4 × usage_tokens
+    of the base's training data (``base_slices``, train split), evenly spaced (n, context) windows."""
+    names = base_slices(run)
+    tokens = 4 * run.config.train.usage_tokens // len(names)
+    return torch.cat([run.windows(name, "train", tokens)[:, :-1] for name in names])
 
 
 def train_phase(run: Run, phase: int, slice_name: str, start_step: int, opt_state, emit: Progress) -> int:
@@ -950,6 +976,8 @@ def train_phase(run: Run, phase: int, slice_name: str, start_step: int, opt_stat
     steps = _phase_steps(tc, context)
     for p in regularize.shared_parameters(model).values():
         p.requires_grad_(tc.train_shared)
+    for layer in model.peer_layers():
+        layer.subkeys.requires_grad_(tc.train_subkeys)
     opt = build_optimizer(
         model,
         lr=tc.lr,
@@ -965,6 +993,8 @@ def train_phase(run: Run, phase: int, slice_name: str, start_step: int, opt_stat
     pools, replay_pools = _pools(run, phase)
     emit({"event": "phase_start", "phase": phase, "slice": slice_name, "steps": steps, "start": start_step})
     model.train()
+    if not tc.train_shared:  # frozen shared weights: their normalisation statistics stay put too
+        regularize.freeze_norm_statistics(model)
     # the module to call: DDP for the dense weights (+ BatchNorm over the global batch) when distributed
     replica = distributed.data_parallel(model)
     with _interrupt_at_step_boundary() as interrupted:
