@@ -415,6 +415,7 @@ def summarize(results: RunResults, split: str = "test") -> dict:
     out["weighting"] = "final_avg_* weighted by held-out tokens (nll) / bytes (bpb); other averages are plain means"
     for key in ("num_experts", "frozen_fraction", "params", "active_params", "train_tokens", "wall_time_s"):
         out[key] = [getattr(p, key) for p in results.phases]
+    out["growth_shock_bpb"] = [p.growth_shock_bpb for p in results.phases]
     out["total_train_tokens"] = sum(out["train_tokens"])
     out["total_wall_time_s"] = sum(out["wall_time_s"])
     return _clean(out)
