@@ -222,3 +222,34 @@ def test_set_frozen_still_applies_to_grown_generations():
     layer = model.peer_layers()[0]
     set_frozen(layer, torch.arange(64))
     assert layer.frozen[:64].all() and not layer.frozen[64:].any()
+
+
+def test_a_run_resumed_mid_phase_keeps_its_generations_and_growth_shock(tmp_path, memory_stream):
+    import json
+
+    from test_train import final_weights, make_run
+
+    from lifelong_peer.train import open_run, run_phases
+    from lifelong_peer.workspace import Workspace
+
+    kw = {"base_steps": 4, "checkpoint_every": 2, "grow_mode": "exact", "grow_topk": 3}
+    _, straight = make_run(tmp_path, memory_stream, "lifelong", run_id="straight", **kw)
+    run_phases(straight)
+    _, broken = make_run(tmp_path, memory_stream, "lifelong", run_id="broken", **kw)
+
+    def crash(event):
+        if event["event"] == "step" and event["phase"] == 2 and event["step"] == 3:
+            raise SystemExit("killed")
+
+    with pytest.raises(SystemExit):
+        run_phases(broken, progress=crash)
+    resumed = open_run(Workspace.open(tmp_path / "ws"), "broken", stream=memory_stream)
+    run_phases(resumed)
+    a, b = final_weights(straight.dir), final_weights(broken.dir)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (
+        resumed.model.config.peer_generations == straight.model.config.peer_generations == [[[8, 3], [16, 3], [24, 3]]]
+    )
+    phases = lambda run: json.loads((run.dir / "results.json").read_text())["phases"]  # noqa: E731
+    assert [p["growth_shock_bpb"] for p in phases(broken)] == [p["growth_shock_bpb"] for p in phases(straight)]
+    assert phases(broken)[2]["growth_shock_per_slice_bpb"] == {"a": 0.0, "b": 0.0}
