@@ -11,7 +11,7 @@ train split and a sample of the old slices' validation splits), then:
 * ``new_hit``: fraction of the new slice's validation tokens retrieving at least one new expert
   (mean over PEER layers); ``changed_old``: fraction of sampled old tokens whose retrieved set changed.
 * ``active``: parameters per token after growth (exact mode adds h·k' experts per generation).
-* Then ``--steps`` steps on the new slice with the old experts frozen, in two regimes: ``experts``
+* Then ``--steps`` steps on the new slice with the old experts (rows and sub-keys) frozen, in two regimes: ``experts``
   (only the expert tables train — query BatchNorm statistics frozen too: what the pool alone learns) and ``shared`` (shared weights train
   too, as the ``lifelong`` preset): ``new_bpb`` (new slice, test) and ``old_bpb`` (old slices' mean,
   test) after training. ``none`` is the same training without growth.
@@ -79,9 +79,10 @@ def variant(model, mode: str | None, k: int, gen_topk: int | None, data: dict, s
 
 
 def train(m, existed: list[int], regime: str, data: dict, args, seed: int) -> None:
-    """``args.steps`` steps on the new slice; old experts frozen; shared weights train in regime ``shared``."""
+    """``args.steps`` steps on the new slice; old experts and their sub-keys frozen; shared weights train
+    in regime ``shared``."""
     for p, n in zip(m.peer_layers(), existed, strict=True):
-        set_frozen(p, torch.arange(n))
+        set_frozen(p, torch.arange(n), subkeys=True)
     for p in shared_parameters(m).values():
         p.requires_grad_(regime == "shared")
     opt = build_optimizer(m, lr=args.lr, expert_lr=args.expert_lr)

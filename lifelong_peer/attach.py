@@ -286,6 +286,12 @@ class AttachedLM(nn.Module):
         self.config.peer_subkeys = [p.config.num_subkeys for p in layers]
         if any(p.config.generations for p in layers):
             self.config.peer_generations = [p.config.generations for p in layers]
+            gates = {p.config.generation_gate for p in layers if p.config.generations}
+            if len(gates) > 1:
+                raise ValueError(
+                    f"PEER layers of one model cannot gate their generations differently, got {sorted(gates)}"
+                )
+            self.config.peer = dataclasses.replace(self.config.peer, generation_gate=gates.pop())
         return new
 
     def num_params(self) -> int:

@@ -482,11 +482,13 @@ def grow_model(
     seed: int = 0,
     mode: str = "budget",
     generation_topk: int | None = None,
+    generation_gate: str = "own",
 ) -> list[dict]:
     """Grow every PEER layer (or the ``layer``-th) of ``model``; returns one report per layer.
 
     ``mode``: one of ``GROW_MODES``. ``generation_topk``: experts per head each new generation
-    retrieves in mode ``exact`` (default: the layer's topk; fewer cost less, see ``PEERConfig.slots``).
+    retrieves in mode ``exact`` (default: the layer's topk; fewer cost less, see ``PEERConfig.slots``);
+    ``generation_gate``: how they are weighted (``PEERConfig.generation_gate``).
 
     ``k``: sub-keys per half, or ``"auto"`` (``decide_growth`` per layer, needs both inputs).
     ``new_inputs`` / ``old_inputs``: per layer position, sampled layer inputs of the new slice and
@@ -534,8 +536,12 @@ def grow_model(
                 subkeys = place_subkeys(peer, halves, num, generator, seed, old_x, budget, per_octave)
         before_old = retrieved_ids(peer, old_x)
         if num > 0:
-            gen_k = (generation_topk or peer.config.topk) if mode == "exact" else None
-            model.grow(num, layer=pos, subkeys=subkeys, generator=generator, generation_topk=gen_k)
+            exact = mode == "exact"
+            gen_k = (generation_topk or peer.config.topk) if exact else None
+            gate = generation_gate if exact else None
+            model.grow(
+                num, layer=pos, subkeys=subkeys, generator=generator, generation_topk=gen_k, generation_gate=gate
+            )
         report |= {
             "subkeys_after": peer.num_subkeys,
             "experts_after": peer.num_experts,

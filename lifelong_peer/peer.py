@@ -59,6 +59,7 @@ from . import peer_ops
 QueryNorm = Literal["batchnorm", "layernorm", "none"]
 Activation = Literal["gelu", "relu"]
 ExpertInit = Literal["zero", "random"]
+GenerationGate = Literal["own", "nested"]
 
 #: Largest pool a config may describe; beyond it a typo (10^12 experts) would try to allocate terabytes.
 MAX_EXPERTS = 1 << 34
@@ -94,6 +95,10 @@ class PEERConfig:
     generations: list[list[int]] = field(default_factory=list)
     """Grown generations with their own retrieval, [first sub-key, top-k] each (function-preserving growth,
     issue 16); empty: one retrieval over the whole pool. Follows growth."""
+    generation_gate: GenerationGate = "own"
+    """Router weights of a grown generation: own (a softmax over its own top-k, total weight 1) or nested (its
+    share of a softmax over its and all earlier generations' retrieved scores: low where old experts score
+    higher). Generation 0 keeps its softmax either way."""
 
     def __post_init__(self) -> None:
         for name in ("dim", "num_subkeys", "heads", "topk", "dim_key"):
@@ -112,6 +117,7 @@ class PEERConfig:
         _check_choice("query_norm", self.query_norm, QueryNorm)
         _check_choice("activation", self.activation, Activation)
         _check_choice("new_expert_init", self.new_expert_init, ExpertInit)
+        _check_choice("generation_gate", self.generation_gate, GenerationGate)
         self.generations = [list(g) for g in self.generations]  # own lists: growth appends to them
         ends = [g[0] for g in self.generations[1:]] + [self.num_subkeys] if self.generations else []
         previous = 0
@@ -255,10 +261,17 @@ class PEER(nn.Module):
 
     def gates(self, scores: Tensor) -> Tensor:
         """Router weights (..., S) of retrieved ``scores`` (..., S): a softmax within each generation (Eq. 8)."""
-        slots = self.config.slots()
-        if len(slots) == 1:
-            return scores.softmax(dim=-1)
-        return torch.cat([s.softmax(dim=-1) for s in scores.split(slots, dim=-1)], -1)
+        c = self.config
+        parts = scores.split(c.slots(), dim=-1)
+        if len(parts) == 1 or c.generation_gate == "own":
+            return torch.cat([s.softmax(dim=-1) for s in parts], -1) if len(parts) > 1 else scores.softmax(dim=-1)
+        # nested: generation g's slots get exp(s) / Σ exp over generations 0..g — later ones never enter
+        # an earlier generation's weights, so growth leaves them exactly as they were
+        out, lse = [parts[0].softmax(dim=-1)], parts[0].logsumexp(dim=-1, keepdim=True)
+        for s in parts[1:]:
+            lse = torch.logaddexp(lse, s.logsumexp(dim=-1, keepdim=True))
+            out.append((s - lse).exp())
+        return torch.cat(out, -1)
 
     def _retrieve_generation(self, q: Tensor, lo: int, hi: int, k: int) -> tuple[Tensor, Tensor]:
         """Exact top-k over a grown generation, the experts (i, j) with lo ≤ max(i, j) < hi — ids
@@ -362,6 +375,7 @@ class PEER(nn.Module):
         subkeys: Tensor | None = None,
         generator: torch.Generator | None = None,
         generation_topk: int | None = None,
+        generation_gate: GenerationGate | None = None,
     ) -> Tensor:
         """Append ``num_new`` sub-keys to each half: N = n² → (n + num_new)². Returns the new ids.
 
@@ -370,7 +384,8 @@ class PEER(nn.Module):
         ones are mixed in by their own softmax, and with v = 0 the layer computes exactly the same
         function until they are trained (function-preserving growth, issue 16; LoRA/ReZero-style).
         None: the new sub-keys join the last generation's retrieval, where new experts can enter old
-        tokens' top-k and push out trained experts.
+        tokens' top-k and push out trained experts. ``generation_gate``: ``config.generation_gate``, set
+        with the layer's first generation (one per layer).
 
         ``subkeys`` (num_new, 2, dim_key/2) places the new sub-keys (the index manager passes
         k-means centroids of poorly served queries). By default each new sub-key is drawn from a
@@ -391,6 +406,12 @@ class PEER(nn.Module):
             raise ValueError(f"growing to {n_new**2:,} experts exceeds the supported {MAX_EXPERTS:,}")
         if generation_topk is not None and not 0 < generation_topk <= n_new**2 - N_old:
             raise ValueError(f"grow(): generation_topk must lie in [1, {n_new**2 - N_old}], got {generation_topk!r}")
+        if generation_gate is not None:
+            _check_choice("generation_gate", generation_gate, GenerationGate)
+            if c.generations and generation_gate != c.generation_gate:
+                raise ValueError(
+                    f"grow(): this layer's generations are gated {c.generation_gate!r}; cannot add one gated {generation_gate!r}"
+                )
         old = self.subkeys.data
         if subkeys is None:
             mean = old.mean(0, keepdim=True)
@@ -419,6 +440,7 @@ class PEER(nn.Module):
         c.num_subkeys = n_new
         if generation_topk is not None:
             c.generations = [*c.generations, [n_old, int(generation_topk)]]
+            c.generation_gate = generation_gate or c.generation_gate
         return torch.arange(N_old, N_new, device=old.device)
 
     # --- freezing ----------------------------------------------------------------------------------

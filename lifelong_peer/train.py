@@ -98,6 +98,9 @@ class TrainConfig:
     earlier behaviour: shortened to enter at most 5% of old retrievals)."""
     grow_topk: int = 0
     """Experts per head each grown generation retrieves in grow_mode exact (0: the layer's topk)."""
+    grow_gate: str = "own"
+    """Router weights of grown generations in grow_mode exact: own (a softmax of their own) or nested (their
+    share of a softmax over them and all earlier generations); fixed by a model's first such growth."""
     freeze: str = "none"
     """Freezing policy applied before each phase: none, all-old, usage:P, tfidf:T."""
     freeze_subkeys: bool = False
@@ -169,6 +172,8 @@ class TrainConfig:
             raise UserError(f"grow_mode must be one of {', '.join(GROW_MODES)}, got {self.grow_mode!r}")
         if self.tfidf_background not in ("base", "old"):
             raise UserError(f"tfidf_background must be base or old, got {self.tfidf_background!r}")
+        if self.grow_gate not in ("own", "nested"):
+            raise UserError(f"grow_gate must be own or nested, got {self.grow_gate!r}")
         if self.grow_topk < 0:
             raise UserError(f"grow_topk must be ≥ 0, got {self.grow_topk}")
         if self.base_data not in ("mix", "first"):
@@ -936,7 +941,14 @@ def grow_and_freeze(run: Run, phase: int, emit: Progress) -> None:
         reports, run.growth_shock = growth_shock(
             model,
             lambda: grow_model(
-                model, k, new_inputs, old_inputs, seed=seed, mode=tc.grow_mode, generation_topk=tc.grow_topk or None
+                model,
+                k,
+                new_inputs,
+                old_inputs,
+                seed=seed,
+                mode=tc.grow_mode,
+                generation_topk=tc.grow_topk or None,
+                generation_gate=tc.grow_gate,
             ),
             old_eval,
             per_token,

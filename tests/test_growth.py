@@ -253,3 +253,36 @@ def test_a_run_resumed_mid_phase_keeps_its_generations_and_growth_shock(tmp_path
     phases = lambda run: json.loads((run.dir / "results.json").read_text())["phases"]  # noqa: E731
     assert [p["growth_shock_bpb"] for p in phases(broken)] == [p["growth_shock_bpb"] for p in phases(straight)]
     assert phases(broken)[2]["growth_shock_per_slice_bpb"] == {"a": 0.0, "b": 0.0}
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_nested_gates_keep_the_function_and_weigh_a_generation_by_its_share(impl):
+    torch.manual_seed(3)
+    layer, _ = pair(impl)
+    layer.eval()
+    x = torch.randn(48, 24)
+    y0 = layer(x)
+    layer.grow(4, generation_topk=5, generation_gate="nested")
+    assert torch.equal(layer(x), y0)
+    with torch.no_grad():
+        layer.V[81:].normal_()
+    y1 = layer(x)
+    layer.grow(2, generation_topk=3, generation_gate="nested")
+    assert torch.equal(layer(x), y1)
+    scores, _ = layer.retrieve(x)
+    gates = layer.gates(scores)
+    # generation g's slots: exp(s) / Σ exp over the slots of generations 0..g
+    torch.testing.assert_close(gates[..., :5], scores[..., :5].softmax(-1))
+    torch.testing.assert_close(gates[..., 5:10], scores[..., :10].softmax(-1)[..., 5:])
+    torch.testing.assert_close(gates[..., 10:], scores.softmax(-1)[..., 10:])
+    with pytest.raises(ValueError, match="gated"):
+        layer.grow(1, generation_topk=1, generation_gate="own")
+
+
+def test_the_gate_of_grown_generations_survives_a_checkpoint(tmp_path):
+    model = _small_model()
+    model.grow(4, generation_topk=3, generation_gate="nested")
+    path = tmp_path / "m.safetensors"
+    save_model(model, path)
+    loaded = load_model(path)
+    assert [p.config.generation_gate for p in loaded.peer_layers()] == ["nested", "nested"]
