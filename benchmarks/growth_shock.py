@@ -52,7 +52,7 @@ def bpb(model, windows: torch.Tensor) -> float:
     return _nats(model, windows) / (windows[:, 1:].numel() * 0.6931471805599453)
 
 
-def variant(model, mode: str | None, k: int, gen_topk: int | None, data: dict, seed: int) -> tuple:
+def variant(model, mode: str | None, k: int, gen_topk: int | None, gate: str, data: dict, seed: int) -> tuple:
     """A grown copy of ``model`` and its growth measurements (mode None: not grown)."""
     m = copy.deepcopy(model)
     existed = [p.num_experts for p in m.peer_layers()]
@@ -63,7 +63,9 @@ def variant(model, mode: str | None, k: int, gen_topk: int | None, data: dict, s
         old_inputs = collect_usage(m, data["old_val"], None, sample_inputs=4096, generator=g)["inputs"]
         reports, shock = growth_shock(
             m,
-            lambda: grow_model(m, k, new_inputs, old_inputs, seed=seed, mode=mode, generation_topk=gen_topk),
+            lambda: grow_model(
+                m, k, new_inputs, old_inputs, seed=seed, mode=mode, generation_topk=gen_topk, generation_gate=gate
+            ),
             data["old_test"],
         )
         held = collect_usage(m, data["new_val"], None, sample_inputs=4096, generator=g)["inputs"]
@@ -116,6 +118,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--tokens", type=int, default=8192, help="held-out tokens per slice and split")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--only", default=None, help="comma-separated settings to run, merged into --out")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
     if args.quick:
@@ -137,13 +140,16 @@ def main() -> None:
         "new_pool": stream.slice(new).tokens("train"),
     }
     model = load_model(args.base).eval()
-    settings = [("none", None, None)] + [(m, m, None) for m in GROW_MODES] + [("exact-k4", "exact", 4)]
+    settings = [("none", None, None, "own")] + [(m, m, None, "own") for m in GROW_MODES]
+    settings += [("exact-k4", "exact", 4, "own"), ("exact-nested", "exact", None, "nested")]
+    if args.only:
+        settings = [s for s in settings if s[0] in args.only.split(",")]
     rows = []
-    for label, mode, gen_topk in settings:
+    for label, mode, gen_topk, gate in settings:
         for regime in ("experts", "shared"):
             cells = []
             for seed in range(args.seeds):
-                m, existed, row = variant(model, mode, args.k, gen_topk, data, seed)
+                m, existed, row = variant(model, mode, args.k, gen_topk, gate, data, seed)
                 train(m, existed, regime, data, args, seed)
                 row["new_bpb"] = bpb(m, data["new_test"])
                 row["old_bpb"] = statistics.mean(bpb(m, w) for w in data["old_test"].values())
@@ -159,6 +165,9 @@ def main() -> None:
         "new_bpb": bpb(model, data["new_test"]),
         "old_bpb": statistics.mean(bpb(model, w) for w in data["old_test"].values()),
     }
+    if args.only and Path(args.out).exists():  # merge into an earlier invocation's rows
+        ran = {r["mode"] for r in rows}
+        rows = [r for r in json.loads(Path(args.out).read_text())["rows"] if r["mode"] not in ran] + rows
     print_table(rows, base_row, args)
     meta = {
         "command": "python benchmarks/growth_shock.py " + " ".join(sys.argv[1:]),
@@ -180,7 +189,7 @@ def print_table(rows: list[dict], base_row: dict, args) -> None:
     print(head)
     for r in rows:
         print(
-            f"{r['mode']:10} {r['regime']:8} {r['shock_max']:10.4f} {r['shock_mean']:11.4f} {r['new_hit']:8.3f} "
+            f"{r['mode']:12} {r['regime']:8} {r['shock_max']:10.4f} {r['shock_mean']:11.4f} {r['new_hit']:8.3f} "
             f"{r['changed_old']:8.3f} {int(r['active']):8d} {r['new_bpb']:8.4f}±{r['new_bpb_std']:.3f} "
             f"{r['old_bpb']:8.4f}±{r['old_bpb_std']:.3f}"
         )

@@ -1112,8 +1112,8 @@ def grow_run(
     """``lpeer grow``: add ``subkeys`` sub-keys per half (or, with ``auto``, as many as
     ``decide_growth`` finds the new slice ``slice_name`` needs) to every PEER layer or ``layer``.
 
-    As the phase loop does (``train.grow_and_freeze``): with a slice, layer inputs sampled from its
-    train split place the new sub-keys (``grow_model``, k-means on poorly served query halves);
+    As the phase loop does (``train.grow_and_freeze``, in the run's ``grow_mode``): with a slice, layer
+    inputs sampled from its train split place the new sub-keys (``grow_model``, k-means);
     without one they are drawn at random. Inputs sampled from the trained slices' validation
     splits measure ``changed_old``. The model is saved (``Run.save_edit``) only if some layer grew.
     Returns ``{"run", "phase", "slice", "old_slices", "checkpoint" (None if nothing grew), "layers"}``.
@@ -1133,7 +1133,19 @@ def grow_run(
     old = _trained_slices(run, exclude=slice_name)
     new_inputs = _layer_inputs(run, [slice_name] if slice_name else [], "train", sample_inputs, generator)
     old_inputs = _layer_inputs(run, old, "validation", sample_inputs, generator)
-    reports = grow_model(run.model, "auto" if auto else subkeys, new_inputs, old_inputs, layer=layer, seed=seed)
+    tc = run.config.train  # the run's own grow mode, as the phase loop grows
+    k = "auto" if auto else subkeys
+    reports = grow_model(
+        run.model,
+        k,
+        new_inputs,
+        old_inputs,
+        layer=layer,
+        seed=seed,
+        mode=tc.grow_mode,
+        generation_topk=tc.grow_topk or None,
+        generation_gate=tc.grow_gate,
+    )
     out = {"run": run.config.run, "phase": loaded["phase"], "slice": slice_name, "old_slices": old}
     checkpoint = None
     if any(r["k"] > 0 for r in reports):
