@@ -68,6 +68,8 @@ class AttachConfig(PEERModelConfig):
     """PEER layer template; its dim is the base's hidden size."""
     peer_subkeys: list[int] | None = None
     """Current sub-keys per PEER layer, in block order; follows growth. None: all at peer.num_subkeys."""
+    peer_generations: list[list[list[int]]] | None = None
+    """Grown generations per PEER block, in block order (``PEERConfig.generations``); follows growth. None: none."""
     trainable: list[str] = field(default_factory=list)
     """fnmatch patterns of base parameter names left trainable (e.g. "*.ln_2.*", "lm_head.*"); "*" = all."""
     context: int = 1024
@@ -83,6 +85,10 @@ class AttachConfig(PEERModelConfig):
         if self.peer_subkeys is not None and len(self.peer_subkeys) != len(self.layers):
             raise ValueError(
                 f"AttachConfig.peer_subkeys has {len(self.peer_subkeys)} entries for {len(self.layers)} layers"
+            )
+        if self.peer_generations is not None and len(self.peer_generations) != len(self.layers):
+            raise ValueError(
+                f"AttachConfig.peer_generations has {len(self.peer_generations)} entries for {len(self.layers)} layers"
             )
 
     @classmethod

@@ -27,7 +27,7 @@ class TrainConfig:
     """How a run trains. Strategy presets set some of these; every field can be overridden."""
 
     strategy: str = "naive"
-    """Preset this config started from: naive, lifelong, replay, ewc, mas, smf, dense, joint."""
+    """Preset this config started from: naive, lifelong, replay, ewc, mas, smf, smf-shared, dense, joint."""
     steps: int = 150
     """Optimizer steps per phase (ignored when `tokens` is set)."""
     tokens: int | None = None
@@ -53,12 +53,28 @@ class TrainConfig:
     """Global gradient-norm clip (0: off)."""
     grow: str = "none"
     """Growth before each phase: none, K (sub-keys per half), or auto (decided by the index manager)."""
+    grow_mode: str = "exact"
+    """How growth adds experts: exact (a new generation with its own retrieval and v = 0: the function is
+    unchanged, old routing untouched; each generation adds grow_topk experts per head), safe (new sub-keys
+    join the shared retrieval, shortened to enter no sampled old retrieval: near-unchanged), budget (the
+    earlier behaviour: shortened to enter at most 5% of old retrievals)."""
+    grow_topk: int = 0
+    """Experts per head each grown generation retrieves in grow_mode exact (0: the layer's topk)."""
+    grow_gate: str = "own"
+    """Router weights of grown generations in grow_mode exact: own (a softmax of their own) or nested (their
+    share of a softmax over them and all earlier generations); fixed by a model's first such growth."""
     freeze: str = "none"
     """Freezing policy applied before each phase: none, all-old, usage:P, tfidf:T."""
     freeze_subkeys: bool = False
     """Also freeze the sub-keys of frozen experts (keeps their keys, so their scores, fixed)."""
     train_shared: bool = True
-    """Train the shared dense weights (attention, FFNs, embeddings, query nets); False trains experts only."""
+    """Train the shared dense weights (attention, FFNs, embeddings, query nets); False trains experts only
+    and also keeps normalisation statistics (the query BatchNorms' running means) fixed."""
+    train_subkeys: bool = True
+    """Train the PEER sub-keys (False: all frozen, so every expert's key and score stays put; SMF)."""
+    tfidf_background: str = "base"
+    """Background of tfidf:T's idf: base (windows of the base model's data — the first slice's train split
+    with base_data first, every slice's with mix — as SMF's background batches) or old (the old slices)."""
     l2sp: float = 0.0
     """Weight of L2-SP: ½λ‖θ − θ_prev‖² on shared weights, anchored at the previous phase's end."""
     ewc: float = 0.0
@@ -114,6 +130,16 @@ class TrainConfig:
         from .index import parse_policy
 
         parse_policy(self.freeze)  # a bad policy is refused before any work, not at the first phase
+        from .index import GROW_MODES
+
+        if self.grow_mode not in GROW_MODES:
+            raise UserError(f"grow_mode must be one of {', '.join(GROW_MODES)}, got {self.grow_mode!r}")
+        if self.tfidf_background not in ("base", "old"):
+            raise UserError(f"tfidf_background must be base or old, got {self.tfidf_background!r}")
+        if self.grow_gate not in ("own", "nested"):
+            raise UserError(f"grow_gate must be own or nested, got {self.grow_gate!r}")
+        if self.grow_topk < 0:
+            raise UserError(f"grow_topk must be ≥ 0, got {self.grow_topk}")
         if self.base_data not in ("mix", "first"):
             raise UserError(f"base_data must be mix or first, got {self.base_data!r}")
         if self.expert_moments not in MOMENTS:
@@ -215,6 +241,11 @@ class RunConfig:
             raise UserError(
                 "--base starts from a byte-level checkpoint and --base-model from a Hugging Face model; give one"
             )
+
+    @property
+    def base_slices(self) -> list[str]:
+        """The slices a base trained here sees (``base_data``): the first (first) or all (mix)."""
+        return self.slices[:1] if self.train.base_data == "first" else list(self.slices)
 
     @property
     def context(self) -> int | None:

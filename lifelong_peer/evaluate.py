@@ -62,7 +62,7 @@ def evaluate_all(run: Run, emit: Progress) -> dict[str, EvalRow]:
 
 
 def phase_record(run: Run, slice_name: str, tokens: int, wall: float) -> PhaseRecord:
-    layers = run.model.peer_layers()
+    layers, shock = run.model.peer_layers(), run.growth_shock
     experts = sum(p.num_experts for p in layers)
     frozen = sum(int(p.frozen.sum()) for p in layers)
     return PhaseRecord(
@@ -73,6 +73,8 @@ def phase_record(run: Run, slice_name: str, tokens: int, wall: float) -> PhaseRe
         frozen_fraction=frozen / experts if experts else 0.0,
         params=run.model.num_params(),
         active_params=run.model.active_params_per_token(),
+        growth_shock_bpb=shock["max_bpb"] if shock else None,
+        extra={"growth_shock_per_slice_bpb": shock["per_slice_bpb"]} if shock else {},
     )
 
 

@@ -41,6 +41,8 @@ class ModelConfig(PEERModelConfig):
     """PEER layer template (its dim is forced to the model's dim)."""
     peer_subkeys: list[int] | None = None
     """Current sub-keys per PEER block, in block order; follows growth. None: all at peer.num_subkeys."""
+    peer_generations: list[list[list[int]]] | None = None
+    """Grown generations per PEER block, in block order (``PEERConfig.generations``); follows growth. None: none."""
 
     def __post_init__(self) -> None:
         if isinstance(self.peer, dict):
@@ -63,6 +65,13 @@ class ModelConfig(PEERModelConfig):
                 )
             for n in self.peer_subkeys:
                 dataclasses.replace(self.peer, num_subkeys=n)  # validates each size
+        if self.peer_generations is not None:
+            if len(self.peer_generations) != len(blocks):
+                raise ValueError(
+                    f"ModelConfig.peer_generations has {len(self.peer_generations)} entries for {len(blocks)} PEER blocks"
+                )
+            for pos in range(len(blocks)):
+                self.peer_config(pos)  # validates each layer's generations against its size
 
     def peer_block_indices(self) -> list[int]:
         spec = str(self.peer_blocks).strip().lower()

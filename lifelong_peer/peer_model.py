@@ -17,12 +17,14 @@ from .peer import PEER, PEERConfig, active_params_per_token
 
 class PEERModelConfig:
     """What the configs of both kinds of ``PEERModel`` share (a dataclass mixin): a PEER layer template
-    ``peer`` and ``peer_subkeys``, the sub-keys per half of each PEER layer once grown (None: the template's)."""
+    ``peer``, ``peer_subkeys``, the sub-keys per half of each PEER layer once grown (None: the template's),
+    and ``peer_generations``, each PEER layer's grown generations (``PEERConfig.generations``; None: none)."""
 
     def peer_config(self, position: int) -> PEERConfig:
         """The PEERConfig of the ``position``-th PEER layer (0-based among PEER layers)."""
         n = self.peer.num_subkeys if self.peer_subkeys is None else self.peer_subkeys[position]
-        return dataclasses.replace(self.peer, num_subkeys=n)
+        gens = self.peer.generations if self.peer_generations is None else self.peer_generations[position]
+        return dataclasses.replace(self.peer, num_subkeys=n, generations=gens)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -60,6 +62,14 @@ class PEERModel(nn.Module):
                 )
         new = {pos: layers[pos].grow(num_new, **kwargs) for pos in positions}
         self.config.peer_subkeys = [p.config.num_subkeys for p in layers]
+        if any(p.config.generations for p in layers):
+            self.config.peer_generations = [p.config.generations for p in layers]
+            gates = {p.config.generation_gate for p in layers if p.config.generations}
+            if len(gates) > 1:
+                raise ValueError(
+                    f"PEER layers of one model cannot gate their generations differently, got {sorted(gates)}"
+                )
+            self.config.peer = dataclasses.replace(self.config.peer, generation_gate=gates.pop())
         return new
 
     def num_params(self) -> int:

@@ -63,6 +63,7 @@ class Run:
         from .index import UsageLedger
 
         self.ledger = UsageLedger()
+        self.growth_shock: dict | None = None  # this phase's (``index.growth_shock``), for its PhaseRecord
 
     # files ------------------------------------------------------------------------------------
     @property
@@ -137,6 +138,7 @@ class Run:
             "step": step,
             "completed_phases": completed,
             "ledger": ledger_meta,
+            "growth_shock": self.growth_shock if step is not None else None,  # a mid-phase resume keeps it
         }
         path = self.checkpoints / name
         save_tensors(path, tensors, meta)
@@ -203,6 +205,7 @@ class Run:
         for hook, state in zip(self.hooks, states, strict=True):
             hook.load_state_tensors({k: v.to(self.device) for k, v in state.items()})
         self.ledger = ledger
+        self.growth_shock = meta.get("growth_shock") if isinstance(meta.get("growth_shock"), dict) else None
         return {"tensors": tensors, "meta": meta}
 
     def load_latest(self) -> dict:

