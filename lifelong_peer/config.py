@@ -60,7 +60,7 @@ class TrainConfig:
     earlier behaviour: shortened to enter at most 5% of old retrievals)."""
     grow_topk: int = 0
     """Experts per head each grown generation retrieves in grow_mode exact (0: the layer's topk)."""
-    grow_gate: str = "own"
+    grow_gate: str = "nested"
     """Router weights of grown generations in grow_mode exact: own (a softmax of their own) or nested (their
     share of a softmax over them and all earlier generations); fixed by a model's first such growth."""
     freeze: str = "none"

@@ -27,6 +27,10 @@ What this file adds for continual learning:
   ``empty_rows`` / ``extend_rows``; the optimizer keeps its per-row Adam state the same way), so
   growth writes only the new rows: no copy of the old ones, no new N-row allocation (issue 8).
   The Parameters are views of the first N rows, so ``state_dict`` and checkpoints hold exactly N.
+* **Function-preserving growth (issue 16).** ``grow(K, generation_topk=k')`` makes the new experts a
+  generation with its own exact top-k' retrieval (``config.generations``), summed into the output:
+  older experts' routing and gates never change, and with v = 0 the function is bit-identical after
+  growth. Each generation adds h·k' experts per token.
 * **Per-expert freezing.** ``frozen`` (N,) and ``frozen_subkeys`` (n, 2) are persistent bool
   buffers. They are data, honoured by the row-sparse optimizer (``lifelong_peer.optim``), which
   never writes a frozen row — not its weights, not its Adam moments, not weight decay.
@@ -260,11 +264,14 @@ class PEER(nn.Module):
         return torch.cat([p[0] for p in parts], -1), torch.cat([p[1] for p in parts], -1)
 
     def gates(self, scores: Tensor) -> Tensor:
-        """Router weights (..., S) of retrieved ``scores`` (..., S): a softmax within each generation (Eq. 8)."""
+        """Router weights (..., S) of retrieved ``scores`` (..., S): the softmax of Eq. 8 over generation 0's
+        slots; a grown generation's slots by ``config.generation_gate``."""
         c = self.config
         parts = scores.split(c.slots(), dim=-1)
-        if len(parts) == 1 or c.generation_gate == "own":
-            return torch.cat([s.softmax(dim=-1) for s in parts], -1) if len(parts) > 1 else scores.softmax(dim=-1)
+        if len(parts) == 1:
+            return scores.softmax(dim=-1)
+        if c.generation_gate == "own":
+            return torch.cat([s.softmax(dim=-1) for s in parts], -1)
         # nested: generation g's slots get exp(s) / Σ exp over generations 0..g — later ones never enter
         # an earlier generation's weights, so growth leaves them exactly as they were
         out, lse = [parts[0].softmax(dim=-1)], parts[0].logsumexp(dim=-1, keepdim=True)
@@ -381,7 +388,7 @@ class PEER(nn.Module):
 
         ``generation_topk``: the new experts form a generation with its own retrieval of this top-k
         (``config.generations``): the old experts' routing and gates stay exactly as they were, the new
-        ones are mixed in by their own softmax, and with v = 0 the layer computes exactly the same
+        ones are mixed in by gates of their own (``gates``), and with v = 0 the layer computes exactly the same
         function until they are trained (function-preserving growth, issue 16; LoRA/ReZero-style).
         None: the new sub-keys join the last generation's retrieval, where new experts can enter old
         tokens' top-k and push out trained experts. ``generation_gate``: ``config.generation_gate``, set
