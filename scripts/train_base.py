@@ -26,7 +26,13 @@ DEFAULT_MODEL = {"peer_blocks": "all", "peer": {"num_subkeys": 32, "heads": 4, "
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--steps", type=int, default=800)
+    parser.add_argument(
+        "--base-data",
+        choices=("first", "mix"),
+        default="first",
+        help="first: the first era's training split only (headroom for the later eras, issue 16); mix: all eras",
+    )
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(Path(__file__).parents[1] / "lifelong_peer/assets/sotu-base.safetensors"))
@@ -38,7 +44,13 @@ def main() -> None:
             ws,
             "sotu",
             "naive",
-            {"base_steps": args.steps, "base_lr": args.lr, "seed": args.seed, "eval_tokens": 8192},
+            {
+                "base_steps": args.steps,
+                "base_data": args.base_data,
+                "base_lr": args.lr,
+                "seed": args.seed,
+                "eval_tokens": 8192,
+            },
             DEFAULT_MODEL,
             run_id="base",
         )
