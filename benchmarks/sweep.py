@@ -6,7 +6,8 @@ finishes, so a crash loses at most the runs in flight. Choices are made on the v
 test numbers are recorded only so that the final table can be traced back, never to choose.
 
 The plan is a JSON file of ``{"name": ..., "strategy": ..., "overrides": {...}, "seeds": [...]}``
-entries, re-read before each run: entries can be appended while workers run. Several workers may
+entries (optionally ``"stream"``, with ``"source"`` and ``"slice"`` for a stream other than SOTU, and
+``"base"``), re-read before each run: entries can be appended while workers run. Several workers may
 share one plan and one output file (claims and appends are serialised by a lock file):
 
     python benchmarks/sweep.py --plan benchmarks/results/sweep16-plan.json &
@@ -99,6 +100,7 @@ def run_one(ws, entry: dict, seed: int, base: str, steps: int) -> dict:
         "validation": split_metrics(results, "validation"),
         "test": split_metrics(results, "test"),
         "phase_extra": [p.extra for p in results.phases],
+        "results": results.to_dict(),  # the run's whole results.json: tables are rebuilt from it
     }
     shutil.rmtree(run.dir, ignore_errors=True)
     return record
@@ -121,7 +123,7 @@ def main() -> None:
         with locked(out):
             write_json(claims, [])
         return
-    from lifelong_peer.streams import ingest_default
+    from lifelong_peer.streams import ingest, ingest_default
     from lifelong_peer.workspace import Workspace
 
     ws_dir = Path(args.work) / f"worker-{os.getpid()}"
@@ -142,10 +144,13 @@ def main() -> None:
             write_json(claims, [*map(list, taken), [entry["name"], seed]])
         print(f"{time.strftime('%H:%M:%S')} start {entry['name']} seed {seed}", flush=True)
         stream = entry.get("stream", "sotu")
-        if stream not in ingested:
-            ingest_default(ws, stream)
+        if stream not in ingested:  # a stream of the plan's own (source, slice), or the default SOTU eras
+            if entry.get("source"):
+                ingest(ws, entry["source"], stream, slice=entry["slice"])
+            else:
+                ingest_default(ws, stream)
             ingested.add(stream)
-        record = run_one(ws, entry, seed, args.base, args.steps)
+        record = run_one(ws, entry, seed, entry.get("base", args.base), args.steps)
         with locked(out):
             write_json(out, [*read_json(out, []), record])
             write_json(claims, [c for c in read_json(claims, []) if tuple(c) != (entry["name"], seed)])

@@ -113,8 +113,9 @@ class TrainConfig:
     """Draw every batch from all slices at once (the non-continual reference)."""
     base_steps: int = 0
     """Train a base model for this many steps before phase 0 (when no --base checkpoint is given)."""
-    base_data: str = "mix"
-    """Data of the base phase: mix (all slices' train splits) or first (the first slice)."""
+    base_data: str = "first"
+    """Data of the base phase: first (the first slice only, so later slices are new to the base and
+    there is something to learn) or mix (all slices' train splits)."""
     base_lr: float = 3e-3
     """Peak learning rate of the base phase."""
     eval_tokens: int = 16384
@@ -1210,6 +1211,14 @@ def _start_model(run: Run, emit: Progress) -> None:
         run.model = LanguageModel(copy.deepcopy(cfg.model)).to(run.device)
         if tc.base_steps:
             train_base(run, emit)
+        else:  # issue 16: from scratch every slice improves every phase and "forgetting" means nothing
+            import warnings
+
+            warnings.warn(
+                f"run {cfg.run!r} starts from a random init (no --base, no --base-steps): forgetting measured "
+                "from scratch is meaningless; give --base CHECKPOINT or --base-steps N",
+                stacklevel=2,
+            )
     run.checkpoints.mkdir(parents=True, exist_ok=True)
     if distributed.is_main():
         _save_model(run.model, run.checkpoints / "base.safetensors")

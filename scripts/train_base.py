@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from lifelong_peer.streams import ingest_default
+from lifelong_peer.streams import ingest, ingest_default
 from lifelong_peer.train import new_run, run_phases
 from lifelong_peer.workspace import Workspace
 
@@ -36,13 +36,18 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(Path(__file__).parents[1] / "lifelong_peer/assets/sotu-base.safetensors"))
+    parser.add_argument("--source", default=None, help="another stream: a file `lpeer ingest` reads (default: SOTU)")
+    parser.add_argument("--slice", default=None, help="with --source: its slicing (e.g. eras:2019,2021)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         ws = Workspace.init(Path(tmp) / "ws")
-        ingest_default(ws, "sotu")
+        if args.source:
+            ingest(ws, args.source, "stream", slice=args.slice)
+        else:
+            ingest_default(ws, "stream")
         run = new_run(
             ws,
-            "sotu",
+            "stream",
             "naive",
             {
                 "base_steps": args.steps,
