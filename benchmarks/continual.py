@@ -36,6 +36,9 @@ from lifelong_peer.streams import ingest_default
 from lifelong_peer.train import new_run, run_phases
 from lifelong_peer.workspace import Workspace
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sweep import COMMON  # the protocol's per-run settings, in one place
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks/results"
 #: label → (strategy preset, overrides): the rows of the table, in order
@@ -121,7 +124,7 @@ def targets(comparison: dict, records: list[dict]) -> list[str]:
 
 def table(out: Path, title: str) -> str:
     """The Markdown section of one results file: per-strategy and per-run tables and the targets."""
-    records = json.loads(out.read_text())
+    records = [r for r in json.loads(out.read_text()) if r["name"] in STRATEGIES]
     order = {label: i for i, label in enumerate(STRATEGIES)}
     records.sort(key=lambda r: (order.get(r["name"], 99), r["seed"]))
     runs = []
@@ -195,19 +198,27 @@ def main() -> None:
     print(table(out, f"Strategies on {args.stream}"))
 
 
+def resolved(strategy: str, overrides: dict) -> dict:
+    """The TrainConfig a run of ``strategy`` with ``overrides`` trains with (the seed aside)."""
+    import dataclasses
+
+    from lifelong_peer.train import resolve_config
+
+    _, train = resolve_config(strategy, {**COMMON, **overrides})
+    return {k: v for k, v in dataclasses.asdict(train).items() if k not in ("seed", "strategy")}
+
+
 def reuse(sweep: Path, out: Path, entries: list[dict], base: str) -> None:
-    """Count runs of a sweep that are the same run as a plan entry (strategy, overrides, base, seed)."""
+    """Count the runs of a sweep that train exactly as a plan entry does (same resolved TrainConfig —
+    presets as they are now — same base, same seed) as that entry's runs; each keeps its record."""
     have = json.loads(out.read_text()) if out.exists() else []
     done = {(r["name"], r["seed"]) for r in have}
     for record in json.loads(sweep.read_text()):
         for e in entries:
-            same = (record["strategy"], record["overrides"], Path(record["base"]).resolve()) == (
-                e["strategy"],
-                e["overrides"],
-                Path(e.get("base", base)).resolve(),
-            )
+            same = Path(record["base"]).resolve() == Path(e.get("base", base)).resolve()
+            same = same and resolved(record["strategy"], record["overrides"]) == resolved(e["strategy"], e["overrides"])
             if same and record["seed"] in e["seeds"] and (e["name"], record["seed"]) not in done:
-                have.append(record | {"name": e["name"], "reused_from": str(sweep.relative_to(ROOT))})
+                have.append(record | {"name": e["name"], "reused_from": f"{sweep.name}: {record['name']}"})
                 done.add((e["name"], record["seed"]))
     out.write_text(json.dumps(have, indent=1))
 
