@@ -113,7 +113,9 @@ def _finish(run, results, fmt: Format) -> None:
 def run(
     stream: str | None = typer.Option(None, "--stream", "-s", help="Stream to train through (see `lpeer streams`)."),
     strategy: str = typer.Option(
-        "naive", "--strategy", help="naive | lifelong | replay | ewc | smf | dense | joint (presets over one loop)."
+        "naive",
+        "--strategy",
+        help="naive | lifelong | replay | ewc | smf | smf-shared | dense | joint (presets over one loop).",
     ),
     config: Path | None = typer.Option(
         None, "--config", help=escape("TOML file with [train], [model], [model.peer] (and [attach]) tables.")

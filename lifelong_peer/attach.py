@@ -67,6 +67,8 @@ class AttachConfig:
     """PEER layer template; its dim is the base's hidden size."""
     peer_subkeys: list[int] | None = None
     """Current sub-keys per PEER layer, in block order; follows growth. None: all at peer.num_subkeys."""
+    peer_generations: list[list[list[int]]] | None = None
+    """Grown generations per PEER block, in block order (``PEERConfig.generations``); follows growth. None: none."""
     trainable: list[str] = field(default_factory=list)
     """fnmatch patterns of base parameter names left trainable (e.g. "*.ln_2.*", "lm_head.*"); "*" = all."""
     context: int = 1024
@@ -83,11 +85,16 @@ class AttachConfig:
             raise ValueError(
                 f"AttachConfig.peer_subkeys has {len(self.peer_subkeys)} entries for {len(self.layers)} layers"
             )
+        if self.peer_generations is not None and len(self.peer_generations) != len(self.layers):
+            raise ValueError(
+                f"AttachConfig.peer_generations has {len(self.peer_generations)} entries for {len(self.layers)} layers"
+            )
 
     def peer_config(self, position: int) -> PEERConfig:
         """The PEERConfig of the ``position``-th PEER layer (0-based among PEER layers)."""
         n = self.peer.num_subkeys if self.peer_subkeys is None else self.peer_subkeys[position]
-        return dataclasses.replace(self.peer, num_subkeys=n)
+        gens = self.peer.generations if self.peer_generations is None else self.peer_generations[position]
+        return dataclasses.replace(self.peer, num_subkeys=n, generations=gens)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -277,6 +284,14 @@ class AttachedLM(nn.Module):
                 )
         new = {pos: layers[pos].grow(num_new, **kwargs) for pos in positions}
         self.config.peer_subkeys = [p.config.num_subkeys for p in layers]
+        if any(p.config.generations for p in layers):
+            self.config.peer_generations = [p.config.generations for p in layers]
+            gates = {p.config.generation_gate for p in layers if p.config.generations}
+            if len(gates) > 1:
+                raise ValueError(
+                    f"PEER layers of one model cannot gate their generations differently, got {sorted(gates)}"
+                )
+            self.config.peer = dataclasses.replace(self.config.peer, generation_gate=gates.pop())
         return new
 
     def num_params(self) -> int:

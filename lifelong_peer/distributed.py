@@ -364,11 +364,22 @@ def sync_decisions(model: nn.Module) -> None:
     if not is_distributed():
         return
     layers = model.peer_layers()
-    sizes = torch.tensor([p.num_subkeys for p in layers], dtype=torch.int64)
+    # per layer: sub-keys, and its grown generations (issue 16) summarised in a fixed shape
+    gens = [p.config.generations for p in layers]
+    sizes = torch.tensor(
+        [
+            [p.num_subkeys, len(g), sum(lo for lo, _ in g), sum(k for _, k in g)]
+            for p, g in zip(layers, gens, strict=True)
+        ],
+        dtype=torch.int64,
+    )
     decided = sizes.clone()
     dist.broadcast(decided, 0)
     if not torch.equal(sizes, decided):
-        raise RuntimeError(f"rank {rank()} grew PEER layers to {sizes.tolist()} sub-keys, rank 0 to {decided.tolist()}")
+        raise RuntimeError(
+            f"rank {rank()} grew PEER layers to {sizes.tolist()} (sub-keys, generations, their starts and top-k), "
+            f"rank 0 to {decided.tolist()}"
+        )
     with torch.no_grad():
         for layer in layers:
             dist.broadcast(layer.subkeys.data, 0)

@@ -27,10 +27,10 @@ Layers are addressed by their position among the model's PEER layers (``model.pe
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypeVar
 
 import faiss
 import numpy as np
@@ -43,6 +43,7 @@ from .errors import CheckpointError, UserError
 from .peer import PEER, pair_of
 
 LEDGER_FORMAT = "lifelong-peer/usage/1"
+T = TypeVar("T")
 
 # --- usage ledger ---------------------------------------------------------------------------------
 
@@ -201,7 +202,7 @@ def collect_usage(
             x = args[0].reshape(-1, module.config.dim)
             if ledger is not None:
                 scores, ids = module.retrieve(x)
-                ledger.record(slice_name, pos, ids, scores.softmax(dim=-1))
+                ledger.record(slice_name, pos, ids, module.gates(scores))
             if sample_inputs > 0:
                 m = min(x.shape[0], math.ceil(sample_inputs * x.shape[0] / total))
                 pick = torch.randperm(x.shape[0], generator=generator)[:m]
@@ -381,6 +382,7 @@ def place_subkeys(
     seed: int = 0,
     old_x: Tensor | None = None,
     budget: float = 0.05,
+    steps_per_octave: int = 2,
 ) -> Tensor:
     """(k, 2, dim_key/2) new sub-keys at spherical ``faiss.Kmeans`` centroids of each half's query halves.
 
@@ -392,7 +394,7 @@ def place_subkeys(
     old queries too. Each key gets the median length of its half's existing sub-keys, or, with a
     sample of old-slice layer inputs ``old_x``, the longest length (at most that median) at which
     the k keys of a side together enter the top-k of at most ``budget`` of the old (token, head)
-    retrievals (``_safe_norms``).
+    retrievals (``_safe_norms``, trying ``steps_per_octave`` lengths per halving over 8 halvings).
     """
     if isinstance(query_halves, Tensor):
         query_halves = query_halves.unbind(1)
@@ -413,13 +415,15 @@ def place_subkeys(
             dirs = torch.cat([pts, F.normalize(fill, dim=-1)])
         out[:, side] = F.normalize(dirs, dim=-1) * old[:, side].norm(dim=-1).median()
     if old_x is not None and len(old_x):
-        out = out * _safe_norms(layer, out, old_x, budget)[:, :, None] / out.norm(dim=-1, keepdim=True)
+        norms = _safe_norms(layer, out, old_x, budget, steps=8 * steps_per_octave, per_octave=steps_per_octave)
+        out = out * norms[:, :, None] / out.norm(dim=-1, keepdim=True)
     return out.to(layer.subkeys)
 
 
-def _safe_norms(layer: PEER, new: Tensor, old_x: Tensor, budget: float, steps: int = 16) -> Tensor:
+def _safe_norms(layer: PEER, new: Tensor, old_x: Tensor, budget: float, steps: int = 16, per_octave: int = 2) -> Tensor:
     """(k, 2) lengths for new sub-keys ``new`` (k, 2, half): per side, the longest of
-    len·2^(-i/2), i < ``steps``, at which at most ``budget`` of old (token, head) pairs get a new expert.
+    len·2^(-i/``per_octave``), i < ``steps``, at which at most ``budget`` of old (token, head) pairs get
+    a new expert — where none does, the longest of those letting in the fewest.
 
     A new sub-key d on side 1 brings experts (d, j); the best of them scores q1·d + best2, and it
     enters the top-k iff that beats the k-th old score: q1·d > kth − best2 =: margin. (Pairs of two
@@ -429,11 +433,11 @@ def _safe_norms(layer: PEER, new: Tensor, old_x: Tensor, budget: float, steps: i
     half = c.dim_key // 2
     with _eval(layer):
         q = layer.queries(old_x.reshape(-1, c.dim)).float().cpu()  # (T, h, dk)
-        kth = layer.retrieve(old_x)[0][..., -1].float().cpu()  # (T, h)
+        kth = layer.retrieve(old_x)[0][..., -1].float().cpu()  # (T, h): the last generation's k-th score
     best = coverage(layer, old_x)  # (T, h, 2)
     lengths = new.norm(dim=-1)  # (k, 2)
     out = torch.empty_like(lengths)
-    factors = 2 ** (-torch.arange(steps) / 2)  # (S,) 1, 0.71, 0.5, …
+    factors = 2 ** (-torch.arange(steps) / per_octave)  # (S,) 1, 0.71, 0.5, … (per_octave 2)
     for side in range(2):
         margin = (kth - best[..., 1 - side]).flatten()  # (T·h,)
         proj = q[..., side * half : (side + 1) * half].reshape(-1, half) @ F.normalize(new[:, side], dim=-1).T
@@ -441,17 +445,30 @@ def _safe_norms(layer: PEER, new: Tensor, old_x: Tensor, budget: float, steps: i
         scaled = proj[None] * (lengths[:, side] * factors[:, None])[:, None, :]  # (S, T·h, k)
         intruded = (scaled > margin[None, :, None]).any(-1).float().mean(-1)  # (S,)
         ok = (intruded <= budget).nonzero()
-        out[:, side] = lengths[:, side] * factors[ok[0, 0] if len(ok) else -1]
+        out[:, side] = lengths[:, side] * factors[ok[0, 0] if len(ok) else int(intruded.argmin())]
     return out
 
 
 def changed_fraction(before: Tensor, after: Tensor, per: Literal["token", "head"] = "token") -> float:
     """Fraction of tokens whose retrieved expert set changed in any head (``per="head"``: of
-    (token, head) pairs whose set changed); ids (T, heads, topk) before and after a growth."""
+    (token, head) pairs whose set changed); ids (T, heads, S) before and after a growth. A growth that
+    adds a generation (``PEER.grow(generation_topk=...)``) appends slots: the slots that existed
+    before are compared."""
     if before.numel() == 0:
         return 0.0
+    after = after[..., : before.shape[-1]]
     diff = (before.sort(dim=-1).values != after.sort(dim=-1).values).any(dim=-1)  # (T, h)
     return float((diff.any(dim=-1) if per == "token" else diff).float().mean())
+
+
+#: How ``grow_model`` adds experts (``TrainConfig.grow_mode``; issue 16, "function-preserving growth"):
+#: ``exact`` — a new generation with its own retrieval (``PEER.grow(generation_topk=...)``): old routing
+#: and gates untouched, new v = 0, so the function is exactly unchanged; sub-keys at k-means centroids
+#: of the new slice's query halves. ``safe`` — new sub-keys join the shared retrieval, k-means placed
+#: and shortened (8 lengths per halving) until they enter none of the sampled old retrievals: approximate.
+#: ``budget`` — the earlier behaviour: the same, shortened only until at most ``GrowthRule.budget`` (5%)
+#: of old retrievals take a new expert (2 lengths per halving).
+GROW_MODES = ("exact", "safe", "budget")
 
 
 def grow_model(
@@ -463,8 +480,15 @@ def grow_model(
     layer: int | None = None,
     rule: GrowthRule | None = None,
     seed: int = 0,
+    mode: str = "budget",
+    generation_topk: int | None = None,
+    generation_gate: str = "own",
 ) -> list[dict]:
     """Grow every PEER layer (or the ``layer``-th) of ``model``; returns one report per layer.
+
+    ``mode``: one of ``GROW_MODES``. ``generation_topk``: experts per head each new generation
+    retrieves in mode ``exact`` (default: the layer's topk; fewer cost less, see ``PEERConfig.slots``);
+    ``generation_gate``: how they are weighted (``PEERConfig.generation_gate``).
 
     ``k``: sub-keys per half, or ``"auto"`` (``decide_growth`` per layer, needs both inputs).
     ``new_inputs`` / ``old_inputs``: per layer position, sampled layer inputs of the new slice and
@@ -473,8 +497,11 @@ def grow_model(
     otherwise they are drawn at random (``PEER.grow``'s default). Each report: layer, k,
     subkeys/experts before and after, poorly_served_new (fraction, worse half), placement,
     ``changed_old`` — the fraction of old-slice tokens whose retrieved set the growth changed
-    (should be small) — and ``new_hit``: the fraction of new-slice tokens now retrieving a new expert.
+    (should be small) — and ``new_hit``: the fraction of new-slice tokens now retrieving a new expert
+    (in mode ``exact`` every token does, through the new generation: 1).
     """
+    if mode not in GROW_MODES:
+        raise ValueError(f"grow mode must be one of {', '.join(GROW_MODES)}; got {mode!r}")
     rule = rule or GrowthRule()
     layers = model.peer_layers()
     positions = range(len(layers)) if layer is None else [layer]
@@ -500,20 +527,75 @@ def grow_model(
             half = peer.config.dim_key // 2
             with _eval(peer):
                 q = peer.queries(new_x)  # (T, h, dk)
-            halves = [q[..., s * half : (s + 1) * half][poor[..., s]] for s in range(2)]
-            subkeys = place_subkeys(peer, halves, num, generator, seed, old_x=old_x, budget=rule.budget)
+            if mode == "exact":  # a retrieval of its own: serve all of the new slice, old tokens are not at stake
+                halves = [q[..., s * half : (s + 1) * half] for s in range(2)]
+                subkeys = place_subkeys(peer, halves, num, generator, seed)
+            else:
+                halves = [q[..., s * half : (s + 1) * half][poor[..., s]] for s in range(2)]
+                budget, per_octave = (0.0, 8) if mode == "safe" else (rule.budget, 2)
+                subkeys = place_subkeys(peer, halves, num, generator, seed, old_x, budget, per_octave)
         before_old = retrieved_ids(peer, old_x)
         if num > 0:
-            model.grow(num, layer=pos, subkeys=subkeys, generator=generator)
+            exact = mode == "exact"
+            gen_k = (generation_topk or peer.config.topk) if exact else None
+            gate = generation_gate if exact else None
+            model.grow(
+                num, layer=pos, subkeys=subkeys, generator=generator, generation_topk=gen_k, generation_gate=gate
+            )
         report |= {
             "subkeys_after": peer.num_subkeys,
             "experts_after": peer.num_experts,
             "placement": "kmeans" if subkeys is not None else "random",
+            "mode": mode,
             "changed_old": changed_fraction(before_old, retrieved_ids(peer, old_x)) if old_x is not None else None,
             "new_hit": new_hit(peer, new_x, report["experts_before"]) if new_x is not None else None,
         }
         reports.append(report)
     return reports
+
+
+@torch.no_grad()
+def _nats(model, windows: Tensor, batch_size: int = 16) -> float:
+    """Summed NLL (nats) of ``model`` on token windows (n, T + 1), in eval mode."""
+    device = next(model.parameters()).device
+    total = 0.0
+    with _eval(model):
+        for chunk in windows.split(batch_size):
+            chunk = chunk.to(device)
+            logits, _ = model(chunk[:, :-1])
+            total += float(F.cross_entropy(logits.flatten(0, 1).float(), chunk[:, 1:].flatten(), reduction="sum"))
+    return total
+
+
+def growth_shock(
+    model,
+    grow: Callable[[], T],
+    old_windows: dict[str, Tensor],
+    bytes_per_token: dict[str, float] | None = None,
+) -> tuple[T, dict]:
+    """Run ``grow()`` — a growth of ``model`` in place — and measure its shock: the change of each old
+    slice's loss right after growth, before any training step (issue 16: function-preserving growth).
+
+    ``old_windows``: per old slice, held-out token windows (n, T + 1); ``bytes_per_token``: per slice,
+    its held-out bytes per token (default 1, the byte tokenizer). The model is scored on them in eval
+    mode before and after ``grow()`` — the same as comparing with an un-grown copy. Returns (what
+    ``grow()`` returned, shock): ``per_slice_bpb`` {slice: after − before, bits per byte; positive = worse},
+    ``max_bpb`` = max over slices of |change| (the target: ≤ 0.002), ``mean_bpb`` = mean change;
+    ``max_bpb`` and ``mean_bpb`` are None without old slices.
+    """
+    before = {name: _nats(model, w) for name, w in old_windows.items()}
+    out = grow()
+    per_slice = {}
+    for name, w in old_windows.items():
+        num_bytes = w[:, 1:].numel() * (bytes_per_token or {}).get(name, 1.0)
+        per_slice[name] = (_nats(model, w) - before[name]) / (max(num_bytes, 1e-9) * math.log(2))
+    changes = list(per_slice.values())
+    shock = {
+        "max_bpb": max((abs(c) for c in changes), default=None),
+        "mean_bpb": sum(changes) / len(changes) if changes else None,
+        "per_slice_bpb": per_slice,
+    }
+    return out, shock
 
 
 def retrieved_ids(layer: PEER, x: Tensor | None) -> Tensor:
@@ -575,21 +657,64 @@ def parse_policy(text: str | FreezePolicy) -> FreezePolicy:
     raise UserError(f"invalid freezing policy {text!r}; expected {POLICY_HELP}")
 
 
-def tfidf_scores(ledger: UsageLedger, layer: int, new_slice: str, old_slices: Sequence[str]) -> tuple[Tensor, Tensor]:
+def tfidf_scores(
+    ledger: UsageLedger,
+    layer: int,
+    new_slice: str,
+    old_slices: Sequence[str],
+    background: tuple[Tensor, int] | None = None,
+) -> tuple[Tensor, Tensor]:
     """(ids, scores) over the experts ``new_slice`` retrieved: Sparse Memory Finetuning's TF-IDF.
 
     tf = the expert's retrievals on the new slice / all its retrievals there; idf =
-    log((S + 1) / (df + 1)) with df the number of the S old slices that retrieved it (Lin et al.
-    2025 count background batches; our documents are the old slices). High: used by the new slice,
-    rarely by the old ones.
+    log((D + 1) / (df + 1)) with df the number of the D background documents that retrieved it.
+    ``background``: (df (N,) int, D) from ``document_frequency`` over the base model's data — Lin et
+    al. 2025's fixed background batches; without it the documents are the old slices (the earlier
+    behaviour). High: used by the new slice, rarely in the background.
     """
     new = ledger.get(new_slice, layer)
     tf = new.counts.double() / max(int(new.counts.sum()), 1)
-    df = torch.zeros(len(new.ids), dtype=torch.float64)
-    for name in old_slices:
-        df += torch.isin(new.ids, ledger.get(name, layer).ids).double()
-    idf = torch.log(torch.tensor(len(old_slices) + 1.0, dtype=torch.float64) / (df + 1))
+    if background is not None:
+        bg_df, docs = background
+        keep = new.ids < len(bg_df)
+        df = torch.zeros(len(new.ids), dtype=torch.float64)
+        df[keep] = bg_df[new.ids[keep]].double()
+    else:
+        docs = len(old_slices)
+        df = torch.zeros(len(new.ids), dtype=torch.float64)
+        for name in old_slices:
+            df += torch.isin(new.ids, ledger.get(name, layer).ids).double()
+    idf = torch.log(torch.tensor(docs + 1.0, dtype=torch.float64) / (df + 1))
     return new.ids, tf * idf
+
+
+def document_frequency(model, windows: Tensor, batch_size: int = 16) -> dict[int, tuple[Tensor, int]]:
+    """Per PEER-layer position: (df (N,) int64, D): in how many of the D token ``windows`` (D, T) each
+    expert was retrieved at least once — SMF's background statistics (Lin et al. 2025), in eval mode."""
+    layers = model.peer_layers()
+    df = {pos: torch.zeros(p.num_experts, dtype=torch.long) for pos, p in enumerate(layers)}
+    rows = [0]
+
+    def hook(pos: int):
+        def fn(module: PEER, args: tuple, output: Tensor) -> None:
+            ids = module.retrieve(args[0].reshape(-1, module.config.dim))[1].reshape(rows[0], -1).cpu()
+            seen = torch.zeros(rows[0], module.num_experts, dtype=torch.bool).scatter_(1, ids, True)
+            df[pos] += seen.sum(0)
+
+        return fn
+
+    handles = [layer.register_forward_hook(hook(pos)) for pos, layer in enumerate(layers)]
+    device = next(model.parameters()).device
+    try:
+        with _eval(model):
+            for start in range(0, len(windows), batch_size):
+                chunk = windows[start : start + batch_size]
+                rows[0] = len(chunk)
+                model(chunk.to(device))
+    finally:
+        for h in handles:
+            h.remove()
+    return {pos: (counts, len(windows)) for pos, counts in df.items()}
 
 
 def freeze_ids(
@@ -600,6 +725,7 @@ def freeze_ids(
     new_slice: str | None,
     old_slices: Sequence[str],
     existed_before: int,
+    background: tuple[Tensor, int] | None = None,
 ) -> Tensor:
     """The expert ids (ascending int64) ``policy`` freezes in one layer before training on ``new_slice``.
 
@@ -611,8 +737,8 @@ def freeze_ids(
       P% of the total (largest first, ties by id).
     * ``tfidf:T``: every old expert except the T with the highest ``tfidf_scores`` among those the
       new slice retrieved (ties: higher tf, then lower id) — only those are trained. Without
-      growth this is Sparse Memory Finetuning exactly. Needs the new slice's usage in the ledger
-      (recorded on its training data before the phase).
+      growth this is Sparse Memory Finetuning's selection. Needs the new slice's usage in the ledger
+      (recorded on its training data before the phase); ``background``: ``tfidf_scores``'.
     """
     p = parse_policy(policy)
     existed_before = min(existed_before, layer_obj.num_experts)
@@ -636,7 +762,7 @@ def freeze_ids(
         raise UserError(
             f"tfidf freezing needs the usage of the new slice {new_slice!r} on PEER layer {layer}; none recorded"
         )
-    ids, scores = tfidf_scores(ledger, layer, new_slice, old_slices)
+    ids, scores = tfidf_scores(ledger, layer, new_slice, old_slices, background)
     tf = ledger.get(new_slice, layer).counts.double()
     order = _ranked(ids, scores, tf)
     trained = ids[order[: int(p.value)]]
@@ -668,16 +794,19 @@ def freeze_model(
     old_slices: Sequence[str],
     existed_before: Sequence[int] | None = None,
     subkeys: bool = False,
+    background: dict[int, tuple[Tensor, int]] | None = None,
 ) -> list[dict]:
     """Apply ``policy`` to every PEER layer (``set_frozen``); one report per layer.
 
     ``existed_before``: N of each layer before this phase's growth (default: the current N).
+    ``background``: per layer, ``document_frequency`` of the base's data (``tfidf:T``'s idf).
     Reports: layer, policy, frozen, frozen_pct, frozen_subkeys_pct, trainable.
     """
     reports = []
     for pos, layer in enumerate(model.peer_layers()):
         before = layer.num_experts if existed_before is None else existed_before[pos]
-        ids = freeze_ids(policy, layer, ledger, pos, new_slice, old_slices, before)
+        bg = background.get(pos) if background else None
+        ids = freeze_ids(policy, layer, ledger, pos, new_slice, old_slices, before, bg)
         set_frozen(layer, ids, subkeys=subkeys)
         reports.append(frozen_report(pos, layer, str(parse_policy(policy))))
     return reports
@@ -755,7 +884,7 @@ def inspect_text(model, tokens: Tensor, layer: int | None = None) -> dict:
     def hook(pos: int):
         def fn(module: PEER, args: tuple, output: Tensor) -> None:
             scores, ids = module.retrieve(args[0].reshape(-1, module.config.dim))
-            seen[pos] = (ids, scores.softmax(dim=-1))
+            seen[pos] = (ids, module.gates(scores))
 
         return fn
 
@@ -1094,6 +1223,7 @@ def freeze_run(
 
 
 __all__ = [
+    "GROW_MODES",
     "ExpertIndex",
     "FreezePolicy",
     "GrowthRule",
@@ -1103,6 +1233,7 @@ __all__ = [
     "collect_usage",
     "coverage",
     "decide_growth",
+    "document_frequency",
     "expert_vectors",
     "freeze_ids",
     "freeze_model",
@@ -1110,6 +1241,7 @@ __all__ = [
     "frozen_report",
     "grow_model",
     "grow_run",
+    "growth_shock",
     "inspect_expert",
     "inspect_model",
     "inspect_run",

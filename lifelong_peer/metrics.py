@@ -125,6 +125,10 @@ class PhaseRecord:
     """parameters used per token (retrieved experts only)"""
     extra: dict = field(default_factory=dict)
     """further keys the trainer records; kept as they are"""
+    growth_shock_bpb: float | None = None
+    """max over old slices of |validation bits per byte right after this phase's growth − before it|,
+    before any step (``index.growth_shock``); None when nothing grew. Per slice (signed, positive =
+    worse) in ``extra["growth_shock_per_slice_bpb"]``"""
 
 
 @dataclass
@@ -163,7 +167,7 @@ class RunResults:
 
         phases = []
         for p in self.phases:
-            d = {k: getattr(p, k) for k in _PHASE_KEYS}
+            d = {k: getattr(p, k) for k in (*_PHASE_KEYS, "growth_shock_bpb")}
             phases.append({**p.extra, **d})
         return {
             **self.extra,
@@ -259,6 +263,7 @@ def _number(value, where: str) -> float:
 def _phase(data, where: str) -> PhaseRecord:
     d = _typed(data, dict, where)
     frozen = _number(_key(d, "frozen_fraction", where), f"{where}.frozen_fraction")
+    shock = f"{where}.growth_shock_bpb"
     if not 0.0 <= frozen <= 1.0:
         raise UserError(f"{where}.frozen_fraction: expected a fraction in [0, 1], got {frozen}")
     return PhaseRecord(
@@ -269,7 +274,8 @@ def _phase(data, where: str) -> PhaseRecord:
         frozen_fraction=frozen,
         params=_count(_key(d, "params", where), f"{where}.params"),
         active_params=_count(_key(d, "active_params", where), f"{where}.active_params"),
-        extra={k: v for k, v in d.items() if k not in _PHASE_KEYS},
+        extra={k: v for k, v in d.items() if k not in (*_PHASE_KEYS, "growth_shock_bpb")},
+        growth_shock_bpb=None if d.get("growth_shock_bpb") is None else _number(d["growth_shock_bpb"], shock),
     )
 
 
@@ -419,6 +425,7 @@ def summarize(results: RunResults, split: str = "test") -> dict:
     out["weighting"] = "final_avg_* weighted by held-out tokens (nll) / bytes (bpb); other averages are plain means"
     for key in ("num_experts", "frozen_fraction", "params", "active_params", "train_tokens", "wall_time_s"):
         out[key] = [getattr(p, key) for p in results.phases]
+    out["growth_shock_bpb"] = [p.growth_shock_bpb for p in results.phases]
     out["total_train_tokens"] = sum(out["train_tokens"])
     out["total_wall_time_s"] = sum(out["wall_time_s"])
     return _clean(out)

@@ -40,6 +40,8 @@ class ModelConfig:
     """PEER layer template (its dim is forced to the model's dim)."""
     peer_subkeys: list[int] | None = None
     """Current sub-keys per PEER block, in block order; follows growth. None: all at peer.num_subkeys."""
+    peer_generations: list[list[list[int]]] | None = None
+    """Grown generations per PEER block, in block order (``PEERConfig.generations``); follows growth. None: none."""
 
     def __post_init__(self) -> None:
         if isinstance(self.peer, dict):
@@ -62,6 +64,13 @@ class ModelConfig:
                 )
             for n in self.peer_subkeys:
                 dataclasses.replace(self.peer, num_subkeys=n)  # validates each size
+        if self.peer_generations is not None:
+            if len(self.peer_generations) != len(blocks):
+                raise ValueError(
+                    f"ModelConfig.peer_generations has {len(self.peer_generations)} entries for {len(blocks)} PEER blocks"
+                )
+            for pos in range(len(blocks)):
+                self.peer_config(pos)  # validates each layer's generations against its size
 
     def peer_block_indices(self) -> list[int]:
         spec = str(self.peer_blocks).strip().lower()
@@ -86,7 +95,8 @@ class ModelConfig:
     def peer_config(self, position: int) -> PEERConfig:
         """The PEERConfig of the ``position``-th PEER block (0-based among PEER blocks)."""
         n = self.peer.num_subkeys if self.peer_subkeys is None else self.peer_subkeys[position]
-        return dataclasses.replace(self.peer, num_subkeys=n)
+        gens = self.peer.generations if self.peer_generations is None else self.peer_generations[position]
+        return dataclasses.replace(self.peer, num_subkeys=n, generations=gens)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -203,6 +213,14 @@ class LanguageModel(nn.Module):
                 )
         new = {pos: layers[pos].grow(num_new, **kwargs) for pos in positions}
         self.config.peer_subkeys = [p.config.num_subkeys for p in layers]
+        if any(p.config.generations for p in layers):
+            self.config.peer_generations = [p.config.generations for p in layers]
+            gates = {p.config.generation_gate for p in layers if p.config.generations}
+            if len(gates) > 1:
+                raise ValueError(
+                    f"PEER layers of one model cannot gate their generations differently, got {sorted(gates)}"
+                )
+            self.config.peer = dataclasses.replace(self.config.peer, generation_gate=gates.pop())
         return new
 
     def num_params(self) -> int:

@@ -59,6 +59,7 @@ from . import peer_ops
 QueryNorm = Literal["batchnorm", "layernorm", "none"]
 Activation = Literal["gelu", "relu"]
 ExpertInit = Literal["zero", "random"]
+GenerationGate = Literal["own", "nested"]
 
 #: Largest pool a config may describe; beyond it a typo (10^12 experts) would try to allocate terabytes.
 MAX_EXPERTS = 1 << 34
@@ -91,6 +92,13 @@ class PEERConfig:
     """Expert non-linearity σ in e_i(x) = σ(u_i·x) v_i."""
     new_expert_init: ExpertInit = "zero"
     """Init of grown experts' v rows: zero (they add nothing until trained) or random (like the originals)."""
+    generations: list[list[int]] = field(default_factory=list)
+    """Grown generations with their own retrieval, [first sub-key, top-k] each (function-preserving growth,
+    issue 16); empty: one retrieval over the whole pool. Follows growth."""
+    generation_gate: GenerationGate = "own"
+    """Router weights of a grown generation: own (a softmax over its own top-k, total weight 1) or nested (its
+    share of a softmax over its and all earlier generations' retrieved scores: low where old experts score
+    higher). Generation 0 keeps its softmax either way."""
 
     def __post_init__(self) -> None:
         for name in ("dim", "num_subkeys", "heads", "topk", "dim_key"):
@@ -109,10 +117,34 @@ class PEERConfig:
         _check_choice("query_norm", self.query_norm, QueryNorm)
         _check_choice("activation", self.activation, Activation)
         _check_choice("new_expert_init", self.new_expert_init, ExpertInit)
+        _check_choice("generation_gate", self.generation_gate, GenerationGate)
+        self.generations = [list(g) for g in self.generations]  # own lists: growth appends to them
+        ends = [g[0] for g in self.generations[1:]] + [self.num_subkeys] if self.generations else []
+        previous = 0
+        for g, hi in zip(self.generations, ends, strict=True):
+            if not (len(g) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in g)):
+                raise ValueError(f"PEERConfig.generations entries must be [first sub-key, top-k], got {g!r}")
+            lo, k = g
+            if not previous < lo < hi:
+                raise ValueError(
+                    f"PEERConfig.generations must start at increasing sub-keys in (0, {self.num_subkeys}), "
+                    f"got {self.generations}"
+                )
+            if not 0 < k <= hi * hi - lo * lo:
+                raise ValueError(
+                    f"PEERConfig.generations: top-k {k} is not in [1, {hi * hi - lo * lo}] for sub-keys [{lo}, {hi})"
+                )
+            previous = lo
+        if self.generations and self.topk > self.generations[0][0]:
+            raise ValueError(f"PEERConfig.topk {self.topk} exceeds the {self.generations[0][0]} sub-keys before growth")
 
     @property
     def num_experts(self) -> int:
         return self.num_subkeys**2
+
+    def slots(self) -> list[int]:
+        """Experts retrieved per head by each generation: [topk, top-k of each grown generation]."""
+        return [self.topk, *(k for _, k in self.generations)]
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -216,13 +248,56 @@ class PEER(nn.Module):
         return q
 
     def _retrieve(self, q: Tensor) -> tuple[Tensor, Tensor]:
-        """Queries (T, h, dk) → (scores, ids), each (T, h, k), scores descending."""
+        """Queries (T, h, dk) → (scores, ids), each (T, h, S), S = Σ ``config.slots()``: each generation's
+        top-k (scores descending within it), generation 0 first."""
+        c = self.config
+        if not c.generations:
+            return self._retrieve_square(q, self.subkeys)
+        # generation 0: exactly the computation of the layer before its first such growth
+        parts = [self._retrieve_square(q, self.subkeys[: c.generations[0][0]])]
+        ends = [g[0] for g in c.generations[1:]] + [c.num_subkeys]
+        parts += [self._retrieve_generation(q, lo, hi, k) for (lo, k), hi in zip(c.generations, ends, strict=True)]
+        return torch.cat([p[0] for p in parts], -1), torch.cat([p[1] for p in parts], -1)
+
+    def gates(self, scores: Tensor) -> Tensor:
+        """Router weights (..., S) of retrieved ``scores`` (..., S): a softmax within each generation (Eq. 8)."""
+        c = self.config
+        parts = scores.split(c.slots(), dim=-1)
+        if len(parts) == 1 or c.generation_gate == "own":
+            return torch.cat([s.softmax(dim=-1) for s in parts], -1) if len(parts) > 1 else scores.softmax(dim=-1)
+        # nested: generation g's slots get exp(s) / Σ exp over generations 0..g — later ones never enter
+        # an earlier generation's weights, so growth leaves them exactly as they were
+        out, lse = [parts[0].softmax(dim=-1)], parts[0].logsumexp(dim=-1, keepdim=True)
+        for s in parts[1:]:
+            lse = torch.logaddexp(lse, s.logsumexp(dim=-1, keepdim=True))
+            out.append((s - lse).exp())
+        return torch.cat(out, -1)
+
+    def _retrieve_generation(self, q: Tensor, lo: int, hi: int, k: int) -> tuple[Tensor, Tensor]:
+        """Exact top-k over a grown generation, the experts (i, j) with lo ≤ max(i, j) < hi — ids
+        [lo², hi²) in shell order — as two product-key grids: rows [lo, hi) × columns [0, hi) and
+        rows [0, lo) × columns [lo, hi). (T, h, dk) → (scores, ids), each (T, h, k), descending.
+        Pure PyTorch on every ``impl`` (the sub-key sets are small; the experts' part is shared)."""
+        half = self.config.dim_key // 2
+        scores, rows, cols = [], [], []
+        for r0, r1, c0, c1 in ((lo, hi, 0, hi), (0, lo, lo, hi)):
+            v1, i1 = (q[..., :half] @ self.subkeys[r0:r1, 0].T).topk(min(k, r1 - r0), dim=-1)  # (T, h, k1)
+            v2, i2 = (q[..., half:] @ self.subkeys[c0:c1, 1].T).topk(min(k, c1 - c0), dim=-1)  # (T, h, k2)
+            grid = v1.unsqueeze(-1) + v2.unsqueeze(-2)  # (T, h, k1, k2): contains the grid's top-k (Eq. 5)
+            scores.append(grid.flatten(-2))
+            rows.append((i1 + r0).unsqueeze(-1).expand_as(grid).flatten(-2))
+            cols.append((i2 + c0).unsqueeze(-2).expand_as(grid).flatten(-2))
+        top, pick = torch.cat(scores, -1).topk(k, dim=-1)
+        return top, id_of(torch.cat(rows, -1).gather(-1, pick), torch.cat(cols, -1).gather(-1, pick))
+
+    def _retrieve_square(self, q: Tensor, subkeys: Tensor) -> tuple[Tensor, Tensor]:
+        """Queries (T, h, dk) → (scores, ids), each (T, h, k), scores descending, over the experts of ``subkeys``."""
         k, half = self.config.topk, self.config.dim_key // 2
         if self.impl != "naive":  # the same result from a pruned grid, with an O(k) backward
-            scores, i, j = peer_ops.product_key_topk(q, self.subkeys, k, native=self.impl == "native")
+            scores, i, j = peer_ops.product_key_topk(q, subkeys, k, native=self.impl == "native")
             return scores, id_of(i, j)
-        s1 = q[..., :half] @ self.subkeys[:, 0].T  # (T, h, n)
-        s2 = q[..., half:] @ self.subkeys[:, 1].T  # (T, h, n)
+        s1 = q[..., :half] @ subkeys[:, 0].T  # (T, h, n)
+        s2 = q[..., half:] @ subkeys[:, 1].T  # (T, h, n)
         v1, i1 = s1.topk(k, dim=-1)  # (T, h, k)
         v2, i2 = s2.topk(k, dim=-1)
         # Eq. 5: the exact top-k of all n² sums lies among the k × k sums of the halves' top-k
@@ -233,7 +308,8 @@ class PEER(nn.Module):
         return scores, id_of(i, j)
 
     def retrieve(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """x (..., dim) → (scores, ids), each (..., heads, topk); ids in [0, N), scores descending."""
+        """x (..., dim) → (scores, ids), each (..., heads, S) (S = topk without grown generations); ids in
+        [0, N), scores descending within each generation. Router weights: ``gates(scores)``."""
         lead = x.shape[:-1]
         scores, ids = self._retrieve(self.queries(x.reshape(-1, self.config.dim)))
         return scores.view(*lead, *scores.shape[1:]), ids.view(*lead, *ids.shape[1:])
@@ -259,18 +335,24 @@ class PEER(nn.Module):
         # The router in full precision, whatever autocast says (as Switch Transformer's, Fedus et al.
         # 2021 §2.4): bf16 sub-key scores pick a different expert in ~1 of 3 top-k slots (issue 9).
         with torch.autocast(x.device.type, enabled=False):
-            scores, ids = self._retrieve(self.queries(x2.to(self.query.weight.dtype)))  # (T, h, k)
-            gates = scores.softmax(dim=-1)  # (T, h, k)
-        flat = ids.view(x2.shape[0], c.heads * c.topk)  # (T, h·k)
-        if self.impl != "naive":
-            y = peer_ops.expert_mix(
-                x2, flat, gates.view(flat.shape), self.U, self.V, c.activation, self.sparse_grad, self.impl == "native"
-            )
-        else:
-            y = self._experts_naive(x2, flat, gates)
+            scores, ids = self._retrieve(self.queries(x2.to(self.query.weight.dtype)))  # (T, h, S)
+            gates = self.gates(scores)  # (T, h, S)
+        # one mix per generation, summed: generation 0's output is bit-identical to the layer's before
+        # its first function-preserving growth, and a generation born with v = 0 adds exactly zero
+        y = None
+        for g_ids, g_gates in zip(ids.split(c.slots(), -1), gates.split(c.slots(), -1), strict=True):
+            flat = g_ids.reshape(x2.shape[0], c.heads * g_ids.shape[-1])  # (T, h·k)
+            if self.impl != "naive":
+                native = self.impl == "native"
+                part = peer_ops.expert_mix(
+                    x2, flat, g_gates.reshape(flat.shape), self.U, self.V, c.activation, self.sparse_grad, native
+                )
+            else:
+                part = self._experts_naive(x2, flat, g_gates)
+            y = part if y is None else y + part
         y = y.view(*lead, c.dim)
         if return_retrieval:
-            shape = (*lead, c.heads, c.topk)
+            shape = (*lead, c.heads, scores.shape[-1])
             return y, Retrieval(scores.view(shape), ids.view(shape), gates.view(shape))
         return y
 
@@ -280,15 +362,30 @@ class PEER(nn.Module):
         u = F.embedding(flat, self.U, sparse=self.sparse_grad)  # (T, h·k, d)
         hidden = torch.einsum("thd,td->th", u, x2)  # (T, h·k): u_i · x
         act = F.gelu(hidden) if c.activation == "gelu" else F.relu(hidden)
-        weights = act * gates.view_as(act)  # (T, h·k)
+        weights = act * gates.reshape(act.shape)  # (T, h·k)
         # Σ over heads and slots of weight · v_i, without materialising (T, h·k, d) for V
         return F.embedding_bag(flat, self.V, per_sample_weights=weights, mode="sum", sparse=self.sparse_grad)
 
     # --- growth ----------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def grow(self, num_new: int, subkeys: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
+    def grow(
+        self,
+        num_new: int,
+        subkeys: Tensor | None = None,
+        generator: torch.Generator | None = None,
+        generation_topk: int | None = None,
+        generation_gate: GenerationGate | None = None,
+    ) -> Tensor:
         """Append ``num_new`` sub-keys to each half: N = n² → (n + num_new)². Returns the new ids.
+
+        ``generation_topk``: the new experts form a generation with its own retrieval of this top-k
+        (``config.generations``): the old experts' routing and gates stay exactly as they were, the new
+        ones are mixed in by their own softmax, and with v = 0 the layer computes exactly the same
+        function until they are trained (function-preserving growth, issue 16; LoRA/ReZero-style).
+        None: the new sub-keys join the last generation's retrieval, where new experts can enter old
+        tokens' top-k and push out trained experts. ``generation_gate``: ``config.generation_gate``, set
+        with the layer's first generation (one per layer).
 
         ``subkeys`` (num_new, 2, dim_key/2) places the new sub-keys (the index manager passes
         k-means centroids of poorly served queries). By default each new sub-key is drawn from a
@@ -307,6 +404,14 @@ class PEER(nn.Module):
         n_new = n_old + num_new
         if n_new**2 > MAX_EXPERTS:
             raise ValueError(f"growing to {n_new**2:,} experts exceeds the supported {MAX_EXPERTS:,}")
+        if generation_topk is not None and not 0 < generation_topk <= n_new**2 - N_old:
+            raise ValueError(f"grow(): generation_topk must lie in [1, {n_new**2 - N_old}], got {generation_topk!r}")
+        if generation_gate is not None:
+            _check_choice("generation_gate", generation_gate, GenerationGate)
+            if c.generations and generation_gate != c.generation_gate:
+                raise ValueError(
+                    f"grow(): this layer's generations are gated {c.generation_gate!r}; cannot add one gated {generation_gate!r}"
+                )
         old = self.subkeys.data
         if subkeys is None:
             mean = old.mean(0, keepdim=True)
@@ -333,6 +438,9 @@ class PEER(nn.Module):
         self.frozen = torch.cat([self.frozen, self.frozen.new_zeros(N_new - N_old)])
         self.frozen_subkeys = torch.cat([self.frozen_subkeys, self.frozen_subkeys.new_zeros(num_new, 2)])
         c.num_subkeys = n_new
+        if generation_topk is not None:
+            c.generations = [*c.generations, [n_old, int(generation_topk)]]
+            c.generation_gate = generation_gate or c.generation_gate
         return torch.arange(N_old, N_new, device=old.device)
 
     # --- freezing ----------------------------------------------------------------------------------
@@ -376,6 +484,7 @@ class PEER(nn.Module):
         return (
             f"dim={c.dim}, experts={c.num_experts:,} ({c.num_subkeys}²), heads={c.heads}, topk={c.topk}, "
             f"dim_key={c.dim_key}, frozen={int(self.frozen.sum())}"
+            + (f", generations={c.generations}" if c.generations else "")
         )
 
 
@@ -418,9 +527,10 @@ def _normal_(out: Tensor, std: float, generator: torch.Generator | None) -> Tens
 
 
 def active_params_per_token(config: PEERConfig) -> int:
-    """Parameters a token touches: query net, all sub-keys (scored) and h·k experts (u and v)."""
+    """Parameters a token touches: query net, all sub-keys (scored) and h·S experts (u and v), S the
+    experts a head retrieves over all generations (``PEERConfig.slots``)."""
     c = config
-    return c.dim * c.heads * c.dim_key + c.num_subkeys * c.dim_key + 2 * c.heads * c.topk * c.dim
+    return c.dim * c.heads * c.dim_key + c.num_subkeys * c.dim_key + 2 * c.heads * sum(c.slots()) * c.dim
 
 
 __all__ = [

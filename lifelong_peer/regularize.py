@@ -23,6 +23,15 @@ def shared_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     }
 
 
+def freeze_norm_statistics(model: nn.Module) -> None:
+    """Put every BatchNorm of ``model`` in eval mode: it normalises with, and no longer updates, its running
+    statistics. Frozen shared weights need this (``train_shared=False``): in training mode the PEER query
+    BatchNorm re-estimates them on the new slice, which re-routes old tokens although no weight moved."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
 def snapshot(model: nn.Module) -> dict[str, Tensor]:
     """A detached copy of the shared weights: the anchor of L2-SP and EWC."""
     return {name: p.detach().clone() for name, p in shared_parameters(model).items()}

@@ -21,9 +21,19 @@ STRATEGIES: dict[str, dict] = {
     # Fisher is of batch-mean gradients, tiny per weight, so the weight is large: 3e5 had the best
     # final average on the SOTU validation splits among 1e3…1e7 (seed 0; 100 did nothing, RESULTS.md)
     "ewc": {"ewc": 3e5},
-    # sparse memory finetuning (Lin et al. 2025): fixed pool, only the experts ranked highest by
-    # TF-IDF of the new slice's usage train; the rest of the pool is frozen
-    "smf": {"freeze": "tfidf:256"},
+    # sparse memory finetuning (Lin et al. 2025): fixed pool, only the tables (u, v) of the experts
+    # ranked highest by TF-IDF of the new slice's usage against the base's data train, at a high rate;
+    # everything else — shared weights, query nets and their BatchNorm statistics, sub-keys, all other
+    # expert rows — is frozen
+    "smf": {
+        "freeze": "tfidf:256",
+        "train_shared": False,
+        "train_subkeys": False,
+        "tfidf_background": "base",
+        "expert_lr": 1e-2,
+    },
+    # the earlier smf: the same selection against the old slices, but every shared weight trains too
+    "smf-shared": {"freeze": "tfidf:256", "tfidf_background": "old"},
     # the same transformer with dense FFNs, naive fine-tuning: the baseline a user would pick
     "dense": {"model": {"peer_blocks": "none"}},
     # one model trained on all slices' train data at once, for reference (not continual)

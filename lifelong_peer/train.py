@@ -65,7 +65,7 @@ class TrainConfig:
     """How a run trains. Strategy presets set some of these; every field can be overridden."""
 
     strategy: str = "naive"
-    """Preset this config started from: naive, lifelong, replay, ewc, smf, dense, joint."""
+    """Preset this config started from: naive, lifelong, replay, ewc, smf, smf-shared, dense, joint."""
     steps: int = 150
     """Optimizer steps per phase (ignored when `tokens` is set)."""
     tokens: int | None = None
@@ -91,12 +91,28 @@ class TrainConfig:
     """Global gradient-norm clip (0: off)."""
     grow: str = "none"
     """Growth before each phase: none, K (sub-keys per half), or auto (decided by the index manager)."""
+    grow_mode: str = "exact"
+    """How growth adds experts: exact (a new generation with its own retrieval and v = 0: the function is
+    unchanged, old routing untouched; each generation adds grow_topk experts per head), safe (new sub-keys
+    join the shared retrieval, shortened to enter no sampled old retrieval: near-unchanged), budget (the
+    earlier behaviour: shortened to enter at most 5% of old retrievals)."""
+    grow_topk: int = 0
+    """Experts per head each grown generation retrieves in grow_mode exact (0: the layer's topk)."""
+    grow_gate: str = "own"
+    """Router weights of grown generations in grow_mode exact: own (a softmax of their own) or nested (their
+    share of a softmax over them and all earlier generations); fixed by a model's first such growth."""
     freeze: str = "none"
     """Freezing policy applied before each phase: none, all-old, usage:P, tfidf:T."""
     freeze_subkeys: bool = False
     """Also freeze the sub-keys of frozen experts (keeps their keys, so their scores, fixed)."""
     train_shared: bool = True
-    """Train the shared dense weights (attention, FFNs, embeddings, query nets); False trains experts only."""
+    """Train the shared dense weights (attention, FFNs, embeddings, query nets); False trains experts only
+    and also keeps normalisation statistics (the query BatchNorms' running means) fixed."""
+    train_subkeys: bool = True
+    """Train the PEER sub-keys (False: all frozen, so every expert's key and score stays put; SMF)."""
+    tfidf_background: str = "base"
+    """Background of tfidf:T's idf: base (windows of the base model's data — the first slice's train split
+    with base_data first, every slice's with mix — as SMF's background batches) or old (the old slices)."""
     l2sp: float = 0.0
     """Weight of L2-SP: ½λ‖θ − θ_prev‖² on shared weights, anchored at the previous phase's end."""
     ewc: float = 0.0
@@ -151,6 +167,16 @@ class TrainConfig:
         from .index import parse_policy
 
         parse_policy(self.freeze)  # a bad policy is refused before any work, not at the first phase
+        from .index import GROW_MODES
+
+        if self.grow_mode not in GROW_MODES:
+            raise UserError(f"grow_mode must be one of {', '.join(GROW_MODES)}, got {self.grow_mode!r}")
+        if self.tfidf_background not in ("base", "old"):
+            raise UserError(f"tfidf_background must be base or old, got {self.tfidf_background!r}")
+        if self.grow_gate not in ("own", "nested"):
+            raise UserError(f"grow_gate must be own or nested, got {self.grow_gate!r}")
+        if self.grow_topk < 0:
+            raise UserError(f"grow_topk must be ≥ 0, got {self.grow_topk}")
         if self.base_data not in ("mix", "first"):
             raise UserError(f"base_data must be mix or first, got {self.base_data!r}")
         if self.expert_moments not in MOMENTS:
@@ -363,6 +389,7 @@ class Run:
         from .index import UsageLedger
 
         self.ledger = UsageLedger()
+        self.growth_shock: dict | None = None  # this phase's (``index.growth_shock``), for its PhaseRecord
 
     # files ------------------------------------------------------------------------------------
     @property
@@ -436,6 +463,7 @@ class Run:
             "step": step,
             "completed_phases": completed,
             "ledger": ledger_meta,
+            "growth_shock": self.growth_shock if step is not None else None,  # a mid-phase resume keeps it
         }
         path = self.checkpoints / name
         save_tensors(path, tensors, meta)
@@ -500,6 +528,7 @@ class Run:
         self.model = model.to(self.device)
         self.fisher = {k: v.to(self.device) for k, v in fisher.items()}
         self.ledger = ledger
+        self.growth_shock = meta.get("growth_shock") if isinstance(meta.get("growth_shock"), dict) else None
         return {"tensors": tensors, "meta": meta}
 
     def load_latest(self) -> dict:
@@ -866,6 +895,7 @@ def run_phases(run: Run, phases: list[int] | None = None, progress: Progress | N
         if tc.ewc > 0:
             update_fisher(run, phase)
         results.add_phase(_phase_record(run, slice_name, tokens, time.time() - started), rows)
+        run.growth_shock = None
         run.save_checkpoint(phase, None, None, completed=phase + 1)
         if distributed.is_main():
             save_results(run.dir, results)
@@ -879,7 +909,7 @@ def run_phases(run: Run, phases: list[int] | None = None, progress: Progress | N
 def grow_and_freeze(run: Run, phase: int, emit: Progress) -> None:
     """Between phases: grow the pool (not before the very first training of a fresh model), then
     make the frozen set what the policy says for this phase (recomputed from scratch)."""
-    from .index import UsageLedger, collect_usage, freeze_model, grow_model
+    from .index import UsageLedger, collect_usage, document_frequency, freeze_model, grow_model, growth_shock
 
     tc, model = run.config.train, run.model
     layers = model.peer_layers()
@@ -902,15 +932,54 @@ def grow_and_freeze(run: Run, phase: int, emit: Progress) -> None:
             old_windows = old_windows[:, :-1]
             old_inputs = collect_usage(model, old_windows, None, sample_inputs=4096, generator=gen)["inputs"]
         k = "auto" if tc.grow == "auto" else int(tc.grow)
-        reports = grow_model(model, k, new_inputs=new_inputs, old_inputs=old_inputs, seed=_seed(tc.seed, phase, -1))
-        emit({"event": "grow", "phase": phase, "layers": reports})
+        seed = _seed(tc.seed, phase, -1)
+        # the shock of this growth on every old slice's validation loss (issue 16), on the evaluation's windows
+        old_eval = {s: run.windows(s, "validation", tc.eval_tokens) for s in old_slices}
+        per_token = {
+            s: run.slice_data(s).num_bytes("validation") / len(run.slice_data(s).tokens("validation"))
+            for s in old_slices
+        }
+        reports, run.growth_shock = growth_shock(
+            model,
+            lambda: grow_model(
+                model,
+                k,
+                new_inputs,
+                old_inputs,
+                seed=seed,
+                mode=tc.grow_mode,
+                generation_topk=tc.grow_topk or None,
+                generation_gate=tc.grow_gate,
+            ),
+            old_eval,
+            per_token,
+        )
+        emit({"event": "grow", "phase": phase, "layers": reports, "growth_shock": run.growth_shock})
     if tc.freeze != "none":
         ledger = UsageLedger()
         ledger.merge(run.ledger)
+        background = None
         if tc.freeze.startswith("tfidf"):  # SMF ranks by the new slice's usage, measured before training on it
             collect_usage(model, new_windows, ledger, new_slice)
-        reports = freeze_model(model, tc.freeze, ledger, new_slice, old_slices, existed, subkeys=tc.freeze_subkeys)
+            if tc.tfidf_background == "base":
+                background = document_frequency(model, base_windows(run))
+        reports = freeze_model(
+            model, tc.freeze, ledger, new_slice, old_slices, existed, tc.freeze_subkeys, background=background
+        )
         emit({"event": "freeze", "phase": phase, "layers": reports})
+
+
+def base_slices(run: Run) -> list[str]:
+    """The slices the base model was trained on, as ``base_data`` says: the first (first) or all (mix)."""
+    return run.config.slices[:1] if run.config.train.base_data == "first" else list(run.config.slices)
+
+
+def base_windows(run: Run) -> torch.Tensor:
+    """SMF's background documents (Lin et al. 2025: fixed batches of pretraining data): 4 × usage_tokens
+    of the base's training data (``base_slices``, train split), evenly spaced (n, context) windows."""
+    names = base_slices(run)
+    tokens = 4 * run.config.train.usage_tokens // len(names)
+    return torch.cat([run.windows(name, "train", tokens)[:, :-1] for name in names])
 
 
 def train_phase(run: Run, phase: int, slice_name: str, start_step: int, opt_state, emit: Progress) -> int:
@@ -920,6 +989,8 @@ def train_phase(run: Run, phase: int, slice_name: str, start_step: int, opt_stat
     steps = _phase_steps(tc, context)
     for p in regularize.shared_parameters(model).values():
         p.requires_grad_(tc.train_shared)
+    for layer in model.peer_layers():
+        layer.subkeys.requires_grad_(tc.train_subkeys)
     opt = build_optimizer(
         model,
         lr=tc.lr,
@@ -935,6 +1006,8 @@ def train_phase(run: Run, phase: int, slice_name: str, start_step: int, opt_stat
     pools, replay_pools = _pools(run, phase)
     emit({"event": "phase_start", "phase": phase, "slice": slice_name, "steps": steps, "start": start_step})
     model.train()
+    if not tc.train_shared:  # frozen shared weights: their normalisation statistics stay put too
+        regularize.freeze_norm_statistics(model)
     # the module to call: DDP for the dense weights (+ BatchNorm over the global batch) when distributed
     replica = distributed.data_parallel(model)
     with _interrupt_at_step_boundary() as interrupted:
@@ -1095,6 +1168,8 @@ def _phase_record(run: Run, slice_name: str, tokens: int, wall: float) -> PhaseR
         frozen_fraction=frozen / experts if experts else 0.0,
         params=run.model.num_params(),
         active_params=run.model.active_params_per_token(),
+        growth_shock_bpb=run.growth_shock["max_bpb"] if run.growth_shock else None,
+        extra={"growth_shock_per_slice_bpb": run.growth_shock["per_slice_bpb"]} if run.growth_shock else {},
     )
 
 
