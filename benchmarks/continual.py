@@ -170,12 +170,12 @@ def main() -> None:
         print(json.dumps(rows, indent=1))
         return
     out = RESULTS / f"continual16-{args.stream}-results.json"
+    entries = plan(args.strategies.split(","), args.seeds, args)
+    if args.reuse:
+        reuse(Path(args.reuse), out, entries, args.base)
     if not args.table:
         plan_file = out.with_name(out.name.replace("-results", "-plan"))
-        entries = plan(args.strategies.split(","), args.seeds, args)
         plan_file.write_text(json.dumps(entries, indent=1))
-        if args.reuse:
-            reuse(Path(args.reuse), out, entries, args.base)
         started = time.time()
         command = [sys.executable, str(ROOT / "benchmarks/sweep.py"), "--plan", str(plan_file), "--out", str(out)]
         command += ["--base", args.base, "--work", args.work]
