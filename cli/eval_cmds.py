@@ -52,12 +52,14 @@ def _render_eval(s: dict) -> None:
     for key, meaning in (
         ("final_avg", "after the last phase, over trained slices, weighted by held-out size"),
         ("final_avg_unweighted", "the same, plain mean over slices"),
+        ("base_avg", "the base model before phase 0, averaged like final_avg"),
+        ("gain", "base_avg − final_avg; > 0 = the phases lowered the loss"),
         ("avg_forgetting", "mean over earlier slices of final − best; > 0 = forgot"),
         ("bwt", "mean of (just trained − final); < 0 = forgot"),
         ("fwt", "mean of (base − before training on it); > 0 = earlier phases helped"),
         ("newest", "newest trained slice after the last phase"),
     ):
-        signed = "{:+.4f}" if key in ("avg_forgetting", "bwt", "fwt") else "{:.4f}"
+        signed = "{:+.4f}" if key in ("avg_forgetting", "bwt", "fwt", "gain") else "{:.4f}"
         metrics.add_row(key, _num(s[f"{key}_bpb"], signed), _num(s[f"{key}_nll"], signed), meaning)
     stdout.print(metrics)
 

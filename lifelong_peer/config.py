@@ -93,8 +93,9 @@ class TrainConfig:
     """Draw every batch from all slices at once (the non-continual reference)."""
     base_steps: int = 0
     """Train a base model for this many steps before phase 0 (when no --base checkpoint is given)."""
-    base_data: str = "mix"
-    """Data of the base phase: mix (all slices' train splits) or first (the first slice)."""
+    base_data: str = "first"
+    """Data of the base phase: first (the first slice only, so later slices are new to the base and
+    there is something to learn) or mix (all slices' train splits)."""
     base_lr: float = 3e-3
     """Peak learning rate of the base phase."""
     eval_tokens: int = 16384

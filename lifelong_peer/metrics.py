@@ -13,7 +13,10 @@ finished phase (0-based; a partial run has T + 1 < len(slices) phases):
 - BWT (Lopez-Paz & Ranzato 2017, flipped): mean_{j<T} (L[j][j] − L[T][j]); negative = forgot;
 - FWT: mean_{1≤j≤T} (B[j] − L[j−1][j]), where B is the model before phase 0 (the base model,
   not a random init — issue 6); positive = earlier phases helped on slices not yet trained on;
-- plasticity: the diagonal L[j][j]; newest: L[T][T].
+- plasticity: the diagonal L[j][j]; newest: L[T][T];
+- base average: the base model's loss B averaged like the final average (same slices j ≤ T, same
+  weights); gain = base average − final average: what the phases bought (issue 16: a strategy that
+  barely moves shows little forgetting; its gain shows it learned little too).
 
 Forgetting, BWT and FWT are plain means over slices, as in the papers; they are ``None`` when
 undefined (one phase: nothing to forget yet).
@@ -51,6 +54,8 @@ DEFINITIONS = {
     "(reference: the base model, not a random init)",
     "plasticity": "the diagonal L[j][j]: loss on a slice right after training on it",
     "newest": "L[T][T]: loss on the newest trained slice after the last phase",
+    "base_avg": "the base model's loss (before phase 0) averaged like final_avg: seen slices j ≤ T, same weights",
+    "gain": "base_avg − final_avg: how much lower the loss ends than the untouched base; > 0 = learned",
 }
 
 
@@ -373,8 +378,9 @@ def matrix_metrics(matrix: np.ndarray, before: np.ndarray, weights: np.ndarray) 
     matrix: (P, S) loss after phase i on slice j, 0 ≤ P ≤ S; before: (S,) the base model's loss;
     weights: (S,) held-out sizes. NaN marks a slice without held-out data: averages leave it out.
     Returns final_avg, final_avg_unweighted, forgetting (list over j < T), avg_forgetting, bwt,
-    fwt, plasticity (list over j ≤ T), newest; averages are None where nothing is defined (e.g.
-    forgetting, BWT and FWT after a single phase).
+    fwt, plasticity (list over j ≤ T), newest, base_avg (the base's loss averaged like final_avg)
+    and gain (base_avg − final_avg); averages are None where nothing is defined (e.g. forgetting,
+    BWT and FWT after a single phase; every average before any phase).
     """
     before = np.asarray(before, dtype=float)
     L = np.asarray(matrix, dtype=float).reshape(-1, before.shape[0])
@@ -384,8 +390,12 @@ def matrix_metrics(matrix: np.ndarray, before: np.ndarray, weights: np.ndarray) 
     diagonal = L[np.arange(P), np.arange(P)]
     forgetting = forgetting_table(L)[T, :T] if P else np.zeros(0)
     previous = L[np.arange(T), np.arange(1, P)] if P else np.zeros(0)  # L[j−1][j] for 1 ≤ j ≤ T
+    final_avg = _mean(final, np.asarray(weights)[:P])
+    base_avg = _mean(before[:P], np.asarray(weights)[:P])
     return {
-        "final_avg": _mean(final, np.asarray(weights)[:P]),
+        "final_avg": final_avg,
+        "base_avg": base_avg,
+        "gain": base_avg - final_avg if base_avg is not None and final_avg is not None else None,
         "final_avg_unweighted": _mean(final),
         "forgetting": forgetting.tolist(),
         "avg_forgetting": _mean(forgetting),

@@ -20,6 +20,8 @@ COLUMNS = (
     ("run", "run", "{}"),
     ("strategy", "strategy", "{}"),
     ("final_avg_bpb", "final avg", "{:.4f}"),
+    ("gain_bpb", "gain", "{:+.4f}"),
+    ("share_of_joint", "share of joint's gain", "{:.0%}"),
     ("newest_bpb", "newest", "{:.4f}"),
     ("avg_forgetting_bpb", "forgetting", "{:+.4f}"),
     ("bwt_bpb", "BWT", "{:+.4f}"),
@@ -32,10 +34,34 @@ COLUMNS = (
     ("wall_time_s", "wall s", "{:.1f}"),
 )
 #: the quality metrics (the rest of COLUMNS is the model's size and the cost)
-QUALITY = ("run", "strategy", "final_avg_bpb", "newest_bpb", "avg_forgetting_bpb", "bwt_bpb", "fwt_bpb")
+QUALITY = (
+    "run",
+    "strategy",
+    "final_avg_bpb",
+    "gain_bpb",
+    "share_of_joint",
+    "newest_bpb",
+    "avg_forgetting_bpb",
+    "bwt_bpb",
+    "fwt_bpb",
+)
 COST = ("run", "phases_done", "num_experts", "params", "active_params", "train_tokens", "wall_time_s")
 #: the numeric columns averaged over the runs of one strategy (seeds)
-AGGREGATED = ("final_avg_bpb", "newest_bpb", "avg_forgetting_bpb", "bwt_bpb", "fwt_bpb", "train_tokens", "wall_time_s")
+AGGREGATED = (
+    "final_avg_bpb",
+    "gain_bpb",
+    "share_of_joint",
+    "newest_bpb",
+    "avg_forgetting_bpb",
+    "bwt_bpb",
+    "fwt_bpb",
+    "train_tokens",
+    "wall_time_s",
+)
+#: the strategy whose gain over the base is the reference of ``share_of_joint`` (not continual)
+REFERENCE = "joint"
+#: the strategy name of the frozen base's row ("no training"), one per distinct base
+BASE = "base"
 
 
 def find_run_dir(run: str, workspace: str | Path | None = None) -> Path:
@@ -74,7 +100,18 @@ def evaluate_run(run: str, split: str = "test", workspace: str | Path | None = N
 
 def run_row(summary: dict) -> dict:
     """One run's line in the comparison: its final metrics and the model after its last phase."""
-    keys = ("run", "strategy", "phases_done", "final_avg_bpb", "newest_bpb", "avg_forgetting_bpb", "bwt_bpb", "fwt_bpb")
+    keys = (
+        "run",
+        "strategy",
+        "phases_done",
+        "final_avg_bpb",
+        "base_avg_bpb",
+        "gain_bpb",
+        "newest_bpb",
+        "avg_forgetting_bpb",
+        "bwt_bpb",
+        "fwt_bpb",
+    )
     row = {key: summary[key] for key in keys}
     last = {key: (summary[key][-1] if summary[key] else None) for key in ("num_experts", "params", "active_params")}
     return (
@@ -83,6 +120,9 @@ def run_row(summary: dict) -> dict:
         | {
             "complete": summary["complete"],
             "final_avg_nll": summary["final_avg_nll"],
+            "base_avg_nll": summary["base_avg_nll"],
+            "gain_nll": summary["gain_nll"],
+            "share_of_joint": None,  # set by compare_runs when a joint run is compared
             "avg_forgetting_nll": summary["avg_forgetting_nll"],
             "train_tokens": summary["total_train_tokens"],
             "wall_time_s": summary["total_wall_time_s"],
@@ -107,9 +147,36 @@ def aggregate(rows: list[dict]) -> list[dict]:
     return out
 
 
+def base_row(summary: dict, name: str) -> dict:
+    """The frozen base as a run of its own ("no training"): its loss averaged like a final average
+    over the slices ``summary``'s run has seen; gain 0 by definition, no forgetting, no tokens."""
+    seen = summary["phases_done"]
+    row = {key: None for key in run_row(summary)} | {"run": name, "strategy": BASE, "phases_done": 0}
+    row |= {"complete": True, "train_tokens": 0, "wall_time_s": 0.0, "gain_bpb": 0.0, "gain_nll": 0.0}
+    row |= {"num_experts": summary["num_experts"][0] if seen else None}
+    for unit in ("bpb", "nll"):
+        row[f"final_avg_{unit}"] = row[f"base_avg_{unit}"] = summary[f"base_avg_{unit}"]
+    row["newest_bpb"] = summary["before_bpb"][seen - 1] if seen else None
+    return row
+
+
+def share_of_joint(rows: list[dict]) -> float | None:
+    """Fill each row's ``share_of_joint`` = its gain / the mean gain of the ``joint`` runs (bits per
+    byte), when joint runs are among them and gained; returns that reference gain (or None)."""
+    gains = [r["gain_bpb"] for r in rows if r["strategy"] == REFERENCE and r["gain_bpb"] is not None]
+    reference = sum(gains) / len(gains) if gains else None
+    if reference is None or reference <= 0:
+        return None
+    for r in rows:
+        r["share_of_joint"] = r["gain_bpb"] / reference if r["gain_bpb"] is not None else None
+    return reference
+
+
 def compare_runs(runs: list[RunResults], split: str = "test") -> dict:
     """Runs side by side on one split: one row per run and mean ± std per strategy.
 
+    The frozen base comes first ("base", no training: one row per distinct starting model), and,
+    when ``joint`` runs are compared, every row gets its share of joint's mean gain over the base.
     All runs must share the same slices (a comparison across different streams means nothing).
     """
     if not runs:
@@ -118,8 +185,21 @@ def compare_runs(runs: list[RunResults], split: str = "test") -> dict:
     for r in runs[1:]:
         if r.slices != slices:
             raise UserError(f"runs {runs[0].run!r} and {r.run!r} have different slices ({slices} vs {r.slices})")
-    rows = [run_row(summarize(r, split)) for r in runs]
-    return {"split": split, "slices": list(slices), "runs": rows, "strategies": aggregate(rows)}
+    summaries = [summarize(r, split) for r in runs]
+    bases: dict[tuple, dict] = {}  # one row per starting model, told apart by its losses
+    for s in summaries:
+        key = tuple(s["before_bpb"])
+        if s["phases_done"] and key not in bases:
+            bases[key] = base_row(s, BASE if not bases else f"{BASE}-{len(bases) + 1}")
+    rows = [*bases.values(), *(run_row(s) for s in summaries)]
+    reference = share_of_joint(rows)
+    return {
+        "split": split,
+        "slices": list(slices),
+        "joint_gain_bpb": reference,
+        "runs": rows,
+        "strategies": aggregate(rows),
+    }
 
 
 def _cell(value, fmt: str) -> str:
@@ -175,7 +255,9 @@ def write_report(out_dir: str | Path, comparison: dict, runs: list[RunResults] |
     atomic_write_json(paths["json"], comparison)
     atomic_write_text(paths["markdown"], markdown(comparison))
     plots.forgetting_scatter(
-        paths["plot"], comparison["runs"], f"forgetting vs newest slice ({comparison['split']} split)"
+        paths["plot"],
+        [r for r in comparison["runs"] if r["strategy"] != BASE],
+        f"forgetting vs newest slice ({comparison['split']} split)",
     )
     if runs:
         split = comparison["split"]

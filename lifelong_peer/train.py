@@ -360,6 +360,14 @@ def _start_model(run: Run, emit: Progress) -> None:
         run.model = LanguageModel(copy.deepcopy(cfg.model)).to(run.device)
         if tc.base_steps:
             train_base(run, emit)
+        else:  # issue 16: from scratch every slice improves every phase and "forgetting" means nothing
+            import warnings
+
+            warnings.warn(
+                f"run {cfg.run!r} starts from a random init (no --base, no --base-steps): forgetting measured "
+                "from scratch is meaningless; give --base CHECKPOINT or --base-steps N",
+                stacklevel=2,
+            )
     run.checkpoints.mkdir(parents=True, exist_ok=True)
     if distributed.is_main():
         save_run_model(run.model, run.checkpoints / "base.safetensors")

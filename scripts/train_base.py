@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from lifelong_peer.run import new_run
-from lifelong_peer.streams import ingest_default
+from lifelong_peer.streams import ingest, ingest_default
 from lifelong_peer.train import run_phases
 from lifelong_peer.workspace import Workspace
 
@@ -27,19 +27,36 @@ DEFAULT_MODEL = {"peer_blocks": "all", "peer": {"num_subkeys": 32, "heads": 4, "
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--steps", type=int, default=800)
+    parser.add_argument(
+        "--base-data",
+        choices=("first", "mix"),
+        default="first",
+        help="first: the first era's training split only (headroom for the later eras, issue 16); mix: all eras",
+    )
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(Path(__file__).parents[1] / "lifelong_peer/assets/sotu-base.safetensors"))
+    parser.add_argument("--source", default=None, help="another stream: a file `lpeer ingest` reads (default: SOTU)")
+    parser.add_argument("--slice", default=None, help="with --source: its slicing (e.g. eras:2019,2021)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         ws = Workspace.init(Path(tmp) / "ws")
-        ingest_default(ws, "sotu")
+        if args.source:
+            ingest(ws, args.source, "stream", slice=args.slice)
+        else:
+            ingest_default(ws, "stream")
         run = new_run(
             ws,
-            "sotu",
+            "stream",
             "naive",
-            {"base_steps": args.steps, "base_lr": args.lr, "seed": args.seed, "eval_tokens": 8192},
+            {
+                "base_steps": args.steps,
+                "base_data": args.base_data,
+                "base_lr": args.lr,
+                "seed": args.seed,
+                "eval_tokens": 8192,
+            },
             DEFAULT_MODEL,
             run_id="base",
         )

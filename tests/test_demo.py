@@ -32,7 +32,7 @@ def test_demo_cli_runs_both_strategies_and_writes_heatmaps(tmp_path):
     )
     assert result.exit_code == 0, result.output
     comparison = json.loads(result.stdout)
-    assert [r["strategy"] for r in comparison["runs"]] == ["naive", "lifelong"]
+    assert [r["strategy"] for r in comparison["runs"]] == ["base", "naive", "lifelong"]  # the frozen base first
     assert len(comparison["slices"]) == 6
     for path in comparison["files"]["heatmaps"]:
         with open(path, "rb") as f:

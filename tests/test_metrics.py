@@ -43,8 +43,12 @@ def reference(L, before, w):
     F = [L[T][j] - min(L[k][j] for k in range(j, T)) for j in range(T)]
     bwt = [L[j][j] - L[T][j] for j in range(T)]
     fwt = [before[j] - L[j - 1][j] for j in range(1, T + 1)]
+    final_avg = sum(w[j] * L[T][j] for j in range(T + 1)) / sum(w[: T + 1])
+    base_avg = sum(w[j] * before[j] for j in range(T + 1)) / sum(w[: T + 1])
     return {
-        "final_avg": sum(w[j] * L[T][j] for j in range(T + 1)) / sum(w[: T + 1]),
+        "final_avg": final_avg,
+        "base_avg": base_avg,
+        "gain": base_avg - final_avg,
         "final_avg_unweighted": sum(L[T][: T + 1]) / (T + 1),
         "forgetting": F,
         "avg_forgetting": sum(F) / T if T else None,
@@ -68,6 +72,7 @@ def test_hand_computed_full_run():
     m = matrix_metrics(np.array(L), np.array(BEFORE), np.array(WEIGHTS))
     assert m["forgetting"] == pytest.approx([1.3 - 0.8, 1.4 - 1.2])  # positive = forgot
     assert m["avg_forgetting"] == pytest.approx(0.35)
+    assert m["base_avg"] == pytest.approx(4.0) and m["gain"] == pytest.approx(4.0 - (1.3 + 1.4 + 2 * 1.1) / 4)
     assert m["bwt"] == pytest.approx(((1.0 - 1.3) + (1.2 - 1.4)) / 2)  # -0.25: negative = forgot
     assert m["fwt"] == pytest.approx(((4.0 - 2.0) + (4.0 - 2.5)) / 2)  # 1.75: earlier phases helped
     assert m["final_avg"] == pytest.approx((1.3 + 1.4 + 2 * 1.1) / 4)  # weighted by held-out size

@@ -42,19 +42,21 @@ def runs(tmp_path):
 
 def test_compare_two_runs(runs):
     c = compare_runs([fabricate("a", "naive", NAIVE), fabricate("b", "lifelong", LIFELONG)])
-    a, b = c["runs"]
+    base, a, b = c["runs"]
+    assert base["strategy"] == "base" and base["final_avg_bpb"] == 8.0 and base["avg_forgetting_bpb"] is None
     assert (a["run"], b["run"]) == ("a", "b") and c["slices"] == SLICES
     assert a["avg_forgetting_bpb"] == pytest.approx(((1.8 - 1.0) + (1.5 - 1.1)) / 2)
     assert b["avg_forgetting_bpb"] == pytest.approx(((1.1 - 1.0) + (1.2 - 1.15)) / 2)
     assert a["newest_bpb"] == 1.2 and b["newest_bpb"] == 1.25
     assert a["num_experts"] == 768 and a["train_tokens"] == 1500 and a["wall_time_s"] == 6.0
-    assert [s["strategy"] for s in c["strategies"]] == ["naive", "lifelong"]
+    assert [s["strategy"] for s in c["strategies"]] == ["base", "naive", "lifelong"]
+    assert a["share_of_joint"] is None and c["joint_gain_bpb"] is None  # no joint run compared
 
 
 def test_strategy_mean_and_std_over_seeds():
     shifted = [[x + 0.2 for x in row] for row in NAIVE]
     c = compare_runs([fabricate("s0", "naive", NAIVE), fabricate("s1", "naive", shifted)])
-    (entry,) = c["strategies"]
+    _, entry = c["strategies"]
     assert entry["runs"] == 2
     assert entry["final_avg_bpb"]["mean"] == pytest.approx((1.8 + 1.5 + 1.2) / 3 + 0.1)
     assert entry["final_avg_bpb"]["std"] == pytest.approx(0.2 / math.sqrt(2))  # sample std of x, x + 0.2
@@ -64,9 +66,65 @@ def test_strategy_mean_and_std_over_seeds():
 
 def test_single_phase_run_in_a_comparison():
     c = compare_runs([fabricate("one", "naive", NAIVE, phases=1), fabricate("b", "lifelong", LIFELONG)])
-    assert c["runs"][0]["avg_forgetting_bpb"] is None and c["runs"][0]["phases_done"] == 1
-    assert c["strategies"][0]["avg_forgetting_bpb"] == {"mean": None, "std": None, "n": 0}
+    assert c["runs"][1]["avg_forgetting_bpb"] is None and c["runs"][1]["phases_done"] == 1
+    assert c["strategies"][1]["avg_forgetting_bpb"] == {"mean": None, "std": None, "n": 0}
     assert "| — |" in markdown(c)
+
+
+#: a joint run (the reference of the share column) and a base whose losses differ by slice
+JOINT = [[1.0, 1.9, 2.1], [1.05, 1.1, 1.9], [1.1, 1.15, 1.1]]
+BASE = [2.0, 3.0, 4.0]
+
+
+def test_gain_and_share_recomputed_from_the_matrix():
+    """gain = base average − final average, share = gain / joint's mean gain, against plain loops."""
+    weights = [100, 300, 200]
+
+    def run(name, strategy, matrix, base=BASE):
+        def row(bpb):
+            return EvalRow([b * math.log(2) for b in bpb], list(bpb), weights, weights)
+
+        r = RunResults(name, strategy, SLICES, eval={"test": SplitEval(row(base))})
+        for i in range(3):
+            r.add_phase(PhaseRecord(SLICES[i], 500, 2.0, 256, 0.5, 1000, 100), {"test": row(matrix[i])})
+        return r
+
+    joint2 = [[x + 0.1 for x in r] for r in JOINT]
+    runs = [
+        run("n", "naive", NAIVE),
+        run("l", "lifelong", LIFELONG),
+        run("j0", "joint", JOINT),
+        run("j1", "joint", joint2),
+    ]
+    c = compare_runs(runs)
+
+    def avg(values):
+        total = 0.0
+        for w, v in zip(weights, values, strict=True):
+            total += w * v
+        return total / sum(weights)
+
+    gains = {r.run: avg(BASE) - avg(m[-1]) for r, m in zip(runs, [NAIVE, LIFELONG, JOINT, joint2], strict=True)}
+    joint_gain = (gains["j0"] + gains["j1"]) / 2
+    rows = {r["run"]: r for r in c["runs"]}
+    assert c["joint_gain_bpb"] == pytest.approx(joint_gain)
+    for name, gain in gains.items():
+        assert rows[name]["base_avg_bpb"] == pytest.approx(avg(BASE))
+        assert rows[name]["gain_bpb"] == pytest.approx(gain)
+        assert rows[name]["share_of_joint"] == pytest.approx(gain / joint_gain)
+    # the frozen base: first, its own average, no gain, no share, no training
+    base = c["runs"][0]
+    assert (base["run"], base["strategy"], base["train_tokens"]) == ("base", "base", 0)
+    assert base["final_avg_bpb"] == pytest.approx(avg(BASE)) and base["newest_bpb"] == BASE[-1]
+    assert base["gain_bpb"] == 0.0 and base["share_of_joint"] == 0.0
+    strategies = {s["strategy"]: s for s in c["strategies"]}
+    assert strategies["joint"]["share_of_joint"]["mean"] == pytest.approx(1.0)
+    assert strategies["naive"]["share_of_joint"]["mean"] == pytest.approx(gains["n"] / joint_gain)
+    md = markdown(c)
+    assert "share of joint's gain" in md and "| base | base |" in md
+    # a second starting model gets a base row of its own
+    other = compare_runs([*runs, run("d", "dense", NAIVE, base=[2.5, 3.0, 4.0])])
+    assert [r["run"] for r in other["runs"] if r["strategy"] == "base"] == ["base", "base-2"]
 
 
 def test_different_slices_are_refused():
@@ -80,7 +138,7 @@ def test_report_writes_files(runs, tmp_path):
     c = report([str(d) for d in runs.values()], out)
     assert {p.name for p in out.iterdir()} == {"report.json", "report.md", "report.png", "heatmaps"}
     assert sorted(p.name for p in (out / "heatmaps").iterdir()) == ["lifelong-s0.png", "naive-s0.png"]
-    assert json.loads((out / "report.json").read_text())["runs"][1]["run"] == "lifelong-s0"
+    assert json.loads((out / "report.json").read_text())["runs"][2]["run"] == "lifelong-s0"
     assert (out / "report.png").read_bytes().startswith(b"\x89PNG") and (out / "report.png").stat().st_size > 5000
     assert c["files"]["plot"] == str(out / "report.png")
 
@@ -175,6 +233,7 @@ def test_eval_json(runs):
     data = json.loads(result.stdout)
     for key in ("slices", "matrix_bpb", "matrix_nll", "avg_forgetting_bpb", "bwt_bpb", "fwt_bpb", "final_avg_bpb"):
         assert key in data
+    assert data["base_avg_bpb"] == 8.0 and data["gain_bpb"] == pytest.approx(8.0 - (1.8 + 1.5 + 1.2) / 3)
     assert data["matrix_bpb"] == NAIVE and data["slices"] == SLICES
     assert data["avg_forgetting_bpb"] == pytest.approx(0.6)
     assert data["bwt_bpb"] == pytest.approx(-0.6)
@@ -212,7 +271,7 @@ def test_report_command(runs, tmp_path):
     result = cli.invoke(app, ["report", *map(str, runs.values()), "--out", str(out), "--format", "json"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
-    assert [r["run"] for r in data["runs"]] == ["naive-s0", "lifelong-s0"]
+    assert [r["run"] for r in data["runs"]] == ["base", "naive-s0", "lifelong-s0"]
     assert (out / "report.png").is_file()
     human = cli.invoke(app, ["report", *map(str, runs.values()), "--out", str(out)])
     assert human.exit_code == 0 and "lifelong-s0" in human.stdout and "forgetting" in human.stdout

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -43,6 +44,31 @@ def test_every_strategy_runs_and_writes_its_files(tmp_path, memory_stream, strat
     assert len(lines) == 3 * 6
     row = results.eval["validation"].after[-1]
     assert all(v > 0 for v in row.bpb)
+
+
+def test_base_data_first_never_reads_later_slices(tmp_path, memory_stream):
+    """Issue 16: a base trained on the first slice is bit-identical when the later slices' training
+    text is replaced by noise; a base on the mix of slices is not (so the poison would show)."""
+    poisoned = type(memory_stream)()
+    rng = np.random.default_rng(1)
+    for s in poisoned.slices[1:]:
+        s._splits["train"] = rng.integers(0, 256, len(s._splits["train"]), dtype=np.uint8)
+
+    def base(stream, run_id, base_data):
+        _, run = make_run(tmp_path, stream, "naive", run_id=run_id, base_steps=4, base_data=base_data)
+        run_phases(run, phases=[])
+        return load_tensors(run.checkpoints / "base.safetensors")[0]
+
+    clean, dirty = base(memory_stream, "clean", "first"), base(poisoned, "dirty", "first")
+    assert clean.keys() == dirty.keys() and all(torch.equal(clean[k], dirty[k]) for k in clean)
+    mixed, mixed_dirty = base(memory_stream, "mix", "mix"), base(poisoned, "mix-dirty", "mix")
+    assert not all(torch.equal(mixed[k], mixed_dirty[k]) for k in mixed)
+
+
+def test_a_run_from_a_random_init_warns(tmp_path, memory_stream):
+    _, run = make_run(tmp_path, memory_stream, "naive")
+    with pytest.warns(UserWarning, match="random init"):
+        run_phases(run, phases=[])
 
 
 def test_lifelong_grows_and_keeps_old_experts_bit_identical(tmp_path, memory_stream):
