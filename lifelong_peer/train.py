@@ -33,7 +33,8 @@ from .data import sample_batch, seed_for
 from .errors import UserError
 from .evaluate import evaluate_all, new_results, phase_record, recompute_results
 from .hooks import PhaseContext, PhaseHook
-from .metrics import RunResults, load_results, save_results, write_run_outputs
+from .metrics import RunResults, load_results, save_results
+from .run_outputs import write_run_outputs
 from .model import LanguageModel
 from .optim import PEEROptimizer, build_optimizer
 from .run import Run, save_run_model

@@ -12,7 +12,6 @@ import pytest
 
 from lifelong_peer.errors import UserError
 from lifelong_peer.metrics import (
-    METRICS_COLUMNS,
     EvalRow,
     PhaseRecord,
     RunResults,
@@ -22,8 +21,8 @@ from lifelong_peer.metrics import (
     matrix_metrics,
     save_results,
     summarize,
-    write_run_outputs,
 )
+from lifelong_peer.run_outputs import METRICS_COLUMNS, write_run_outputs
 
 # Hand-computed example (lower is better). Phase 1 *improves* slice 0 (0.8 < 1.0), so forgetting
 # (against the best earlier value) and BWT (against the diagonal) differ.
