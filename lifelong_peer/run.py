@@ -25,9 +25,7 @@ must match the fingerprint recorded at attach time.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import hashlib
 import json
 import math
 import re
@@ -39,6 +37,7 @@ import torch
 
 from . import advice, distributed
 from .attach import ATTACHED_FORMAT, AttachedLM, attached_from_tensors, save_attached
+from .bases import base_of_run, key_hash
 from .checkpoint import (
     MODEL_FORMAT,
     atomic_write_json,
@@ -223,7 +222,7 @@ class Run:
         The file must match its size and sha256 in state.json (when listed there) and its own content
         checksum; every tensor is checked against the saved config. Any problem is a CheckpointError
         naming the file, raised before the run's objects change."""
-        from .checkpoint import check_optimizer_state, check_state, verify_file
+        from .checkpoint import check_optimizer_state, check_state
         from .errors import CheckpointError
         from .index import UsageLedger
 
@@ -295,20 +294,6 @@ class Run:
                 f.write(json.dumps({"time": time.time(), "checkpoint": path.name, **what}) + "\n")
         return path
 
-    def edits_since_evaluation(self) -> list[dict]:
-        """The edits by hand (edits.jsonl records) of the model the run would continue from that came
-        after its last evaluation: results.json describes the model before them (issue 17)."""
-        checkpoint = self.state()["checkpoint"]
-        if checkpoint is None or not checkpoint_order(checkpoint)[2]:
-            return []
-        phase = checkpoint_order(checkpoint)[0]
-        path = self.dir / "edits.jsonl"
-        records = (
-            [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()] if path.exists() else []
-        )
-        ours = lambda r: (o := checkpoint_order(f"checkpoints/{r.get('checkpoint')}")) and o[0] == phase and o[2]  # noqa: E731
-        return [r for r in records if ours(r)]
-
     def previous_model(self, phase: int) -> PEERModel:
         """The model at the start of ``phase`` before growth: the anchor of L2-SP/EWC and the distillation teacher."""
         name = f"phase-{phase - 1:03d}.safetensors" if phase > 0 else "base.safetensors"
@@ -343,48 +328,29 @@ class Run:
         return copy.deepcopy(self._base)
 
 
-def find_base(run: Run, key: dict) -> dict | None:
-    """A trained base ``run`` may start from instead of training its own (issue 17): its own earlier
-    one, else one of another run of its workspace, whose base.json has the same ``key`` and whose
-    base.safetensors passes its integrity check (size, sha256, content checksum, config) — a damaged
-    one is never reused. Returns ``{"run", "path"}`` or None."""
-    wanted = key_hash(key)
-    others = sorted((run.workspace.root / "runs").glob("*/base.json")) if run.workspace is not None else []
-    for record_path in [run.dir / "base.json", *(p for p in others if p.parent.resolve() != run.dir.resolve())]:
+def edits_since_evaluation(run_dir: Path) -> list[dict]:
+    """The edits by hand (edits.jsonl records) that came after the run's last evaluation: the model the
+    run continues from is an edit of the evaluated one, so results.json describes the model before
+    them (issue 17). Empty when the latest checkpoint is not an edit."""
+    try:
+        checkpoint = json.loads((run_dir / "state.json").read_text(encoding="utf-8"))["checkpoint"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    order = checkpoint_order(checkpoint) if isinstance(checkpoint, str) else None
+    if not order or not order[2]:
+        return []
+    path = run_dir / "edits.jsonl"
+    lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
+    records = []
+    for line in lines:
         try:
-            record = json.loads(record_path.read_text(encoding="utf-8"))
-            if not isinstance(record, dict) or record.get("key") != wanted:
-                continue
-            path = record_path.parent / "checkpoints" / "base.safetensors"
-            verify_file(path, record["file"])
-            run.read_model(path)  # its content checksum, config and tensors
-        except (OSError, ValueError, KeyError, TypeError, CheckpointError):
-            continue
-        return {"run": record_path.parent.name, "path": path}
-    return None
-
-
-_BASE = "checkpoints/base.safetensors"
-
-
-def base_of_run(workspace, name: str) -> Path:
-    """``--base RUN``: the base model of run ``name`` of ``workspace``, checked against its record."""
-    directory = workspace.resolve_run(name)
-    path = directory / "checkpoints" / "base.safetensors"
-    if not path.exists():
-        raise UserError(f"run {name!r} has no base model yet; start it first ({advice.RESUME.format(run=name)})")
-    record = None
-    for listing, get in (("base.json", lambda d: d["file"]), ("state.json", lambda d: d["files"][_BASE])):
-        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-            record = record or get(json.loads((directory / listing).read_text(encoding="utf-8")))
-    if record is not None:
-        verify_file(path, record)
-    return path
-
-
-def key_hash(key: dict) -> str:
-    """sha256 of a JSON-able settings key (sorted keys): equal settings, equal hash."""
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+            record = json.loads(line)
+            edit = checkpoint_order(f"checkpoints/{record['checkpoint']}")
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by a crash
+        if edit and edit[0] == order[0] and 0 < edit[2] <= order[2]:
+            records.append(record)
+    return records
 
 
 def _model_record(model) -> tuple[dict, dict]:

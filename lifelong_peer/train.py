@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import json
 import math
 import signal
@@ -27,6 +26,7 @@ from collections.abc import Callable
 import torch
 
 from . import advice, distributed, regularize
+from .bases import base_key, find_base
 from .checkpoint import load_model
 from .config import TrainConfig, base_train_config, phase_steps
 from .data import sample_batch, seed_for
@@ -36,7 +36,7 @@ from .hooks import PhaseContext, PhaseHook
 from .metrics import RunResults, load_results, save_results, write_run_outputs
 from .model import LanguageModel
 from .optim import PEEROptimizer, build_optimizer
-from .run import Run, checkpoint_order, find_base
+from .run import Run, checkpoint_order
 
 Progress = Callable[[dict], None]
 
@@ -134,41 +134,6 @@ def train_base(run: Run, emit: Progress, start: int = 0, opt_state: dict | None 
         opt.load_state_tensors(dict(run.model.named_parameters()), opt_state)
     emit({"event": "phase_start", "phase": -1, "slice": "base", "steps": tc.steps, "start": start})
     train_steps(run, -1, tc, range(start, tc.steps), opt, (pools, []), [], emit)
-
-
-def base_key(run: Run) -> dict:
-    """Everything a trained base depends on (issue 17): the train tokens it reads (per slice, in order),
-    the model, the base settings (``base_train_config``), the device kind, the number of ranks and the
-    code version. Two runs with equal keys train bit-identical bases, so one may reuse the other's."""
-    from . import __version__
-
-    cfg = run.config
-    names = cfg.slices if cfg.train.base_data == "mix" else cfg.slices[:1]
-    tc = base_train_config(cfg.train)
-    settings = {k: v for k, v in dataclasses.asdict(tc).items() if k not in ("checkpoint_every", "device")}
-    model = cfg.model.to_dict() if cfg.attach is None else {"attach": dataclasses.asdict(cfg.attach)}
-    return {
-        "data": [[n, _tokens_fingerprint(run.slice_data(n), "train")] for n in names],
-        "model": model,
-        "context": cfg.context,
-        "train": settings,
-        "device": run.device.type,
-        "world_size": distributed.world_size(),
-        "version": __version__,
-    }
-
-
-def _tokens_fingerprint(data, split: str) -> str:
-    """The sha256 of a slice's ``split`` tokens: the one recorded at ingest, or computed (in-memory data)."""
-    import hashlib
-
-    import numpy as np
-
-    record = (getattr(data, "splits", None) or {}).get(split, {}).get("file")
-    if record is not None:
-        return record["sha256"]
-    tokens = np.ascontiguousarray(data.tokens(split))
-    return hashlib.sha256(tokens.dtype.str.encode() + tokens.tobytes()).hexdigest()
 
 
 def make_optimizer(model: torch.nn.Module, tc: TrainConfig) -> PEEROptimizer:

@@ -226,6 +226,48 @@ def test_grow_for_a_new_slice_places_subkeys_and_auto_decides_k(ws):
     assert (auto["checkpoint"] is None) == all(r["k"] == 0 for r in auto["layers"])
 
 
+def test_an_edit_writes_a_new_checkpoint_and_eval_says_the_results_predate_it(ws):
+    """Issue 17 item 2: grow/freeze rewrote the evaluated checkpoint in place, and eval kept showing the
+    matrix and expert count of a model that no longer existed. The edit is a new checkpoint; eval and
+    report say the results predate it (--reevaluate scores the edited model); the next phase starts
+    from the edit; once it is evaluated the note goes."""
+    from lifelong_peer.runops import add_slice
+
+    run_dir = ws / "runs" / "r"
+    evaluated = (run_dir / "checkpoints" / "phase-001.safetensors").read_bytes()
+    results = (run_dir / "results.json").read_text()
+    assert cli("eval", "r", "-w", ws)["edits_since_evaluation"] == []
+    grown = cli("grow", "r", "-w", ws, "--subkeys", 2, "--layer", 0)
+    assert grown["checkpoint"].endswith("phase-001-edit-1.safetensors")
+    frozen = cli("freeze", "r", "-w", ws, "--policy", "all-old")
+    assert frozen["checkpoint"].endswith("phase-001-edit-2.safetensors")
+    assert (run_dir / "checkpoints" / "phase-001.safetensors").read_bytes() == evaluated  # kept as evaluated
+    state = json.loads((run_dir / "state.json").read_text())
+    assert state["checkpoint"] == "checkpoints/phase-001-edit-2.safetensors" and state["completed_phases"] == 2
+    assert load(ws).model.peer_layers()[0].num_experts == 100  # what the run continues from
+
+    data = cli("eval", "r", "-w", ws)
+    assert len(data["edits_since_evaluation"]) == 2 and data["edited"] is None
+    assert "phase-001-edit-2.safetensors" in data["edits_since_evaluation"][1]
+    assert data["num_experts"][-1] == 128  # results.json: the model as evaluated, before the edits
+    human = runner.invoke(app, ["eval", "r", "-w", str(ws)])
+    assert human.exit_code == 0 and "predate its edits" in human.stderr and "--reevaluate" in human.stderr
+    again = cli("eval", "r", "-w", ws, "--reevaluate")
+    assert again["edited"]["num_experts"] == 100 + 64 and len(again["edited"]["bpb"]) == 2
+    assert again["edited"]["frozen_fraction"] == 1.0
+    assert (run_dir / "results.json").read_text() == results  # the phase rows are not rewritten
+    report = cli("report", "r", "-w", ws, "--out", ws / "report")
+    assert len(report["runs"][0]["edits_since_evaluation"]) == 2
+
+    run = open_run(Workspace.open(ws), "r")
+    add_slice(run, "2003")
+    run_phases(run)
+    after = load(ws)
+    assert after.model.peer_layers()[0].num_experts == 100  # phase 2 started from the edited model
+    assert cli("eval", "r", "-w", ws)["edits_since_evaluation"] == []
+    assert (run_dir / "checkpoints" / "phase-001.safetensors").read_bytes() == evaluated
+
+
 # --- freeze -----------------------------------------------------------------------------------------------
 
 
