@@ -504,8 +504,14 @@ def new_run(
         cfg = RunConfig(run=run_id, stream=stream_name, slices=slices, model=None, train=train_cfg, attach=options)
         return create_run(workspace, cfg, stream=stream)
     base_model = ModelConfig(vocab_size=stream.tokenizer.vocab_size)
-    if base and not Path(base).exists() and base in workspace.manifest()["runs"]:
-        base = str(base_of_run(workspace, base))  # --base RUN: that run's base model (issue 17)
+    if base and not Path(base).exists():  # --base RUN: that run's base model (issue 17)
+        runs = workspace.manifest()["runs"]
+        if base not in runs:
+            known = ", ".join(sorted(runs)) or "none yet"
+            raise UserError(
+                f"--base {base}: no such checkpoint file, nor a run of workspace {workspace.root} ({known})"
+            )
+        base = str(base_of_run(workspace, base))
     if base:
         meta = read_meta(base)
         try:
