@@ -234,12 +234,10 @@ def report(runs: list[str], out_dir: str | Path, split: str = "test", workspace:
     """Load the runs, compare them, write the report files; for ``lpeer report``. A run's row lists
     ``edits_since_evaluation``: edits by hand its numbers predate (issue 17)."""
     loaded = [load_run(r, workspace) for r in runs]
-    edits = {
-        res.run: [_edit_line(e) for e in edits_since_evaluation(find_run_dir(r, workspace))]
-        for r, res in zip(runs, loaded, strict=True)
-    }
+    dirs = [find_run_dir(r, workspace) for r in runs]
+    edits = {res.run: _edit_fields(d, edits_since_evaluation(d)) for d, res in zip(dirs, loaded, strict=True)}
     comparison = compare_runs(loaded, split)
     for row in comparison["runs"]:
-        row["edits_since_evaluation"] = edits.get(row["run"], [])
+        row |= edits[row["run"]]
     files = write_report(out_dir, comparison, loaded)
     return comparison | {"files": {k: str(v) for k, v in files.items()}}
