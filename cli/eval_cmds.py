@@ -6,6 +6,7 @@ from enum import Enum
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from .options import FormatOpt, WorkspaceOpt
@@ -34,6 +35,7 @@ def _render_eval(s: dict) -> None:
     for name in s["slices"]:
         matrix.add_column(name, justify="right")
     matrix.add_row("base", *(_num(v) for v in s["before_bpb"]))
+    edited = s.get("edited")
     for i, row in enumerate(s["matrix_bpb"]):
         cells = []
         for j, v in enumerate(row):
@@ -44,6 +46,8 @@ def _render_eval(s: dict) -> None:
             else:
                 cells.append(f"[bold]{_num(v)}[/]" if i == j else f"[dim]{_num(v)}[/]")
         matrix.add_row(f"{i}: {s['slices'][i]}", *cells)
+    if edited:
+        matrix.add_row("[bold]edited[/]", *(_num(v) for v in edited["bpb"]))
     stdout.print(matrix)
 
     metrics = Table(title=f"metrics over the {s['phases_done']} finished phase(s) of {len(s['slices'])}")
@@ -78,11 +82,37 @@ def _render_eval(s: dict) -> None:
             f"{s['wall_time_s'][i]:.1f}",
         )
     stdout.print(growth)
+    if edited:
+        message(
+            f"edited: the model after the edits ({edited['checkpoint']}): {edited['num_experts']:,} experts, "
+            f"{edited['frozen_fraction']:.1%} frozen, {edited['params']:,} params"
+        )
+    _note_edits(s, bool(edited))
+
+
+def _note_edits(s: dict, reevaluated: bool = False) -> None:
+    """Say on stderr that a run's numbers predate edits by hand (issue 17)."""
+    if not s.get("edits_since_evaluation"):
+        return
+    how = (
+        "the 'edited' row scores the edited model" if reevaluated else f"score the edited model with {s['reevaluate']}"
+    )
+    edits = escape("; ".join(s["edits_since_evaluation"]))
+    message(
+        f"[yellow]note:[/yellow] run {escape(s['run'])}'s results predate its edits by hand ({edits}): the matrix "
+        f"and expert counts describe the model before them; {escape(how)}"
+    )
 
 
 def eval_cmd(
     run: str = typer.Argument(..., help="run id in the workspace, or a run directory."),
     split: Split = SplitOpt,
+    reevaluate: bool = typer.Option(
+        False,
+        "--reevaluate",
+        help="When the run's model was edited by hand after its last evaluation (lpeer grow / freeze), "
+        "also score the edited model (the 'edited' row).",
+    ),
     fmt: Format = FormatOpt,
     workspace: Path | None = WorkspaceOpt,
 ) -> None:
@@ -92,7 +122,7 @@ def eval_cmd(
     """
     from lifelong_peer.report import evaluate_run
 
-    emit(evaluate_run(run, split.value, workspace), fmt, _render_eval)
+    emit(evaluate_run(run, split.value, workspace, reevaluate), fmt, _render_eval)
 
 
 def _table(title: str, headers: list[str], body: list[list[str]]) -> Table:
@@ -110,6 +140,8 @@ def _render_report(c: dict) -> None:
     stdout.print(_table(f"runs, {c['split']} split: bits per byte, lower is better", *table_cells(c, QUALITY)))
     stdout.print(_table("model and cost", *table_cells(c, COST)))
     stdout.print(_table("per strategy: mean ± std over runs", *strategy_cells(c, QUALITY)))
+    for row in c["runs"]:
+        _note_edits(row)
     message(f"wrote {', '.join(c['files'].values())}")
 
 

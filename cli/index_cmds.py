@@ -178,16 +178,18 @@ def grow(
 
 
 def _render_freeze(d: dict) -> None:
-    table = Table(title=f"run {d['run']}: {d['action']}")
-    for col in ("layer", "frozen", "frozen %", "sub-keys frozen %", "trainable"):
+    title = {"add": "added to the frozen set", "replace": "replaced the frozen set", "unfreeze": ""}[d["mode"]]
+    table = Table(title=f"run {d['run']}: {d['action']}" + (f" ({title})" if title else ""))
+    for col in ("layer", "frozen before → after", "newly frozen", "unfrozen", "frozen %", "sub-keys frozen %"):
         table.add_column(col, justify="right")
     for r in d["layers"]:
         table.add_row(
             str(r["layer"]),
-            f"{r['frozen']:,}",
+            f"{r['frozen_before']:,} → {r['frozen']:,}",
+            f"{r['newly_frozen']:,}",
+            f"{r['unfrozen']:,}",
             f"{r['frozen_pct']:.1f}",
             f"{r['frozen_subkeys_pct']:.1f}",
-            f"{r['trainable']:,}",
         )
     stdout.print(table)
     message(f"saved {d['checkpoint']}")
@@ -196,27 +198,45 @@ def _render_freeze(d: dict) -> None:
 def freeze(
     run: str = RunArg,
     policy: str | None = typer.Option(None, "--policy", help=f"Freezing policy: {POLICY_HELP}."),
+    replace: bool = typer.Option(
+        False,
+        "--replace",
+        help="Make the frozen set exactly what --policy selects, unfreezing the rest "
+        "(default: add the policy's experts to the frozen set; nothing is unfrozen).",
+    ),
     unfreeze: str | None = typer.Option(None, "--unfreeze", help="Unfreeze all, or ids and ranges like 3,7,10-12."),
     slice_: str | None = typer.Option(
         None, "--slice", help="New slice: tfidf:T ranks experts by its usage; left out of the old slices."
     ),
-    subkeys: bool = typer.Option(False, "--subkeys", help="Also (un)freeze the sub-keys of those experts."),
+    freeze_subkeys: bool = typer.Option(
+        False, "--freeze-subkeys", help="Also freeze (with --unfreeze: unfreeze) the sub-keys of those experts."
+    ),
     layer: int | None = typer.Option(None, "--layer", help="With --unfreeze IDS: only this PEER layer."),
     workspace: Path | None = WorkspaceOpt,
     fmt: Format = FormatOpt,
 ) -> None:
-    """Freeze a run's experts by a policy, or unfreeze them; reports the frozen fraction per layer.
+    """Freeze a run's experts by a policy, or unfreeze them; reports the frozen experts per layer, before → after.
 
-    Note: a run whose own freeze policy is not none recomputes its frozen set before each phase,
-    so this edit lasts until its next phase starts.
+    A policy adds to the frozen set unless --replace is given. The edit is saved as a new checkpoint
+    (the evaluated one is kept); the run's next phase starts from it. Note: a run whose own freeze
+    policy is not none recomputes its frozen set before each phase, so this edit lasts until its next
+    phase starts.
 
-    Example: lpeer freeze sotu-lifelong-1 --policy usage:80 --subkeys
+    Example: lpeer freeze sotu-lifelong-1 --policy usage:80 --freeze-subkeys
     """
     from lifelong_peer.runops import freeze_run
 
     ws, the_run = _open(workspace, run)
     with ws.lock():
-        result = freeze_run(the_run, policy=policy, unfreeze=unfreeze, slice_name=slice_, subkeys=subkeys, layer=layer)
+        result = freeze_run(
+            the_run,
+            policy=policy,
+            unfreeze=unfreeze,
+            slice_name=slice_,
+            subkeys=freeze_subkeys,
+            layer=layer,
+            replace=replace,
+        )
     if result["note"]:
         message(f"[yellow]note:[/yellow] {result['note']}")
     emit(result, fmt, _render_freeze)

@@ -12,7 +12,7 @@ import typer
 from rich.markup import escape
 
 from lifelong_peer import __version__
-from lifelong_peer.errors import UserError
+from lifelong_peer.errors import Interrupted, UserError
 
 from .options import FormatOpt, WorkspaceOpt
 from .output import Format, emit, key_value_table, stderr, stdout
@@ -93,13 +93,17 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 
 def main() -> None:
-    """Entry point: user errors → one line on stderr and exit 2; internal errors → exit 1.
+    """Entry point: user errors → one line on stderr and exit 2; internal errors → exit 1; Ctrl-C →
+    one line saying what was saved and exit 130 (issue 17: it exited 0, silently).
 
     Errors of the environment (a missing or unreadable file, a full disk) are user errors too.
     """
     warnings.showwarning = _show_warning
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # typer returns the exit code of a typer.Exit, or of Ctrl-C (130)
+    except Interrupted as e:
+        stderr.print(escape(str(e)), highlight=False)
+        sys.exit(130)
     except UserError as e:
         stderr.print(f"[red]error:[/red] {escape(str(e))}", highlight=False)  # a record's "[/a]" is text
         sys.exit(2)
@@ -126,6 +130,10 @@ def main() -> None:
         else:
             stderr.print(f"[red]internal error:[/red] {type(e).__name__}: {e} (set LPEER_DEBUG=1 for a traceback)")
         sys.exit(1)
+    if isinstance(code, int) and not isinstance(code, bool) and code:
+        if code == 130:  # Ctrl-C outside the library's own handling (typer turned it into Exit(130))
+            stderr.print("interrupted; nothing more was saved", highlight=False)
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -74,7 +74,8 @@ class PlainProgress:
             for r in event["layers"]:
                 self._line(f"freeze layer {r['layer']} ({r['policy']}): {r['frozen_pct']:.1f}% frozen")
         elif kind == "resume":
-            self._line(f"resuming at phase {event['phase']}, step {event['step']}")
+            where = "base training" if event["phase"] < 0 else f"phase {event['phase']}"
+            self._line(f"resuming {where} at step {event['step']}")
 
     def _status(self, now: float) -> str:
         parts = [self.label, f"step {self.done:,}/{self.total:,}"]

@@ -75,7 +75,8 @@ def _progress_display(quiet: bool, run: str | None = None):
                         f"  freeze layer {r['layer']} ({r['policy']}): {r['frozen_pct']:.1f}% frozen"
                     )
             elif kind == "resume":
-                progress.console.print(f"resuming at phase {event['phase']}, step {event['step']}")
+                where = "base training" if event["phase"] < 0 else f"phase {event['phase']}"
+                progress.console.print(f"resuming {where} at step {event['step']}")
             elif kind == "run_start":  # the demo's runs, one after the other
                 progress.console.print(f"run [bold]{event['run']}[/bold]")
             elif kind == "phase_end":
@@ -86,6 +87,24 @@ def _progress_display(quiet: bool, run: str | None = None):
                 )
 
         yield on_event
+
+
+def _with_notices(on_event):
+    """``on_event`` plus what stderr always says, even with --quiet or --format json: a reused base."""
+
+    def notify(event: dict) -> None:
+        if event["event"] == "base_reused":
+            whose = "this run's own" if event["run"] == event.get("for") else f"run {event['run']}'s"
+            stderr.print(
+                f"reusing {whose} base model (same stream data, model and base settings; not retrained): "
+                f"{event['path']}",
+                markup=False,
+                highlight=False,
+            )
+        if on_event is not None:
+            on_event(event)
+
+    return notify
 
 
 def _finish(run, results, fmt: Format) -> None:
@@ -116,7 +135,11 @@ def run(
     ),
     resume: str | None = typer.Option(None, "--resume", help="Continue this run (id or directory) where it stopped."),
     name: str | None = typer.Option(None, "--name", help="Run id (default: STREAM-STRATEGY-N)."),
-    base: Path | None = typer.Option(None, "--base", help="Start from this model checkpoint (.safetensors)."),
+    base: str | None = typer.Option(
+        None,
+        "--base",
+        help="Start from this model checkpoint (.safetensors), or from the base model of this run of the workspace.",
+    ),
     base_model: str | None = typer.Option(
         None, "--base-model", help="Attach PEER to this Hugging Face causal LM (name or local directory) and train it."
     ),
@@ -182,7 +205,7 @@ def run(
             if main:
                 stderr.print(f"run [bold]{the_run.config.run}[/bold] in {the_run.dir}")
         with _progress_display(quiet or fmt == Format.json or not main, the_run.config.run) as on_event:
-            results = run_phases(the_run, progress=on_event)
+            results = run_phases(the_run, progress=_with_notices(on_event) if main else None)
     if main:
         _finish(the_run, results, fmt)
     distributed.shutdown()
@@ -211,7 +234,9 @@ def train(
     strategy: str = typer.Option(
         "lifelong", "--strategy", help=f"Strategy when the run is created: {' | '.join(STRATEGIES)}."
     ),
-    base: Path | None = typer.Option(None, "--base", help="Model checkpoint to start from when the run is created."),
+    base: str | None = typer.Option(
+        None, "--base", help="Model checkpoint (or run whose base model) to start from when the run is created."
+    ),
     steps: int | None = typer.Option(None, help="Optimizer steps for this phase."),
     workspace: Path | None = WorkspaceOpt,
     fmt: Format = FormatOpt,
@@ -238,7 +263,7 @@ def train(
             the_run = new_run(ws, stream, strategy, overrides, None, str(base) if base else None, run_id, [slice_])
         phase = add_slice(the_run, slice_)
         with _progress_display(quiet or fmt == Format.json, the_run.config.run) as on_event:
-            results = run_phases(the_run, phases=[phase], progress=on_event)
+            results = run_phases(the_run, phases=[phase], progress=_with_notices(on_event))
     _finish(the_run, results, fmt)
 
 

@@ -12,5 +12,6 @@ STREAMS = "lpeer streams"
 RESUME = "lpeer run --resume {run}"
 BASE_MODEL = "lpeer run --base-model NAME_OR_PATH"
 EVAL = "lpeer eval {run} -w {workspace}"
+REEVALUATE = "lpeer eval {run} --reevaluate"
 
-ADVICE = [INIT, INGEST_DEFAULT, INGEST, STREAMS, RESUME, BASE_MODEL, EVAL]
+ADVICE = [INIT, INGEST_DEFAULT, INGEST, STREAMS, RESUME, BASE_MODEL, EVAL, REEVALUATE]

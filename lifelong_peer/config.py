@@ -303,6 +303,32 @@ def phase_steps(tc: TrainConfig, context: int) -> int:
     return max(1, math.ceil(tc.tokens / (tc.batch_size * context))) if tc.tokens else tc.steps
 
 
+BASE_FIELDS = (
+    "batch_size",
+    "expert_lr",
+    "weight_decay",
+    "expert_moments",
+    "warmup",
+    "min_lr_ratio",
+    "grad_clip",
+    "base_data",
+    "checkpoint_every",
+    "seed",
+    "device",
+    "precision",
+)
+"""The ``TrainConfig`` fields base training takes from a run's config (besides base_steps and base_lr)."""
+
+
+def base_train_config(tc: TrainConfig) -> TrainConfig:
+    """The config base training runs under: ``BASE_FIELDS`` of ``tc``, ``base_lr`` and ``base_steps`` as
+    its lr and steps, every other field at its default. A strategy's protections (growth, freezing,
+    replay, regularisers, expert_weight_decay) are for the phases: all strategies of a stream start from
+    one base (so a run can reuse another's, issue 17)."""
+    kept = {name: getattr(tc, name) for name in BASE_FIELDS}
+    return TrainConfig(**kept, lr=tc.base_lr, base_lr=tc.base_lr, steps=max(tc.base_steps, 1), base_steps=tc.base_steps)
+
+
 def load_config_file(path: str | Path) -> dict:
     """A TOML run config: ``[train]`` (TrainConfig fields), ``[model]`` and ``[model.peer]``, or for a
     run on a base model ``[attach]`` (AttachOptions fields) and ``[attach.peer]``.

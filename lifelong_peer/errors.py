@@ -7,3 +7,8 @@ class UserError(Exception):
 
 class CheckpointError(UserError):
     """A checkpoint file that is missing, not ours, corrupted, or inconsistent with its config."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C (SIGINT), honoured: the message says what was saved. The command line exits with 130
+    (128 + SIGINT, the shell's convention), never 0 (success) or 2 (a user error) — issue 17."""

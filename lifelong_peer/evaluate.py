@@ -101,6 +101,23 @@ def append_eval(row: EvalRow, run: Run, model: PEERModel, slice_name: str, split
     row.bytes.append(new.bytes[0])
 
 
+def evaluate_latest(run: Run) -> dict:
+    """Evaluate the model the run would continue from, edits by hand included (``lpeer eval
+    --reevaluate``, issue 17): ``{"checkpoint", "rows": {split: EvalRow}, "num_experts",
+    "frozen_fraction", "params", "active_params"}``. results.json is not changed: its rows are the
+    models after each phase."""
+    loaded = run.load_latest()
+    record = phase_record(run, "", 0, 0.0)
+    return {
+        "checkpoint": loaded["checkpoint"].name,
+        "rows": evaluate_all(run, lambda event: None),
+        "num_experts": record.num_experts,
+        "frozen_fraction": record.frozen_fraction,
+        "params": record.params,
+        "active_params": record.active_params,
+    }
+
+
 def recompute_results(run: Run) -> RunResults:
     """Rebuild results.json from the run's base and phase-end checkpoints (when it was lost or deleted)."""
     state = run.state()
@@ -126,6 +143,7 @@ __all__ = [
     "eval_windows",
     "evaluate",
     "evaluate_all",
+    "evaluate_latest",
     "new_results",
     "phase_record",
     "recompute_results",

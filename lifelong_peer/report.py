@@ -14,6 +14,7 @@ import numpy as np
 from .checkpoint import atomic_write_json, atomic_write_text
 from .errors import UserError
 from .metrics import RESULTS_FILE, RunResults, load_results, summarize
+from .run import edits_since_evaluation
 
 #: the columns of the side-by-side table, in order: (key, header, format)
 COLUMNS = (
@@ -93,9 +94,47 @@ def load_run(run: str, workspace: str | Path | None = None) -> RunResults:
     return load_results(run_dir)
 
 
-def evaluate_run(run: str, split: str = "test", workspace: str | Path | None = None) -> dict:
-    """The loss matrices and forgetting metrics of one run (``metrics.summarize``); for ``lpeer eval``."""
-    return summarize(load_run(run, workspace), split)
+def evaluate_run(run: str, split: str = "test", workspace: str | Path | None = None, reevaluate: bool = False) -> dict:
+    """The loss matrices and forgetting metrics of one run (``metrics.summarize``); for ``lpeer eval``.
+
+    ``edits_since_evaluation``: edits by hand (``lpeer grow``/``freeze``) made after the last
+    evaluation — the matrix describes the model before them (issue 17). With ``reevaluate`` and such
+    edits, ``edited`` holds the edited model's row on ``split`` (bpb, nll) and its size."""
+    run_dir = find_run_dir(run, workspace)
+    summary = summarize(load_run(run, workspace), split)
+    edits = edits_since_evaluation(run_dir)
+    summary |= _edit_fields(run_dir, edits)
+    summary["edited"] = None
+    if reevaluate and edits:
+        from .evaluate import evaluate_latest
+        from .run import open_run
+        from .workspace import Workspace
+
+        ws = Workspace.open(workspace if workspace else run_dir.parent.parent)
+        latest = evaluate_latest(open_run(ws, str(run_dir)))
+        row = latest.pop("rows")[split]
+        summary["edited"] = latest | {"bpb": list(row.bpb), "nll": list(row.nll)}
+    return summary
+
+
+def _edit_fields(run_dir: Path, edits: list[dict]) -> dict:
+    """``edits_since_evaluation`` (one phrase per edit) and ``reevaluate`` (the command scoring the
+    edited model; None without edits)."""
+    from . import advice
+
+    return {
+        "edits_since_evaluation": [_edit_line(e) for e in edits],
+        "reevaluate": advice.REEVALUATE.format(run=run_dir) if edits else None,
+    }
+
+
+def _edit_line(edit: dict) -> str:
+    """An edits.jsonl record as a short phrase: ``grow +8 sub-keys (phase-001-edit-1.safetensors)``."""
+    if edit.get("command") == "grow":
+        what = f"grow {edit.get('subkeys')} sub-keys" + (f" for slice {edit['slice']}" if edit.get("slice") else "")
+    else:
+        what = f"freeze {edit.get('action')}" + (f" ({edit['mode']})" if edit.get("mode") else "")
+    return f"{what} → {edit.get('checkpoint')}"
 
 
 def run_row(summary: dict) -> dict:
@@ -274,8 +313,13 @@ def write_report(out_dir: str | Path, comparison: dict, runs: list[RunResults] |
 
 
 def report(runs: list[str], out_dir: str | Path, split: str = "test", workspace: str | Path | None = None) -> dict:
-    """Load the runs, compare them, write the report files; for ``lpeer report``."""
+    """Load the runs, compare them, write the report files; for ``lpeer report``. A run's row lists
+    ``edits_since_evaluation``: edits by hand its numbers predate (issue 17)."""
     loaded = [load_run(r, workspace) for r in runs]
+    dirs = [find_run_dir(r, workspace) for r in runs]
+    edits = {res.run: _edit_fields(d, edits_since_evaluation(d)) for d, res in zip(dirs, loaded, strict=True)}
     comparison = compare_runs(loaded, split)
+    for row in comparison["runs"]:
+        row |= edits[row["run"]]
     files = write_report(out_dir, comparison, loaded)
     return comparison | {"files": {k: str(v) for k, v in files.items()}}

@@ -4,7 +4,12 @@ A run lives in its own directory (``Workspace.run_dir``):
 
     config.json         the resolved run configuration (stream, slices, strategy, model or attach, training)
     state.json          where the run stands: finished phases and the latest checkpoint (atomic pointer)
-    checkpoints/        phase-NNN.safetensors after each phase; phase-NNN-step-SSSSSS.safetensors mid-phase
+    checkpoints/        base.safetensors: the model phase 0 starts from; phase-NNN.safetensors after each phase;
+                        phase-NNN-step-SSSSSS.safetensors mid-phase (base-step-SSSSSS in base training);
+                        phase-NNN-edit-K.safetensors: the K-th edit by hand (lpeer grow/freeze) after phase NNN
+                        (base-edit-K before phase 0) — an edit never rewrites the evaluated checkpoint
+    base.json           the trained base's settings key and file record: what base reuse compares (issue 17)
+    edits.jsonl         one line per edit by hand
     metrics.jsonl       one line per training step: phase, step, loss, lr, tok/s, experts, frozen fraction
     results.json        the evaluation matrix so far (``lifelong_peer.metrics.RunResults``)
 
@@ -22,6 +27,9 @@ from __future__ import annotations
 
 import copy
 import json
+import math
+import re
+import shutil
 import time
 from pathlib import Path
 
@@ -29,6 +37,7 @@ import torch
 
 from . import advice, distributed
 from .attach import ATTACHED_FORMAT, AttachedLM, attached_from_tensors, save_attached
+from .bases import base_of_run, key_hash
 from .checkpoint import (
     MODEL_FORMAT,
     atomic_write_json,
@@ -36,6 +45,7 @@ from .checkpoint import (
     model_from_tensors,
     save_model,
     save_tensors,
+    verify_file,
 )
 from .config import AttachOptions, RunConfig, load_config_file, resolve_config
 from .data import eval_windows
@@ -47,13 +57,37 @@ from .peer_model import PEERModel
 from .strategies import strategy_overrides
 
 RUN_CHECKPOINT_FORMAT = "lifelong-peer/run-checkpoint/1"
+_CHECKPOINT = re.compile(r"checkpoints/(?:base|phase-(\d{3,}))(?:-step-(\d{6,})|-edit-(\d+))?\.safetensors")
+
+
+def checkpoint_name(phase: int, step: int | None = None, edit: int | None = None) -> str:
+    """The file name of a run checkpoint: after ``phase`` (-1: base training), at ``step`` of it when
+    mid-phase, or the ``edit``-th edit by hand of the model after it."""
+    stem = "base" if phase < 0 else f"phase-{phase:03d}"
+    if step is not None:
+        return f"{stem}-step-{step:06d}.safetensors"
+    if edit is not None:
+        return f"{stem}-edit-{edit}.safetensors"
+    if phase < 0:
+        raise ValueError("base.safetensors is the base model, not a run checkpoint")
+    return f"{stem}.safetensors"
+
+
+def checkpoint_order(rel: str) -> tuple | None:
+    """Where the run checkpoint ``rel`` (relative to the run directory) lies in the run's history:
+    (phase, step — inf when the phase is done —, edit); None for anything else (base.safetensors)."""
+    m = _CHECKPOINT.fullmatch(rel)
+    if m is None or (m[1] is None and m[2] is None and m[3] is None):
+        return None
+    return (int(m[1]) if m[1] else -1, int(m[2]) if m[2] else math.inf, int(m[3]) if m[3] else 0)
 
 
 class Run:
     """A run directory and the objects a phase needs. Built by ``create_run`` or ``Run.open``."""
 
-    def __init__(self, directory: Path, config: RunConfig, stream):
+    def __init__(self, directory: Path, config: RunConfig, stream, workspace=None):
         self.dir = directory
+        self.workspace = workspace  # where base reuse looks for other runs' bases (None: only this run)
         self.config = config
         self.stream = stream
         self.device = _device(config.train.device)
@@ -74,10 +108,6 @@ class Run:
         """state.json, validated: ``completed_phases``, ``checkpoint`` (the latest, relative to the run
         directory), its ``phase`` and ``step``, and ``files``: {relative path: {"size", "sha256"}} of
         every checkpoint the run has written and still keeps (issue 10). No file: a run not started."""
-        import re
-
-        from .errors import CheckpointError
-
         path = self.dir / "state.json"
         if not path.exists():
             return {"completed_phases": 0, "checkpoint": None, "phase": None, "step": None, "files": {}}
@@ -90,13 +120,13 @@ class Run:
         data.setdefault("files", {})  # state files written before issue 10 have no listing
         ints = {k: data.get(k) for k in ("completed_phases", "phase", "step")}
         checkpoint, files = data.get("checkpoint"), data["files"]
-        problem = next((k for k, v in ints.items() if v is not None and (type(v) is not int or v < 0)), None)
+        lowest = {"phase": -1}  # phase -1: base training
+        problem = next(
+            (k for k, v in ints.items() if v is not None and (type(v) is not int or v < lowest.get(k, 0))), None
+        )
         if problem or not isinstance(ints["completed_phases"], int):
             problem = f"{problem or 'completed_phases'} is not a count"
-        elif checkpoint is not None and not (
-            isinstance(checkpoint, str)
-            and re.fullmatch(r"checkpoints/phase-\d{3,}(-step-\d{6,})?\.safetensors", checkpoint)
-        ):
+        elif checkpoint is not None and not (isinstance(checkpoint, str) and checkpoint_order(checkpoint)):
             problem = f"checkpoint {checkpoint!r} is not a checkpoint of this run"
         elif not isinstance(files, dict) or not all(
             re.fullmatch(r"(checkpoints/)?[A-Za-z0-9_-][A-Za-z0-9._-]*", k)
@@ -117,9 +147,12 @@ class Run:
         return eval_windows(self.slice_data(name).tokens(split), self.config.context, max_tokens)
 
     # checkpoints --------------------------------------------------------------------------------
-    def save_checkpoint(self, phase: int, step: int | None, opt: PEEROptimizer | None, completed: int) -> Path:
-        """Everything needed to continue; then the state pointer moves to it (both writes atomic)."""
-        name = f"phase-{phase:03d}.safetensors" if step is None else f"phase-{phase:03d}-step-{step:06d}.safetensors"
+    def save_checkpoint(
+        self, phase: int, step: int | None, opt: PEEROptimizer | None, completed: int, edit: int | None = None
+    ) -> Path:
+        """Everything needed to continue; then the state pointer moves to it (both writes atomic).
+        ``phase`` -1: base training; ``edit``: an edit by hand of the model after ``phase`` (``save_edit``)."""
+        name = checkpoint_name(phase, step, edit)
         if not distributed.is_main():  # rank 0 writes; the others wait until it has (issue 9)
             distributed.barrier()
             return self.checkpoints / name
@@ -142,30 +175,48 @@ class Run:
         }
         path = self.checkpoints / name
         save_tensors(path, tensors, meta)
-        # integrity listing (issue 10): size + sha256 of every checkpoint kept, published with the pointer
-        from .checkpoint import file_record
-
-        stale = [old for old in self.checkpoints.glob("phase-*-step-*.safetensors") if old.name != name]
-        files = {k: r for k, r in self.state()["files"].items() if self.dir / k not in stale}
-        base = self.checkpoints / "base.safetensors"
-        if "checkpoints/base.safetensors" not in files and base.exists():
-            files["checkpoints/base.safetensors"] = file_record(base)
-        files[f"checkpoints/{name}"] = file_record(path)
-        atomic_write_json(
-            self.dir / "state.json",
-            {
-                "completed_phases": completed,
-                "checkpoint": f"checkpoints/{name}",
-                "phase": phase,
-                "step": step,
-                "files": files,
-            },
-        )
-        # mid-phase checkpoints are superseded by the next one
-        for old in stale:
-            old.unlink(missing_ok=True)
+        self._publish(f"checkpoints/{name}", phase, step, completed)
         distributed.barrier()
         return path
+
+    def _publish(
+        self, checkpoint: str | None, phase: int | None, step: int | None, completed: int, base_changed: bool = False
+    ) -> None:
+        """Point state.json at ``checkpoint`` with the integrity listing (issue 10): size + sha256 of every
+        checkpoint kept; mid-phase checkpoints it supersedes are then deleted. Rank 0 only."""
+        from .checkpoint import file_record
+
+        stale = [p for p in self.checkpoints.glob("*-step-*.safetensors") if f"checkpoints/{p.name}" != checkpoint]
+        files = {k: r for k, r in self.state()["files"].items() if self.dir / k not in stale}
+        base = self.checkpoints / "base.safetensors"
+        if base.exists() and (base_changed or "checkpoints/base.safetensors" not in files):
+            files["checkpoints/base.safetensors"] = file_record(base)
+        if checkpoint is not None:
+            files[checkpoint] = file_record(self.dir / checkpoint)
+        state = {"completed_phases": completed, "checkpoint": checkpoint, "phase": phase, "step": step, "files": files}
+        atomic_write_json(self.dir / "state.json", state)
+        for old in stale:
+            old.unlink(missing_ok=True)
+
+    def save_base(self, key: dict | None = None, source: Path | None = None) -> None:
+        """Publish base.safetensors, the model phase 0 starts from: ``self.model``, or a copy of the base
+        file ``source`` (reused, issue 17). ``key``: the settings a trained base was trained under
+        (``train.base_key``), kept in base.json with the file's record so that a later run can reuse it.
+        Mid-base checkpoints are superseded by it and deleted."""
+        from .checkpoint import atomic_write, file_record
+
+        path = self.checkpoints / "base.safetensors"
+        if distributed.is_main():
+            self.checkpoints.mkdir(parents=True, exist_ok=True)
+            (self.dir / "base.json").unlink(missing_ok=True)  # describes the file about to be replaced
+            if source is not None:
+                atomic_write(path, lambda tmp: shutil.copyfile(source, tmp))
+            else:
+                save_run_model(self.model, path)
+            self._publish(None, None, None, completed=0, base_changed=True)
+            if key is not None:
+                atomic_write_json(self.dir / "base.json", {"key": key_hash(key), **key, "file": file_record(path)})
+        distributed.barrier()
 
     def load_checkpoint(self, path: Path) -> dict:
         """Restore model, hook state and ledger from ``path``; returns its tensors and meta for the rest.
@@ -173,7 +224,7 @@ class Run:
         The file must match its size and sha256 in state.json (when listed there) and its own content
         checksum; every tensor is checked against the saved config. Any problem is a CheckpointError
         naming the file, raised before the run's objects change."""
-        from .checkpoint import check_optimizer_state, check_state, verify_file
+        from .checkpoint import check_optimizer_state, check_state
         from .errors import CheckpointError
         from .index import UsageLedger
 
@@ -189,7 +240,7 @@ class Run:
         if meta.get("format") != RUN_CHECKPOINT_FORMAT:
             raise CheckpointError(f"{path}: not a run checkpoint (format {meta.get('format')!r})")
         for key, kinds in (("phase", (int,)), ("step", (int, type(None))), ("completed_phases", (int,))):
-            if type(meta.get(key)) not in kinds or (meta[key] or 0) < 0:
+            if type(meta.get(key)) not in kinds or (meta[key] or 0) < (-1 if key == "phase" else 0):
                 raise CheckpointError(f"{path}: metadata {key!r} is missing or not a count")
         if not isinstance(meta.get("ledger"), dict):
             raise CheckpointError(f"{path}: metadata 'ledger' is missing or not an object")
@@ -209,8 +260,9 @@ class Run:
         return {"tensors": tensors, "meta": meta}
 
     def load_latest(self) -> dict:
-        """Model, hook state and ledger of the last finished phase (or the starting model) — for
-        inspecting or editing a run between phases. Refuses a run stopped mid-phase."""
+        """Model, hook state and ledger of the last finished phase (or the starting model), edits by hand
+        included — for inspecting or editing a run between phases. Refuses a run stopped mid-phase.
+        Returns ``{"phase": the last finished phase (None: none yet), "checkpoint": its path}``."""
         state = self.state()
         if state["checkpoint"] is None:
             base = self.checkpoints / "base.safetensors"
@@ -221,24 +273,28 @@ class Run:
             self.model = self.read_model(base).to(self.device)
             return {"phase": None, "checkpoint": base}
         if state.get("step") is not None:
+            where = "base training" if state["phase"] < 0 else f"phase {state['phase']}"
             raise UserError(
-                f"run {self.config.run!r} stopped in the middle of phase {state['phase']}; "
+                f"run {self.config.run!r} stopped in the middle of {where}; "
                 f"finish it first with {advice.RESUME.format(run=self.config.run)}"
             )
         self.load_checkpoint(self.dir / state["checkpoint"])
-        return {"phase": state["phase"], "checkpoint": self.dir / state["checkpoint"]}
+        phase = state["phase"] if state["phase"] >= 0 else None
+        return {"phase": phase, "checkpoint": self.dir / state["checkpoint"]}
 
     def save_edit(self, what: dict) -> Path:
-        """Publish the model edited after ``load_latest`` (growth or freezing by hand) in place of that
-        checkpoint, atomically, and log the edit in edits.jsonl. The next phase starts from it."""
+        """Publish the model edited after ``load_latest`` (growth or freezing by hand) as a new checkpoint,
+        phase-NNN-edit-K (base-edit-K before phase 0), and log the edit in edits.jsonl (issue 17). The
+        evaluated checkpoint stays as it was; the next phase, and resume, start from the edit."""
         state = self.state()
-        if state["checkpoint"] is None:
-            path = self.checkpoints / "base.safetensors"
-            save_run_model(self.model, path)
-        else:
-            path = self.save_checkpoint(state["phase"], None, None, completed=state["completed_phases"])
-        with open(self.dir / "edits.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps({"time": time.time(), "checkpoint": path.name, **what}) + "\n")
+        phase = state["phase"] if state["checkpoint"] is not None else -1
+        edits = [o[2] for k in state["files"] if (o := checkpoint_order(k)) and o[0] == phase and o[2]]
+        path = self.save_checkpoint(
+            phase, None, None, completed=state["completed_phases"], edit=max(edits, default=0) + 1
+        )
+        if distributed.is_main():
+            with open(self.dir / "edits.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps({"time": time.time(), "checkpoint": path.name, **what}) + "\n")
         return path
 
     def previous_model(self, phase: int) -> PEERModel:
@@ -273,6 +329,31 @@ class Run:
 
             self._base = load_base(self.config.attach.base_model)
         return copy.deepcopy(self._base)
+
+
+def edits_since_evaluation(run_dir: Path) -> list[dict]:
+    """The edits by hand (edits.jsonl records) that came after the run's last evaluation: the model the
+    run continues from is an edit of the evaluated one, so results.json describes the model before
+    them (issue 17). Empty when the latest checkpoint is not an edit."""
+    try:
+        checkpoint = json.loads((run_dir / "state.json").read_text(encoding="utf-8"))["checkpoint"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    order = checkpoint_order(checkpoint) if isinstance(checkpoint, str) else None
+    if not order or not order[2]:
+        return []
+    path = run_dir / "edits.jsonl"
+    lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
+    records = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+            edit = checkpoint_order(f"checkpoints/{record['checkpoint']}")
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by a crash
+        if edit and edit[0] == order[0] and 0 < edit[2] <= order[2]:
+            records.append(record)
+    return records
 
 
 def _model_record(model) -> tuple[dict, dict]:
@@ -328,7 +409,7 @@ def create_run(workspace, cfg: RunConfig, stream=None) -> Run:
     directory.mkdir(parents=True, exist_ok=True)
     atomic_write_json(directory / "config.json", cfg.to_dict())
     workspace.register_run(cfg.run, {"stream": stream_name, "strategy": cfg.train.strategy, "dir": str(directory)})
-    return Run(directory, cfg, stream)
+    return Run(directory, cfg, stream, workspace)
 
 
 def _check_base_model(opts: AttachOptions, stream_name: str, tokenizer) -> None:
@@ -380,7 +461,7 @@ def open_run(workspace, run: str, stream=None) -> Run:
         from .streams.store import open_stream
 
         stream = open_stream(workspace, cfg.stream)
-    return Run(directory, cfg, stream)
+    return Run(directory, cfg, stream, workspace)
 
 
 def new_run(
@@ -397,7 +478,8 @@ def new_run(
 ) -> Run:
     """Resolve a run's configuration (preset < config file < overrides) and create its directory.
 
-    With a ``base`` checkpoint the model's shape comes from the checkpoint. With ``attach``
+    With a ``base`` checkpoint (a path, or the name of a run of ``workspace``: its base model) the
+    model's shape comes from the checkpoint. With ``attach``
     (AttachOptions fields over the config file's ``[attach]`` table; either one names ``base_model``)
     the run starts from that Hugging Face model with PEER attached instead of a byte-level model.
     """
@@ -425,6 +507,14 @@ def new_run(
         cfg = RunConfig(run=run_id, stream=stream_name, slices=slices, model=None, train=train_cfg, attach=options)
         return create_run(workspace, cfg, stream=stream)
     base_model = ModelConfig(vocab_size=stream.tokenizer.vocab_size)
+    if base and not Path(base).exists():  # --base RUN: that run's base model (issue 17)
+        runs = workspace.manifest()["runs"]
+        if base not in runs:
+            known = ", ".join(sorted(runs)) or "none yet"
+            raise UserError(
+                f"--base {base}: no such checkpoint file, nor a run of workspace {workspace.root} ({known})"
+            )
+        base = str(base_of_run(workspace, base))
     if base:
         meta = read_meta(base)
         try:

@@ -159,18 +159,26 @@ def freeze_run(
     slice_name: str | None = None,
     subkeys: bool = False,
     layer: int | None = None,
+    replace: bool = False,
 ) -> dict:
-    """``lpeer freeze``: make every PEER layer's frozen set what ``policy`` says, or ``unfreeze``
+    """``lpeer freeze``: freeze what ``policy`` says in every PEER layer — adding to the frozen set, or
+    with ``replace`` making the frozen set exactly that (which may unfreeze experts) —, or ``unfreeze``
     experts (``all`` or ids, in every layer or ``layer``); ``subkeys`` also (un)freezes their sub-keys.
+
+    Issue 17: a policy silently replaced the frozen set (2,304 frozen experts became 234); replacing
+    is now asked for, and each layer reports its frozen count before and after.
 
     Policies (``freeze_model``) count every current expert as old and the trained slices (less
     ``slice_name``) as the old slices; ``tfidf:T`` ranks experts by ``slice_name``'s usage,
     recorded here on its train split as the phase loop does. Saves with ``Run.save_edit``.
-    Returns ``{"run", "phase", "action", "checkpoint", "layers": [frozen_report, ...], "note"}``;
-    ``note`` warns when the run's own policy will recompute the frozen set before its next phase.
+    Returns ``{"run", "phase", "action", "mode": "add"|"replace"|"unfreeze", "checkpoint", "layers":
+    [frozen_report + frozen_before, newly_frozen, unfrozen, ...], "note"}``; ``note`` warns when the
+    run's own policy will recompute the frozen set before its next phase.
     """
     if (policy is None) == (unfreeze is None):
         raise UserError("give either --policy POLICY or --unfreeze all|IDS")
+    if replace and policy is None:
+        raise UserError("--replace applies to --policy only; --unfreeze removes experts from the frozen set")
     parsed = parse_policy(policy) if policy is not None else None
     ids = parse_expert_ids(unfreeze) if unfreeze is not None else None
     if parsed is not None and layer is not None:
@@ -183,29 +191,41 @@ def freeze_run(
     positions = _positions(layers, layer)
     if ids is not None:
         _check_ids(layers, positions, ids)
+    before = [(p.frozen.clone(), p.frozen_subkeys.clone()) for p in layers]
     if parsed is not None:
-        action = str(parsed)
+        action, mode = str(parsed), "replace" if replace else "add"
         old = _trained_slices(run, exclude=slice_name)
-        reports = freeze_run_model(run, parsed, slice_name, old, subkeys=subkeys)
+        freeze_run_model(run, parsed, slice_name, old, subkeys=subkeys)  # the policy's set, exactly
+        if not replace:
+            with torch.no_grad():
+                for peer, (frozen, frozen_subkeys) in zip(layers, before, strict=True):
+                    peer.frozen |= frozen
+                    peer.frozen_subkeys |= frozen_subkeys
     else:
-        action = f"unfreeze {unfreeze.strip()}"
-        reports = []
+        action, mode = f"unfreeze {unfreeze.strip()}", "unfreeze"
         for pos in positions:
-            peer = layers[pos]
             if ids is None:
-                set_frozen(peer, torch.zeros(0, dtype=torch.long))
+                set_frozen(layers[pos], torch.zeros(0, dtype=torch.long))
             else:
-                peer.unfreeze(ids, subkeys=subkeys)
-            reports.append(frozen_report(pos, peer, action))
-    edit = {"command": "freeze", "action": action, "slice": slice_name, "subkeys": subkeys, "layers": reports}
-    checkpoint = str(run.save_edit(edit))
+                layers[pos].unfreeze(ids, subkeys=subkeys)
+    reports = []
+    for pos in positions if parsed is None else range(len(layers)):
+        was, now = before[pos][0], layers[pos].frozen
+        change = {
+            "frozen_before": int(was.sum()),
+            "newly_frozen": int((now & ~was).sum()),
+            "unfrozen": int((was & ~now).sum()),
+        }
+        reports.append(frozen_report(pos, layers[pos], action) | change)
+    edit = {"command": "freeze", "action": action, "mode": mode, "slice": slice_name, "subkeys": subkeys}
+    checkpoint = str(run.save_edit(edit | {"layers": reports}))
     own = run.config.train.freeze
     note = (
         f"run {run.config.run!r} applies its own policy {own} before each phase, which recomputes this frozen set"
         if own != "none"
         else None
     )
-    head = {"run": run.config.run, "phase": loaded["phase"], "action": action, "checkpoint": checkpoint}
+    head = {"run": run.config.run, "phase": loaded["phase"], "action": action, "mode": mode, "checkpoint": checkpoint}
     return head | {"layers": reports, "note": note}
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import json
 import math
 import signal
@@ -26,25 +25,48 @@ from collections.abc import Callable
 
 import torch
 
-from . import distributed, regularize
+from . import advice, distributed, regularize
+from .bases import base_key, find_base
 from .checkpoint import load_model
-from .config import TrainConfig, phase_steps
+from .config import TrainConfig, base_train_config, phase_steps
 from .data import sample_batch, seed_for
-from .errors import UserError
+from .errors import Interrupted, UserError
 from .evaluate import evaluate_all, new_results, phase_record, recompute_results
 from .hooks import PhaseContext, PhaseHook
 from .metrics import RunResults, load_results, save_results
-from .run_outputs import write_run_outputs
 from .model import LanguageModel
 from .optim import PEEROptimizer, build_optimizer
-from .run import Run, save_run_model
+from .run import Run, checkpoint_order
+from .run_outputs import write_run_outputs
 
 Progress = Callable[[dict], None]
 
 
 def run_phases(run: Run, phases: list[int] | None = None, progress: Progress | None = None) -> RunResults:
-    """Train ``run`` through its slices (or just ``phases``), resuming from where its state says."""
-    emit = progress or (lambda event: None)
+    """Train ``run`` through its slices (or just ``phases``), resuming from where its state says.
+
+    Ctrl-C raises ``Interrupted`` saying what was saved: in training steps (base or phase) after the
+    current step, with a checkpoint there; elsewhere (evaluation, growth) at once, the run kept as of
+    its last checkpoint. A second Ctrl-C during a step stops at once too."""
+    try:
+        return _run_phases(run, phases, progress or (lambda event: None))
+    except KeyboardInterrupt:
+        raise Interrupted(_interrupted_message(run)) from None
+
+
+def _interrupted_message(run: Run) -> str:
+    """One line for Ctrl-C outside a training step: what is kept, how to continue (issue 17)."""
+    checkpoint = run.state()["checkpoint"]
+    if checkpoint is not None:
+        kept = f"the run is kept as of {checkpoint}"
+    elif (run.checkpoints / "base.safetensors").exists():
+        kept = "the run is kept as of checkpoints/base.safetensors"
+    else:
+        kept = "nothing was saved yet"
+    return f"interrupted; {kept} — continue with {advice.RESUME.format(run=run.config.run)}"
+
+
+def _run_phases(run: Run, phases: list[int] | None, emit: Progress) -> RunResults:
     state = run.state()
     resume = _restore(run, state, emit)
     results = _results(run, emit)
@@ -100,16 +122,20 @@ def train_phase(run: Run, ctx: PhaseContext, opt_state: dict | None) -> int:
     return (steps - ctx.start_step) * tc.batch_size * run.config.context
 
 
-def train_base(run: Run, emit: Progress) -> None:
-    """A longer first phase on a mix of all slices (or the first), so phases measure drift, not learning English."""
+def train_base(run: Run, emit: Progress, start: int = 0, opt_state: dict | None = None) -> None:
+    """A longer first phase on a mix of all slices (or the first), so phases measure drift, not learning
+    English; from step ``start`` with optimizer state ``opt_state`` when resuming it (issue 17).
+
+    It runs under ``base_train_config``: the base settings, none of the strategy's protections, so that
+    every strategy of a stream can start from one base (and reuse it, ``base_key``)."""
     cfg = run.config
     pools = [run.slice_data(n).tokens("train") for n in cfg.base_slices]
-    tc = dataclasses.replace(
-        cfg.train, lr=cfg.train.base_lr, replay=0.0, steps=cfg.train.base_steps, tokens=None, train_shared=True
-    )
+    tc = base_train_config(cfg.train)
     opt = make_optimizer(run.model, tc)
-    emit({"event": "phase_start", "phase": -1, "slice": "base", "steps": tc.steps, "start": 0})
-    train_steps(run, -1, tc, range(tc.steps), opt, (pools, []), [], emit)
+    if opt_state is not None:
+        opt.load_state_tensors(dict(run.model.named_parameters()), opt_state)
+    emit({"event": "phase_start", "phase": -1, "slice": "base", "steps": tc.steps, "start": start})
+    train_steps(run, -1, tc, range(start, tc.steps), opt, (pools, []), [], emit)
 
 
 def make_optimizer(model: torch.nn.Module, tc: TrainConfig) -> PEEROptimizer:
@@ -129,7 +155,8 @@ def train_steps(
 ) -> None:
     """``steps`` of ``phase`` (-1: base training), batches drawn from ``sources`` = (pools, replay pools).
 
-    In a phase, Ctrl-C saves exactly after the current step and stops, and ``checkpoint_every`` applies.
+    Ctrl-C saves exactly after the current step and stops (``Interrupted``), and ``checkpoint_every``
+    applies — in base training too (issue 17: it was neither, and Ctrl-C there lost everything).
     """
     total = steps.stop
     run.model.train()
@@ -137,8 +164,7 @@ def train_steps(
         regularize.freeze_norm_statistics(run.model)
     # the module to call: DDP for the dense weights (+ BatchNorm over the global batch) when distributed
     replica = distributed.data_parallel(run.model)
-    guard = _interrupt_at_step_boundary() if phase >= 0 else contextlib.nullcontext(lambda: False)
-    with guard as interrupted:
+    with _interrupt_at_step_boundary() as interrupted:
         for n in steps:
             gen = torch.Generator().manual_seed(seed_for(tc.seed, phase, n))
             batch = sample_batch(*sources, tc, run.config.context, gen)  # the global batch, the same on every rank
@@ -149,14 +175,16 @@ def train_steps(
                 group["lr"] = group.setdefault("peak_lr", group["lr"]) * lr_scale
             loss, elapsed = step(run.model, replica, opt, local, hooks, tc, run.device)
             _log_step(run, phase, n, loss, opt, batch, elapsed, emit)
-            if phase < 0 or n + 1 == total:
-                continue
             # Ctrl-C: save exactly after this step, then stop; decided together so every rank stops at once
             if distributed.mean(float(interrupted())) > 0:
-                run.save_checkpoint(phase, n + 1, opt, completed=phase)
-                raise UserError(f"interrupted at phase {phase}, step {n + 1}; progress saved — continue with --resume")
-            if tc.checkpoint_every and (n + 1) % tc.checkpoint_every == 0:
-                run.save_checkpoint(phase, n + 1, opt, completed=phase)
+                path = run.save_checkpoint(phase, n + 1, opt, completed=max(phase, 0))
+                where = "base training" if phase < 0 else f"phase {phase}"
+                resume = advice.RESUME.format(run=run.config.run)
+                raise Interrupted(
+                    f"interrupted at {where}, step {n + 1} of {total}; saved checkpoints/{path.name} — continue with {resume}"
+                )
+            if n + 1 < total and tc.checkpoint_every and (n + 1) % tc.checkpoint_every == 0:
+                run.save_checkpoint(phase, n + 1, opt, completed=max(phase, 0))
 
 
 def step(
@@ -209,12 +237,19 @@ def autocast(precision: str, device: torch.device) -> contextlib.AbstractContext
 @contextlib.contextmanager
 def _interrupt_at_step_boundary():
     """Defer Ctrl-C (SIGINT) to the end of the current step, so the checkpoint written on it is exact —
-    never a half-applied optimizer step. Yields a function telling whether Ctrl-C was pressed."""
+    never a half-applied optimizer step. Yields a function telling whether Ctrl-C was pressed; a second
+    Ctrl-C stops at once (KeyboardInterrupt: the run is kept as of its last checkpoint)."""
     pressed = []
     if threading.current_thread() is not threading.main_thread():
         yield lambda: False
         return
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: pressed.append(signum))
+
+    def on_sigint(signum, frame):
+        if pressed:
+            raise KeyboardInterrupt
+        pressed.append(signum)
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
     try:
         yield lambda: bool(pressed)
     finally:
@@ -277,7 +312,6 @@ def _restore(run: Run, state: dict, emit: Progress) -> dict | None:
     ``state`` is updated in place to the checkpoint used; results.json and metrics.jsonl are cut back
     to it, so a resumed run never mixes work from before and after the point it continues from.
     """
-    import re
     import warnings
 
     from .checkpoint import IntegrityWarning
@@ -287,19 +321,16 @@ def _restore(run: Run, state: dict, emit: Progress) -> dict | None:
     for tmp in [*run.dir.glob(".*.tmp"), *run.checkpoints.glob(".*.tmp")] if distributed.is_main() else []:
         tmp.unlink(missing_ok=True)
     results = None
-    if state["checkpoint"] is not None:
+    if state["checkpoint"] is not None and not (state["phase"] == -1 and state["step"] is not None):  # base: none yet
         try:
             results = load_results(run.dir)
         except UserError as e:  # lost or damaged: rebuild it, its rows are deterministic evaluations
             warnings.warn(f"{e}; recomputing it from the phase checkpoints", IntegrityWarning, stacklevel=2)
             results = recompute_results(run)
 
-    def order(rel: str) -> tuple[int, float]:
-        m = re.fullmatch(r"checkpoints/phase-(\d+)(?:-step-(\d+))?\.safetensors", rel)
-        return (int(m[1]), int(m[2]) if m[2] else math.inf) if m else (-1, -1)
-
-    newest = order(state["checkpoint"]) if state["checkpoint"] else (-1, -1)
-    older = sorted((k for k in state["files"] if (-1, -1) < order(k) < newest), key=order, reverse=True)
+    newest = checkpoint_order(state["checkpoint"]) if state["checkpoint"] else None
+    older = [k for k in state["files"] if newest and (o := checkpoint_order(k)) and o < newest]
+    older.sort(key=checkpoint_order, reverse=True)
     loaded = None
     for rel in [state["checkpoint"], *older] if state["checkpoint"] else []:
         try:
@@ -324,6 +355,12 @@ def _restore(run: Run, state: dict, emit: Progress) -> dict | None:
     else:
         meta, tensors = loaded["meta"], loaded["tensors"]
         state.update(completed_phases=meta["completed_phases"], checkpoint=rel, phase=meta["phase"], step=meta["step"])
+        if meta["phase"] < 0 and meta["step"] is not None:  # stopped in base training: continue it
+            opt = {k.split("::", 1)[1]: v for k, v in tensors.items() if k.startswith("opt::")}
+            emit({"event": "resume", "phase": -1, "step": meta["step"]})
+            _start_model(run, emit, resume=(meta["step"], opt))
+            state.update(checkpoint=None, phase=None, step=None)
+            meta = {"phase": 0, "step": None, "completed_phases": 0}
     if results is not None and len(results.phases) > meta["completed_phases"]:
         n = meta["completed_phases"]
         results.phases = results.phases[:n]
@@ -339,10 +376,30 @@ def _restore(run: Run, state: dict, emit: Progress) -> dict | None:
     return {"phase": meta["phase"], "step": meta["step"], "opt": opt}
 
 
-def _start_model(run: Run, emit: Progress) -> None:
+def _start_model(run: Run, emit: Progress, resume: tuple[int, dict] | None = None) -> None:
     """The model before phase 0: a base checkpoint, the Hugging Face base with PEER attached (issue 11),
-    a freshly trained base, or a fresh init."""
+    a trained base — reused when this run or another of its workspace trained one with the same
+    ``base_key`` (issue 17), else trained here —, or a fresh init. ``resume``: (step, optimizer state)
+    of base training stopped mid-way, whose model ``run.model`` holds."""
     cfg, tc = run.config, run.config.train
+    if resume is not None:
+        train_base(run, emit, *resume)
+        run.save_base(base_key(run))
+        return
+    if cfg.base and cfg.attach is None:
+        run.model = load_model(cfg.base, device=run.device)
+        if run.model.config.vocab_size != cfg.model.vocab_size:
+            raise UserError(f"base {cfg.base}: vocab_size {run.model.config.vocab_size} does not match the stream's")
+        run.save_base()
+        return
+    key = base_key(run) if tc.base_steps else None
+    found = find_base(run, key) if key is not None else None
+    if found is not None:
+        run.model = run.read_model(found["path"]).to(run.device)
+        emit({"event": "base_reused", "run": found["run"], "for": cfg.run, "path": str(found["path"])})
+        if found["run"] != cfg.run:
+            run.save_base(key, source=found["path"])
+        return
     torch.manual_seed(tc.seed)
     if cfg.attach is not None:
         from .attach import attach
@@ -351,28 +408,19 @@ def _start_model(run: Run, emit: Progress) -> None:
         run.model = attach(
             run.base_model(), o.layers, o.mode, o.peer, o.trainable, base=o.base_model, context=o.context
         ).to(run.device)
-        if tc.base_steps:
-            train_base(run, emit)
-    elif cfg.base:
-        run.model = load_model(cfg.base, device=run.device)
-        if run.model.config.vocab_size != cfg.model.vocab_size:
-            raise UserError(f"base {cfg.base}: vocab_size {run.model.config.vocab_size} does not match the stream's")
     else:
         run.model = LanguageModel(copy.deepcopy(cfg.model)).to(run.device)
-        if tc.base_steps:
-            train_base(run, emit)
-        else:  # issue 16: from scratch every slice improves every phase and "forgetting" means nothing
-            import warnings
+    if tc.base_steps:
+        train_base(run, emit)
+    elif cfg.attach is None:  # issue 16: from scratch every slice improves every phase and "forgetting" means nothing
+        import warnings
 
-            warnings.warn(
-                f"run {cfg.run!r} starts from a random init (no --base, no --base-steps): forgetting measured "
-                "from scratch is meaningless; give --base CHECKPOINT or --base-steps N",
-                stacklevel=2,
-            )
-    run.checkpoints.mkdir(parents=True, exist_ok=True)
-    if distributed.is_main():
-        save_run_model(run.model, run.checkpoints / "base.safetensors")
-    distributed.barrier()
+        warnings.warn(
+            f"run {cfg.run!r} starts from a random init (no --base, no --base-steps): forgetting measured "
+            "from scratch is meaningless; give --base CHECKPOINT or --base-steps N",
+            stacklevel=2,
+        )
+    run.save_base(key)
 
 
 def _truncate_metrics(run: Run, phase: int, step: int | None, completed: int) -> None:

@@ -19,6 +19,7 @@ RULES = {
     "lifelong_peer/config.py": {"run", "runops", "train", "evaluate", "hooks"},
     "lifelong_peer/data.py": {"run", "runops", "train", "evaluate", "hooks", "config"},
     "lifelong_peer/run.py": {"train", "runops", "evaluate"},
+    "lifelong_peer/bases.py": {"run", "train", "runops", "evaluate", "hooks"},
     "lifelong_peer/evaluate.py": {"train", "runops"},
     "lifelong_peer/report.py": {"train", "runops"},
     "cli/eval_cmds.py": {"train", "runops"},

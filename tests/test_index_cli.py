@@ -226,6 +226,50 @@ def test_grow_for_a_new_slice_places_subkeys_and_auto_decides_k(ws):
     assert (auto["checkpoint"] is None) == all(r["k"] == 0 for r in auto["layers"])
 
 
+def test_an_edit_writes_a_new_checkpoint_and_eval_says_the_results_predate_it(ws):
+    """Issue 17 item 2: grow/freeze rewrote the evaluated checkpoint in place, and eval kept showing the
+    matrix and expert count of a model that no longer existed. The edit is a new checkpoint; eval and
+    report say the results predate it (--reevaluate scores the edited model); the next phase starts
+    from the edit; once it is evaluated the note goes."""
+    from lifelong_peer.runops import add_slice
+
+    run_dir = ws / "runs" / "r"
+    evaluated = (run_dir / "checkpoints" / "phase-001.safetensors").read_bytes()
+    results = (run_dir / "results.json").read_text()
+    assert cli("eval", "r", "-w", ws)["edits_since_evaluation"] == []
+    grown = cli("grow", "r", "-w", ws, "--subkeys", 2, "--layer", 0)
+    assert grown["checkpoint"].endswith("phase-001-edit-1.safetensors")
+    frozen = cli("freeze", "r", "-w", ws, "--policy", "all-old")
+    assert frozen["checkpoint"].endswith("phase-001-edit-2.safetensors")
+    assert (run_dir / "checkpoints" / "phase-001.safetensors").read_bytes() == evaluated  # kept as evaluated
+    state = json.loads((run_dir / "state.json").read_text())
+    assert state["checkpoint"] == "checkpoints/phase-001-edit-2.safetensors" and state["completed_phases"] == 2
+    assert load(ws).model.peer_layers()[0].num_experts == 100  # what the run continues from
+
+    data = cli("eval", "r", "-w", ws)
+    assert len(data["edits_since_evaluation"]) == 2 and data["edited"] is None
+    assert "phase-001-edit-2.safetensors" in data["edits_since_evaluation"][1]
+    assert data["num_experts"][-1] == 128  # results.json: the model as evaluated, before the edits
+    human = runner.invoke(app, ["eval", "r", "-w", str(ws)])
+    assert human.exit_code == 0 and "predate its edits" in human.stderr and "--reevaluate" in human.stderr
+    again = cli("eval", "r", "-w", ws, "--reevaluate")
+    assert again["edited"]["num_experts"] == 100 + 64 and len(again["edited"]["bpb"]) == 2
+    assert again["edited"]["frozen_fraction"] == 1.0
+    assert (run_dir / "results.json").read_text() == results  # the phase rows are not rewritten
+    report = cli("report", "r", "-w", ws, "--out", ws / "report")
+    assert len(report["runs"][0]["edits_since_evaluation"]) == 2 and "--reevaluate" in report["runs"][0]["reevaluate"]
+    human = runner.invoke(app, ["report", "r", "-w", str(ws), "--out", str(ws / "report")])
+    assert human.exit_code == 0 and "run r's results predate its edits" in human.stderr
+
+    run = open_run(Workspace.open(ws), "r")
+    add_slice(run, "2003")
+    run_phases(run)
+    after = load(ws)
+    assert after.model.peer_layers()[0].num_experts == 100  # phase 2 started from the edited model
+    assert cli("eval", "r", "-w", ws)["edits_since_evaluation"] == []
+    assert (run_dir / "checkpoints" / "phase-001.safetensors").read_bytes() == evaluated
+
+
 # --- freeze -----------------------------------------------------------------------------------------------
 
 
@@ -257,7 +301,7 @@ def test_freeze_policies_and_unfreeze_reach_the_checkpoint(ws):
     assert [r["frozen"] for r in data["layers"]] == [len(w) for w in want]
     assert [r["frozen_pct"] for r in data["layers"]] == pytest.approx([100 * len(w) / 64 for w in want])
 
-    data = cli("freeze", "r", "-w", ws, "--policy", "all-old", "--subkeys")
+    data = cli("freeze", "r", "-w", ws, "--policy", "all-old", "--freeze-subkeys")
     assert [r["frozen_pct"] for r in data["layers"]] == [100.0, 100.0]
     assert [r["frozen_subkeys_pct"] for r in data["layers"]] == [100.0, 100.0]
     assert frozen_ids(ws) == [set(range(64))] * 2
@@ -265,7 +309,7 @@ def test_freeze_policies_and_unfreeze_reach_the_checkpoint(ws):
     data = cli("freeze", "r", "-w", ws, "--unfreeze", "0,3-5", "--layer", "0")
     assert [r["layer"] for r in data["layers"]] == [0] and data["layers"][0]["trainable"] == 4
     assert frozen_ids(ws) == [set(range(64)) - {0, 3, 4, 5}, set(range(64))]
-    assert bool(load(ws).model.peer_layers()[0].frozen_subkeys.all())  # sub-keys only with --subkeys
+    assert bool(load(ws).model.peer_layers()[0].frozen_subkeys.all())  # sub-keys only with --freeze-subkeys
 
     human = runner.invoke(app, ["freeze", "r", "-w", str(ws), "--unfreeze", "all"])
     assert human.exit_code == 0 and "unfreeze all" in human.stdout and "saved" in human.stderr
@@ -273,6 +317,32 @@ def test_freeze_policies_and_unfreeze_reach_the_checkpoint(ws):
     assert not any(bool(p.frozen.any()) or bool(p.frozen_subkeys.any()) for p in after)
     edits = [json.loads(line) for line in (ws / "runs/r/edits.jsonl").read_text().splitlines()]
     assert [e["action"] for e in edits] == ["usage:50", "all-old", "unfreeze 0,3-5", "unfreeze all"]
+
+
+def test_freeze_policy_adds_to_the_frozen_set_unless_replace_is_asked_for(ws):
+    """Issue 17 item 3: usage:90 after all-old silently replaced the frozen set (2,304 frozen experts
+    became 234). A policy now adds (nothing is unfrozen); --replace replaces; both report before → after."""
+    ledger = load(ws).ledger
+    cli("freeze", "r", "-w", ws, "--policy", "all-old")
+    data = cli("freeze", "r", "-w", ws, "--policy", "usage:50")
+    assert data["mode"] == "add" and frozen_ids(ws) == [set(range(64))] * 2  # nothing unfrozen
+    assert [(r["frozen_before"], r["frozen"], r["newly_frozen"], r["unfrozen"]) for r in data["layers"]] == [
+        (64, 64, 0, 0)
+    ] * 2
+    data = cli("freeze", "r", "-w", ws, "--policy", "usage:50", "--replace")
+    want = [usage_policy_by_hand(ledger, pos, 50) for pos in range(2)]
+    assert data["mode"] == "replace" and frozen_ids(ws) == want
+    assert [(r["frozen_before"], r["frozen"], r["unfrozen"]) for r in data["layers"]] == [
+        (64, len(w), 64 - len(w)) for w in want
+    ]
+    cli("freeze", "r", "-w", ws, "--unfreeze", "all")
+    grown = cli("freeze", "r", "-w", ws, "--policy", "usage:50")  # from nothing frozen, add == the policy
+    assert frozen_ids(ws) == want and [r["newly_frozen"] for r in grown["layers"]] == [len(w) for w in want]
+    human = runner.invoke(app, ["freeze", "r", "-w", str(ws), "--policy", "all-old"])
+    assert human.exit_code == 0 and f"{len(want[0])} → 64" in human.stdout and "added to the frozen set" in human.stdout
+    bad = runner.invoke(app, ["freeze", "r", "-w", str(ws), "--policy", "all-old", "--subkeys"])
+    assert bad.exit_code != 0  # --subkeys is grow's number; freeze's flag is --freeze-subkeys
+    assert "--freeze-subkeys" in runner.invoke(app, ["freeze", "--help"]).stdout
 
 
 def test_freeze_tfidf_trains_only_the_top_experts_of_the_new_slice(ws):

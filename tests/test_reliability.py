@@ -449,3 +449,79 @@ def test_a_safetensors_header_size_of_128_mod_256_is_not_taken_for_a_pickle(tmp_
     assert path.read_bytes()[0] == 0x80
     with pytest.raises(CheckpointError, match="pickle"):
         load_tensors(path)
+
+
+# --- Ctrl-C (issue 17 item 1) -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "raised, line",
+    [
+        ("library", "interrupted at phase 0, step 2 of 5; saved checkpoints/phase-000-step-000002.safetensors"),
+        ("elsewhere", "interrupted; nothing more was saved"),
+    ],
+)
+def test_ctrl_c_exits_130_with_one_line(tmp_path, monkeypatch, capsys, raised, line):
+    """Before: typer turned KeyboardInterrupt into a returned 130 that main() ignored (exit 0, silent),
+    and the loop's own Ctrl-C was a UserError (exit 2)."""
+    from lifelong_peer.cli.main import main
+    from lifelong_peer.errors import Interrupted
+
+    def stop(*args, **kwargs):
+        raise Interrupted(line) if raised == "library" else KeyboardInterrupt
+
+    monkeypatch.setattr("lifelong_peer.system.info", stop)
+    monkeypatch.setattr(sys, "argv", ["lpeer", "info", "-w", str(tmp_path)])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    err = capsys.readouterr().err
+    assert exit_.value.code == 130
+    assert err.strip() == line
+
+
+def _tiny_stream_workspace(tmp_path: Path) -> Workspace:
+    from lifelong_peer.streams import ingest
+
+    ws = Workspace.init(tmp_path / "ws")
+    (tmp_path / "d.jsonl").write_text(
+        "".join(json.dumps({"text": "word " * 200, "time": f"{2000 + i % 2}-01-01"}) + "\n" for i in range(40))
+    )
+    ingest(ws, str(tmp_path / "d.jsonl"), "d")
+    (tmp_path / "tiny.toml").write_text(
+        "[model]\ndim = 16\nlayers = 2\nheads = 2\ncontext = 16\n"
+        "[model.peer]\nnum_subkeys = 4\nheads = 2\ntopk = 2\ndim_key = 8\n"
+    )
+    return ws
+
+
+def _interrupt_when(proc: subprocess.Popen, marker: str) -> tuple[int, list[str]]:
+    """SIGINT ``proc`` once a stderr line contains ``marker``; its exit code and stderr lines."""
+    lines = []
+    for line in proc.stderr:
+        lines.append(line.rstrip("\n"))
+        if marker in line:
+            time.sleep(1.0)  # well inside the loop's steps
+            proc.send_signal(signal.SIGINT)
+            break
+    rest = proc.communicate(timeout=300)[1]
+    return proc.returncode, lines + rest.splitlines()
+
+
+@pytest.mark.slow
+def test_ctrl_c_of_a_real_lpeer_run_exits_130_saying_what_was_saved(tmp_path):
+    """Issue 17 item 1, as reported: SIGINT in base training exited 0, silently, saving nothing; SIGINT
+    mid-phase exited 2. Both exit 130 now, with one line naming the checkpoint written."""
+    ws = _tiny_stream_workspace(tmp_path)
+    common = ["-w", str(ws.root), "--config", str(tmp_path / "tiny.toml"), "--batch-size", "2"]
+    base = _lpeer("run", "--stream", "d", "--name", "b", "--base-steps", "1000000", *common)
+    code, err = _interrupt_when(base, "base |")
+    assert code == 130, err
+    assert err[-1].startswith("interrupted at base training, step ") and "saved checkpoints/base-step-" in err[-1]
+    state = json.loads((ws.run_dir("b") / "state.json").read_text())
+    assert state["phase"] == -1 and (ws.run_dir("b") / state["checkpoint"]).exists()
+    assert f"of 1000000; saved {state['checkpoint']}" in err[-1]
+
+    phase = _lpeer("run", "--stream", "d", "--name", "p", "--steps", "1000000", *common)
+    code, err = _interrupt_when(phase, "phase 0")
+    assert code == 130, err
+    assert err[-1].startswith("interrupted at phase 0, step ") and "--resume p" in err[-1]

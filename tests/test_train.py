@@ -160,7 +160,7 @@ def test_ctrl_c_saves_exactly_after_the_current_step_and_resume_is_exact(tmp_pat
     import os
     import signal
 
-    from lifelong_peer.errors import UserError
+    from lifelong_peer.errors import Interrupted
 
     _, straight = make_run(tmp_path, memory_stream, "naive", run_id="straight2", base_steps=4)
     run_phases(straight)
@@ -170,7 +170,10 @@ def test_ctrl_c_saves_exactly_after_the_current_step_and_resume_is_exact(tmp_pat
         if event["event"] == "step" and event["phase"] == 1 and event["step"] == 2:
             os.kill(os.getpid(), signal.SIGINT)  # arrives mid-run; honoured at the end of the step
 
-    with pytest.raises(UserError, match="interrupted at phase 1, step 3"):
+    # issue 17: Interrupted (exit 130), not a UserError (exit 2); the message names the checkpoint
+    with pytest.raises(
+        Interrupted, match=r"interrupted at phase 1, step 3 of 6; saved checkpoints/phase-001-step-000003"
+    ):
         run_phases(stopped, progress=press_ctrl_c)
     state = json.loads((stopped.dir / "state.json").read_text())
     assert (state["phase"], state["step"]) == (1, 3)
@@ -207,3 +210,82 @@ def test_base_training_uses_the_phase_optimizer_groups(tmp_path, memory_stream):
     experts = [k for k in init if k.rsplit(".", 1)[-1] in ("U", "V", "subkeys")]
     assert experts and all(torch.equal(base[k], init[k]) for k in experts)
     assert not torch.equal(base["tok.weight"], init["tok.weight"])
+
+
+def _base_tensors(run_dir) -> dict[str, torch.Tensor]:
+    tensors, _ = load_tensors(run_dir / "checkpoints" / "base.safetensors")
+    return tensors
+
+
+def _assert_same_tensors(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("stop", ["ctrl-c", "kill"])
+def test_base_training_stopped_and_resumed_is_bit_identical(tmp_path, memory_stream, stop):
+    """Issue 17 item 1: Ctrl-C in base training saved nothing (and exited 0). Now it saves after the
+    current step (Interrupted, exit 130), --checkpoint-every applies to base steps, and resume continues
+    base training to exactly the base of an uninterrupted run. (Separate workspaces: a run would
+    otherwise reuse the other's base, item 6.)"""
+    import os
+    import signal
+
+    from lifelong_peer.errors import Interrupted
+
+    opts = {"base_steps": 6, "checkpoint_every": 2}
+    _, straight = make_run(tmp_path / "a", memory_stream, "lifelong", run_id="straight", **opts)
+    run_phases(straight, phases=[0])
+    _, stopped = make_run(tmp_path / "b", memory_stream, "lifelong", run_id="stopped", **opts)
+
+    def press_ctrl_c(event):
+        if event["event"] == "step" and event["phase"] == -1 and event["step"] == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # honoured at the end of the step: saved at step 3
+
+    def kill(event):
+        if event["event"] == "step" and event["phase"] == -1 and event["step"] == 4:
+            raise SystemExit("killed")  # the last checkpoint is checkpoint_every's, at step 4
+
+    if stop == "ctrl-c":
+        with pytest.raises(
+            Interrupted, match=r"interrupted at base training, step 3 of 6; saved checkpoints/base-step"
+        ):
+            run_phases(stopped, progress=press_ctrl_c)
+    else:
+        with pytest.raises(SystemExit):
+            run_phases(stopped, progress=kill)
+    step = 3 if stop == "ctrl-c" else 4
+    state = json.loads((stopped.dir / "state.json").read_text())
+    assert (state["phase"], state["step"], state["completed_phases"]) == (-1, step, 0)
+    assert state["checkpoint"] == f"checkpoints/base-step-{step:06d}.safetensors"
+    assert not (stopped.dir / "checkpoints" / "base.safetensors").exists()
+    events = []
+    run_phases(open_run(Workspace.open(tmp_path / "b" / "ws"), "stopped", stream=memory_stream), [0], events.append)
+    assert {"event": "resume", "phase": -1, "step": step} in events
+    assert [e["step"] for e in events if e["event"] == "step" and e["phase"] == -1] == list(range(step, 6))
+    _assert_same_tensors(_base_tensors(straight.dir), _base_tensors(stopped.dir))
+    _assert_same_tensors(final_weights(straight.dir), final_weights(stopped.dir))
+    assert not list((stopped.dir / "checkpoints").glob("base-step-*"))  # superseded by base.safetensors
+    assert set(json.loads((stopped.dir / "state.json").read_text())["files"]) == {
+        "checkpoints/base.safetensors",
+        "checkpoints/phase-000.safetensors",
+    }
+
+
+def test_ctrl_c_outside_a_step_says_what_the_run_kept(tmp_path, memory_stream, monkeypatch):
+    """Ctrl-C during an evaluation (no step to finish) stops at once: Interrupted names the last checkpoint."""
+    import lifelong_peer.train as train
+    from lifelong_peer.errors import Interrupted
+
+    _, run = make_run(tmp_path, memory_stream, "naive", base_steps=2)
+    run_phases(run, phases=[0])
+    real = train.evaluate_all
+
+    def interrupted_evaluation(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "evaluate_all", interrupted_evaluation)
+    with pytest.raises(Interrupted, match=r"interrupted; the run is kept as of checkpoints/phase-000.safetensors"):
+        run_phases(run, phases=[1])
+    monkeypatch.setattr(train, "evaluate_all", real)
