@@ -239,7 +239,14 @@ def train_one(work: Path, setup: dict, s: dict) -> dict:
     }
     run = new_run(ws, setup["stream"], "naive", train, model_overrides(setup, s), run_id=run_id)
     start = time.time()
-    results = run_phases(run, phases=[])  # base training on the mix of slices, then its evaluation
+
+    def progress(event: dict) -> None:
+        if event.get("event") == "step" and (event["step"] + 1) % 100 == 0:
+            print(
+                f"  step {event['step'] + 1}: loss {event['loss']:.3f} ({time.time() - start:.0f} s)", file=sys.stderr
+            )
+
+    results = run_phases(run, phases=[], progress=progress)  # base training on the mix, then its evaluation
     wall = time.time() - start
     bpb = {split: _mean(e.before.bpb, e.before.bytes) for split, e in results.eval.items()}
     ledger = UsageLedger()
