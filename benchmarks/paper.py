@@ -342,6 +342,7 @@ def aggregate(rows: list[dict], setup: dict, sizes: list[int], lrs: list[float],
             for key in ("usage_pct", "kl_unevenness"):
                 values = [v for v in (_layer_mean(r, key) for r in runs) if v is not None]
                 row[f"{key}_{'bn' if bn else 'nobn'}"] = _stat(values) if values else None
+            row[f"test_bpb_{'bn' if bn else 'nobn'}"] = _stat([r["test_bpb"] for r in runs]) if runs else None
         table2.append(row)
     return {
         "setup": setup,
@@ -396,19 +397,32 @@ def plot(agg: dict, path: Path) -> Path | None:
     y = [m["test_bpb"]["mean"] for m in peer]
     err = [m["test_bpb"]["std"] or 0.0 for m in peer]
     seeds = max(m["test_bpb"]["n"] for m in peer)
-    ax.errorbar(
-        x, y, yerr=err, marker="o", capsize=4, label=f"PEER, h·k = {agg['setup']['heads'] * agg['setup']['topk']}"
-    )
+    hk = agg["setup"]["heads"] * agg["setup"]["topk"]
+    ax.errorbar(x, y, yerr=err, marker="o", capsize=4, label=f"PEER, h·k = {hk}")
+    nobn = [(t["experts"], t["test_bpb_nobn"]) for t in agg["table2"] if t["test_bpb_nobn"]]
+    if nobn:
+        ax.errorbar(
+            [e for e, _ in nobn],
+            [st["mean"] for _, st in nobn],
+            yerr=[st["std"] or 0.0 for _, st in nobn],
+            marker="s",
+            ls=":",
+            color="tab:orange",
+            capsize=4,
+            label="PEER without query BatchNorm",
+        )
     for m in agg["models"]:
         if m["model"] != "peer":
-            width = agg["setup"]["heads"] * agg["setup"]["topk"] if m["model"] == "dense" else m["n"] ** 2
+            width = hk if m["model"] == "dense" else m["n"] ** 2
             ax.axhline(m["test_bpb"]["mean"], ls="--", color="grey" if m["model"] == "dense" else "black")
             ax.annotate(f"dense FFN, width {width:,}", (x[0], m["test_bpb"]["mean"]), fontsize=8, va="bottom")
     ax.set_xscale("log", base=2)
     ax.set_xticks(x, [f"{math.isqrt(v)}²" for v in x])
     ax.set_xlabel("experts N (log scale)")
     ax.set_ylabel("test bits per byte (lower is better)")
-    ax.set_title(f"Fig. 3a at small scale: {agg['setup']['steps']} steps, {seeds} seed(s), mean ± std")
+    ax.set_title(
+        f"Fig. 3a at small scale: {agg['setup']['steps']} steps, up to {seeds} seed(s), mean ± std", fontsize=9
+    )
     ax.legend(fontsize=8)
     FigureCanvasAgg(fig)
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
@@ -468,13 +482,14 @@ def markdown(agg: dict, plot_path: Path | None, minutes: float) -> str:
         f"({st['usage_tokens']:,} tokens per era), mean over the {st['layers']} PEER layers (± std over seeds); "
         "without BatchNorm at the BatchNorm model's learning rate.",
         "",
-        "| experts | lr | usage % (no BN) | usage % (BN) | KL (no BN) | KL (BN) |",
-        "|---:|---:|---|---|---|---|",
+        "| experts | lr | usage % (no BN) | usage % (BN) | KL (no BN) | KL (BN) | test bpb (no BN) | test bpb (BN) |",
+        "|---:|---:|---|---|---|---|---|---|",
     ]
     for t in agg["table2"]:
         lines.append(
             f"| {t['experts']:,} | {t['lr']:g} | {_pm(t['usage_pct_nobn'], '{:.1f}')} | {_pm(t['usage_pct_bn'], '{:.1f}')} | "
-            f"{_pm(t['kl_unevenness_nobn'], '{:.3f}')} | {_pm(t['kl_unevenness_bn'], '{:.3f}')} |"
+            f"{_pm(t['kl_unevenness_nobn'], '{:.3f}')} | {_pm(t['kl_unevenness_bn'], '{:.3f}')} | "
+            f"{_pm(t['test_bpb_nobn'])} | {_pm(t['test_bpb_bn'])} |"
         )
     return "\n".join(lines) + "\n"
 

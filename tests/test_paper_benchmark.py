@@ -85,6 +85,7 @@ def test_aggregate_means_stds_lr_choice_and_checks():
         1.0
     )
     assert t16["kl_unevenness_nobn"]["mean"] == pytest.approx(0.2)
+    assert t8["test_bpb_nobn"] == {"mean": 2.2, "std": None, "n": 1} and t8["test_bpb_bn"]["mean"] == pytest.approx(2.2)
     assert agg["kl_lower_with_bn"] == [64]  # at 256 experts BatchNorm (0.4) is worse than none (0.2)
 
 
