@@ -239,9 +239,11 @@ def train_one(work: Path, setup: dict, s: dict) -> dict:
     }
     run = new_run(ws, setup["stream"], "naive", train, model_overrides(setup, s), run_id=run_id)
     start = time.time()
+    curve = []  # (step, one batch's training loss) every 100 steps: where the loss drop came
 
     def progress(event: dict) -> None:
         if event.get("event") == "step" and (event["step"] + 1) % 100 == 0:
+            curve.append([event["step"] + 1, event["loss"]])
             print(
                 f"  step {event['step'] + 1}: loss {event['loss']:.3f} ({time.time() - start:.0f} s)", file=sys.stderr
             )
@@ -269,6 +271,7 @@ def train_one(work: Path, setup: dict, s: dict) -> dict:
         "params": run.model.num_params(),
         "active_params": run.model.active_params_per_token(),
         "usage": usage,
+        "train_loss": curve,
         "threads": torch.get_num_threads(),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

@@ -161,6 +161,7 @@ def test_real_runs_resume_after_a_killed_one(tmp_path):
     assert paper.main([*args, "--max-runs", "1"]) == 0
     (first,) = paper.load_rows(out)
     assert first["spec"] == paper.spec("peer", 8, 1e-3, 0) and first["usage"][0]["usage_pct"] > 0
+    assert first["train_loss"] == []  # every 100 steps; this run has 2
     assert 0 < first["test_bpb"] < 9 and first["train_tokens"] == 2 * 16 * 256
     # the next run (dense) was killed mid-way: its folder is there, its row is not
     left = work / "runs" / f"paper-{paper._tag(SETUP)}-dense-lr0.001-s0"
