@@ -1,0 +1,596 @@
+"""The paper's own claims at small scale (issue 18): Fig. 3a and Table 2 of He 2024, from scratch.
+
+Fig. 3a: at a fixed number of active experts h·k, a larger pool (N = n²) should give a lower loss.
+Table 2: query BatchNorm should use nearly every expert and lower the KL unevenness of the
+score-weighted usage, at every N.
+
+Every run trains a byte-level LM from scratch (``TrainConfig.base_steps``, the library's base
+training) on the mix of the shipped State of the Union eras' train splits
+(``lifelong_peer.streams.ingest_default``), is scored on the eras' validation splits (to choose the
+learning rate) and test splits (reported), and has its expert usage measured on the test splits
+(``index.collect_usage`` → ``index.layer_stats``: usage %, KL(usage ‖ uniform)).
+
+Runs, in the order they are done (each step re-planned after every finished run):
+
+1. every model at the first learning rate of ``--lrs``, seed 0: PEER at each N (query BatchNorm,
+   the paper's default) and a dense FFN whose hidden width is h·k (the same active expert weights);
+2. PEER without query BatchNorm (``PEERConfig.query_norm = "none"``) at the BatchNorm model's
+   chosen learning rate, seed 0 (Table 2);
+3. the rest of the learning-rate sweep on seed 0;
+4. the other seeds at each model's chosen learning rate (the lowest mean validation bpb on seed 0),
+   and without BatchNorm at the seeds of ``--bn-seeds``.
+
+One subprocess per run, so a crash or kill loses only that run; each finished run is appended to
+the JSON file (``--out``) at once and never redone (a run is identified by its settings).
+
+    python benchmarks/paper.py --plan            # what is left and its estimated cost
+    nice -n 19 python benchmarks/paper.py        # run it all (resumable: run it again to continue)
+    python benchmarks/paper.py --max-runs 4      # at most 4 runs, then stop
+    python benchmarks/paper.py --report          # only the table, plot and draft from what is done
+
+Writes ``--out`` (benchmarks/results/paper.json), the plot (benchmarks/results/paper-fig3a.png) and
+the RESULTS.md section draft (benchmarks/results/paper.md, with the hand-written reading kept).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import itertools
+import json
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks/results"
+
+#: Seconds per training step measured on the project's 2-core machine (30 Nov 2026, one thread,
+#: the default setup below, machine otherwise quiet); only for ``--plan`` before a run of that kind
+#: has finished (afterwards the finished runs' own wall times are used).
+MEASURED_STEP_S = {("peer", 32): 0.31, ("peer", 64): 0.32, ("peer", 128): 0.37, ("peer", 256): 0.44}
+MEASURED_STEP_S |= {("dense", None): 0.12, ("dense-total", None): 60.0}
+EVAL_OVERHEAD = 1.1  # evaluation (validation + test) and the usage pass, as a fraction of training
+
+READING_MARK = "<!-- reading: written by hand, kept when the script rewrites this file -->"
+
+
+def setup_of(args: argparse.Namespace) -> dict:
+    """The settings every run of one experiment shares (a run is only compared with its own setup)."""
+    if (args.heads * args.topk) % args.dim:
+        raise SystemExit(f"h·k = {args.heads * args.topk} must be a multiple of dim {args.dim} (the dense FFN width)")
+    return {
+        "stream": args.stream,
+        "dim": args.dim,
+        "layers": args.layers,
+        "attn_heads": args.attn_heads,
+        "context": args.context,
+        "heads": args.heads,
+        "topk": args.topk,
+        "dim_key": args.dim_key,
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "warmup": args.warmup,
+        "eval_tokens": args.eval_tokens,
+        "usage_tokens": args.usage_tokens,
+    }
+
+
+def spec(model: str, n: int | None, lr: float, seed: int, bn: bool = True) -> dict:
+    """One run: model 'peer' (N = n² experts), 'dense' (FFN width h·k) or 'dense-total' (width n²)."""
+    return {"model": model, "n": n, "bn": bn, "lr": lr, "seed": seed}
+
+
+def run_name(s: dict) -> str:
+    size = f"-n{s['n']}" if s["n"] else ""
+    return f"{s['model']}{size}{'' if s['bn'] else '-nobn'}-lr{s['lr']:g}-s{s['seed']}"
+
+
+def _tag(setup: dict) -> str:
+    return hashlib.sha1(json.dumps(setup, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def _key(s: dict) -> str:
+    return json.dumps(s, sort_keys=True)
+
+
+# --- results file ----------------------------------------------------------------------------------
+
+
+def load_rows(path: Path) -> list[dict]:
+    return json.loads(path.read_text())["runs"] if path.exists() else []
+
+
+def append_row(path: Path, row: dict) -> None:
+    """Add one finished run to the JSON file (temp file + rename: a kill never leaves half a file)."""
+    from lifelong_peer.checkpoint import atomic_write_json
+
+    rows = load_rows(path)
+    atomic_write_json(path, {"runs": [*rows, row]})
+
+
+def finished(rows: list[dict], setup: dict) -> dict[str, dict]:
+    """{spec key: row} of the runs of ``setup`` already done."""
+    return {_key(r["spec"]): r for r in rows if r["setup"] == setup}
+
+
+# --- planning --------------------------------------------------------------------------------------
+
+
+def models_of(sizes: list[int], dense_total: bool) -> list[tuple[str, int | None]]:
+    out: list[tuple[str, int | None]] = [("peer", n) for n in sizes] + [("dense", None)]
+    return out + ([("dense-total", max(sizes))] if dense_total else [])
+
+
+def chosen_lr(done: dict[str, dict], model: str, n: int | None, lrs: list[float]) -> float:
+    """The lr of the lowest validation bpb on seed 0 among the finished sweep runs (the first lr if none)."""
+    scored = [(done[_key(spec(model, n, lr, 0))]["val_bpb"], lr) for lr in lrs if _key(spec(model, n, lr, 0)) in done]
+    return min(scored)[1] if scored else lrs[0]
+
+
+def plan(
+    setup: dict, rows: list[dict], sizes: list[int], lrs: list[float], seeds: int, bn_seeds: int, dense_total: bool
+) -> list[dict]:
+    """The runs still to do, in the order of the module docstring."""
+    done = finished(rows, setup)
+    models = models_of(sizes, dense_total)
+    out: list[dict] = []
+
+    def want(s: dict) -> None:
+        if _key(s) not in done and s not in out:
+            out.append(s)
+
+    for model, n in models:
+        want(spec(model, n, lrs[0], 0))
+    for n in sizes:
+        want(spec("peer", n, chosen_lr(done, "peer", n, lrs), 0, bn=False))
+    for lr in lrs[1:]:
+        for model, n in models:
+            want(spec(model, n, lr, 0))
+    for seed in range(1, seeds):
+        for model, n in models:
+            want(spec(model, n, chosen_lr(done, model, n, lrs), seed))
+    for seed in range(1, bn_seeds):
+        for n in sizes:
+            want(spec("peer", n, chosen_lr(done, "peer", n, lrs), seed, bn=False))
+    return out
+
+
+def estimate_s(s: dict, setup: dict, rows: list[dict]) -> float | None:
+    """Seconds a run should take: the mean of finished runs of its kind, else the measured step time."""
+    same = [
+        r["wall_s"]
+        for r in rows
+        if r["setup"] == setup and (r["spec"]["model"], r["spec"]["n"]) == (s["model"], s["n"])
+    ]
+    if same:
+        return statistics.fmean(same)
+    step = MEASURED_STEP_S.get((s["model"], s["n"] if s["model"] == "peer" else None))
+    return None if step is None else step * setup["steps"] * EVAL_OVERHEAD
+
+
+def print_plan(todo: list[dict], setup: dict, rows: list[dict], dense_total: bool) -> None:
+    total, unknown = 0.0, 0
+    print(f"setup {_tag(setup)}: {json.dumps(setup)}")
+    print(f"{len(finished(rows, setup))} run(s) finished, {len(todo)} to do:")
+    for s in todo:
+        est = estimate_s(s, setup, rows)
+        total += est or 0.0
+        unknown += est is None
+        print(f"  {run_name(s):28s} ~{'?' if est is None else f'{est / 60:.0f} min'}")
+    print(
+        f"estimated total: {total / 3600:.1f} h on one thread" + (f" (+{unknown} of unknown cost)" if unknown else "")
+    )
+    if not dense_total:
+        step = MEASURED_STEP_S[("dense-total", None)]
+        print(
+            f"not planned: a dense FFN as wide as the largest pool (--dense-total), "
+            f"~{step * setup['steps'] / 3600:.0f} h per run at {step:.0f} s/step"
+        )
+
+
+# --- one run (in its own process) ------------------------------------------------------------------
+
+
+def model_overrides(setup: dict, s: dict) -> dict:
+    """ModelConfig fields of a run: PEER in every block, or dense FFNs of width h·k or n²."""
+    d = setup["dim"]
+    over = {"dim": d, "layers": setup["layers"], "heads": setup["attn_heads"], "context": setup["context"]}
+    if s["model"] == "peer":
+        peer = {"num_subkeys": s["n"], "heads": setup["heads"], "topk": setup["topk"], "dim_key": setup["dim_key"]}
+        return over | {"peer_blocks": "all", "peer": peer | {"query_norm": "batchnorm" if s["bn"] else "none"}}
+    width = setup["heads"] * setup["topk"] if s["model"] == "dense" else s["n"] ** 2
+    if width % d:
+        raise ValueError(f"dense FFN width {width} is not a multiple of dim {d}")
+    return over | {"peer_blocks": "none", "ffn_mult": width // d}
+
+
+def train_one(work: Path, setup: dict, s: dict) -> dict:
+    """Train one run from scratch, evaluate it, measure its expert usage; the row for the JSON file."""
+    import torch
+
+    from lifelong_peer.index import UsageLedger, collect_usage, layer_stats
+    from lifelong_peer.metrics import _mean
+    from lifelong_peer.streams import ingest_default
+    from lifelong_peer.train import new_run, run_phases
+    from lifelong_peer.workspace import MANIFEST, Workspace
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    ws = Workspace.open(work) if (work / MANIFEST).is_file() else Workspace.init(work)
+    if setup["stream"] not in ws.manifest()["streams"]:
+        if setup["stream"] != "sotu":
+            raise SystemExit(f"{work}: no stream {setup['stream']!r}; ingest it first")
+        ingest_default(ws, "sotu")
+    run_id = f"paper-{_tag(setup)}-{run_name(s)}"
+    shutil.rmtree(ws.run_dir(run_id), ignore_errors=True)  # a run killed before it finished starts over
+    train = {
+        "base_steps": setup["steps"],
+        "base_lr": s["lr"],
+        "warmup": setup["warmup"],
+        "seed": s["seed"],
+        "batch_size": setup["batch_size"],
+        "eval_tokens": setup["eval_tokens"],
+        "usage_tokens": setup["usage_tokens"],
+    }
+    run = new_run(ws, setup["stream"], "naive", train, model_overrides(setup, s), run_id=run_id)
+    start = time.time()
+    curve = []  # (step, one batch's training loss) every 100 steps: where the loss drop came
+
+    def progress(event: dict) -> None:
+        if event.get("event") == "step" and (event["step"] + 1) % 100 == 0:
+            curve.append([event["step"] + 1, event["loss"]])
+            print(
+                f"  step {event['step'] + 1}: loss {event['loss']:.3f} ({time.time() - start:.0f} s)", file=sys.stderr
+            )
+
+    results = run_phases(run, phases=[], progress=progress)  # base training on the mix, then its evaluation
+    wall = time.time() - start
+    bpb = {split: _mean(e.before.bpb, e.before.bytes) for split, e in results.eval.items()}
+    ledger = UsageLedger()
+    for name in run.config.slices:
+        collect_usage(run.model, run.windows(name, "test", setup["usage_tokens"])[:, :-1], ledger, name)
+    usage = []
+    for pos, layer in enumerate(run.model.peer_layers()):
+        st = layer_stats(ledger, pos, layer.num_experts, layer.frozen)
+        usage.append({k: st[k] for k in ("usage_pct", "kl_unevenness", "dead", "tokens")})
+    layers = run.model.peer_layers()
+    return {
+        "setup": setup,
+        "spec": s,
+        "run": run_id,
+        "val_bpb": bpb["validation"],
+        "test_bpb": bpb["test"],
+        "wall_s": wall,
+        "train_tokens": setup["steps"] * setup["batch_size"] * setup["context"],
+        "experts_per_layer": layers[0].num_experts if layers else 0,
+        "params": run.model.num_params(),
+        "active_params": run.model.active_params_per_token(),
+        "usage": usage,
+        "train_loss": curve,
+        "threads": torch.get_num_threads(),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+# --- aggregation -----------------------------------------------------------------------------------
+
+
+def _stat(values: list[float]) -> dict:
+    """mean, sample std (None for one value) and count."""
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else None,
+        "n": len(values),
+    }
+
+
+def _layer_mean(row: dict, key: str) -> float | None:
+    values = [u[key] for u in row["usage"] if u[key] is not None]
+    return statistics.fmean(values) if values else None
+
+
+def aggregate(rows: list[dict], setup: dict, sizes: list[int], lrs: list[float], dense_total: bool = False) -> dict:
+    """Per model: the chosen lr (seed 0, validation), test bpb mean ± std over seeds at it; the Fig. 3a
+    checks over the PEER sizes; Table 2 (usage %, KL unevenness with and without BatchNorm) per N."""
+    done = finished(rows, setup)
+    models = []
+    for model, n in models_of(sizes, dense_total):
+        lr = chosen_lr(done, model, n, lrs)
+        runs = sorted((r for r in done.values() if r["spec"] == spec(model, n, lr, r["spec"]["seed"])), key=_seed)
+        if not runs:
+            continue
+        sweep = {
+            lr_: done[_key(spec(model, n, lr_, 0))]["val_bpb"] for lr_ in lrs if _key(spec(model, n, lr_, 0)) in done
+        }
+        models.append(
+            {
+                "model": model,
+                "n": n,
+                "experts": n * n if model == "peer" else 0,
+                "lr": lr,
+                "sweep_val_bpb": sweep,
+                "seeds": [r["spec"]["seed"] for r in runs],
+                "test_bpb": _stat([r["test_bpb"] for r in runs]),
+                "val_bpb": _stat([r["val_bpb"] for r in runs]),
+                "params": runs[0]["params"],
+                "active_params": runs[0]["active_params"],
+                "wall_s": _stat([r["wall_s"] for r in runs]),
+            }
+        )
+    peer = [m for m in models if m["model"] == "peer"]
+    checks = []
+    for a, b in itertools.pairwise(peer):
+        gap = a["test_bpb"]["mean"] - b["test_bpb"]["mean"]  # > 0: the larger pool is better
+        spread = max(a["test_bpb"]["std"] or 0.0, b["test_bpb"]["std"] or 0.0)
+        checks.append(
+            {
+                "from": a["experts"],
+                "to": b["experts"],
+                "gap": gap,
+                "twice_spread": 2 * spread,
+                "lower": gap > 0,
+                "clear": gap > 2 * spread and min(a["test_bpb"]["n"], b["test_bpb"]["n"]) > 1,
+            }
+        )
+    table2 = []
+    for m in peer:
+        row = {"experts": m["experts"], "lr": m["lr"]}
+        for bn in (True, False):
+            runs = [r for r in done.values() if r["spec"] == spec("peer", m["n"], m["lr"], r["spec"]["seed"], bn)]
+            for key in ("usage_pct", "kl_unevenness"):
+                values = [v for v in (_layer_mean(r, key) for r in runs) if v is not None]
+                row[f"{key}_{'bn' if bn else 'nobn'}"] = _stat(values) if values else None
+            row[f"test_bpb_{'bn' if bn else 'nobn'}"] = _stat([r["test_bpb"] for r in runs]) if runs else None
+        table2.append(row)
+    return {
+        "setup": setup,
+        "models": models,
+        "fig3a": {
+            "checks": checks,
+            "monotone": bool(checks) and all(c["lower"] for c in checks),
+            "clear": bool(checks) and all(c["clear"] for c in checks),
+        },
+        "table2": table2,
+        "kl_lower_with_bn": [
+            t["experts"]
+            for t in table2
+            if t["kl_unevenness_bn"]
+            and t["kl_unevenness_nobn"]
+            and t["kl_unevenness_bn"]["mean"] < t["kl_unevenness_nobn"]["mean"]
+        ],
+    }
+
+
+def _seed(row: dict) -> int:
+    return row["spec"]["seed"]
+
+
+def tokens_per_expert(setup: dict, experts: int) -> float:
+    """Expert retrievals per expert per layer over training: tokens · h·k / N."""
+    return setup["steps"] * setup["batch_size"] * setup["context"] * setup["heads"] * setup["topk"] / experts
+
+
+# --- outputs ---------------------------------------------------------------------------------------
+
+
+def _pm(stat: dict | None, fmt: str = "{:.4f}") -> str:
+    if not stat:
+        return "—"
+    return fmt.format(stat["mean"]) + ("" if stat["std"] is None else " ± " + fmt.format(stat["std"]))
+
+
+def plot(agg: dict, path: Path) -> Path | None:
+    """Test bpb vs N (log scale) with seed-std error bars; the dense FFN of the same active size as a line."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from lifelong_peer.checkpoint import atomic_write
+
+    peer = [m for m in agg["models"] if m["model"] == "peer"]
+    if not peer:
+        return None
+    fig = Figure(figsize=(5.5, 3.8))
+    ax = fig.add_subplot()
+    x = [m["experts"] for m in peer]
+    y = [m["test_bpb"]["mean"] for m in peer]
+    err = [m["test_bpb"]["std"] or 0.0 for m in peer]
+    seeds = max(m["test_bpb"]["n"] for m in peer)
+    hk = agg["setup"]["heads"] * agg["setup"]["topk"]
+    ax.errorbar(x, y, yerr=err, marker="o", capsize=4, label=f"PEER, h·k = {hk}")
+    nobn = [(t["experts"], t["test_bpb_nobn"]) for t in agg["table2"] if t["test_bpb_nobn"]]
+    if nobn:
+        ax.errorbar(
+            [e for e, _ in nobn],
+            [st["mean"] for _, st in nobn],
+            yerr=[st["std"] or 0.0 for _, st in nobn],
+            marker="s",
+            ls=":",
+            color="tab:orange",
+            capsize=4,
+            label="PEER without query BatchNorm",
+        )
+    for m in agg["models"]:
+        if m["model"] != "peer":
+            width = hk if m["model"] == "dense" else m["n"] ** 2
+            ax.axhline(m["test_bpb"]["mean"], ls="--", color="grey" if m["model"] == "dense" else "black")
+            ax.annotate(f"dense FFN, width {width:,}", (x[0], m["test_bpb"]["mean"]), fontsize=8, va="bottom")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(x, [f"{math.isqrt(v)}²" for v in x])
+    ax.set_xlabel("experts N (log scale)")
+    ax.set_ylabel("test bits per byte (lower is better)")
+    ax.set_title(
+        f"Fig. 3a at small scale: {agg['setup']['steps']} steps, up to {seeds} seed(s), mean ± std", fontsize=9
+    )
+    ax.legend(fontsize=8)
+    FigureCanvasAgg(fig)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
+    return path
+
+
+def markdown(agg: dict, plot_path: Path | None, minutes: float) -> str:
+    """The RESULTS.md section draft: setup, budget, the Fig. 3a table and checks, Table 2."""
+    st = agg["setup"]
+    hk = st["heads"] * st["topk"]
+    tokens = st["steps"] * st["batch_size"] * st["context"]
+    lines = [
+        "## The paper's claims at small scale: Fig. 3a and Table 2 (issue 18)",
+        "",
+        f"Generated by `python benchmarks/paper.py` ({len(agg['models'])} model(s) with results; {minutes:.0f} min "
+        f"of runs in all, one thread per run). Every model is trained from scratch on the mix of the six eras' "
+        f"train splits (the shipped SOTU stream) for {st['steps']:,} steps × {st['batch_size']} × {st['context']} "
+        f"bytes = {tokens:,} training tokens; dim {st['dim']}, {st['layers']} blocks, PEER in every block with "
+        f"h = {st['heads']}, k = {st['topk']} (h·k = {hk}), dim_key {st['dim_key']}; the dense FFN has width "
+        f"h·k = {hk} (the same active expert weights). Learning rate: the lowest validation bpb on seed 0 over "
+        f"the sweep; numbers: test bits per byte (token-weighted over eras), mean ± std over seeds.",
+        "",
+        "| model | experts / layer | tokens per expert | lr (sweep: val bpb) | seeds | test bpb | params | active params | min / run |",
+        "|---|---:|---:|---|---:|---|---:|---:|---:|",
+    ]
+    for m in agg["models"]:
+        name = {"peer": "PEER", "dense": f"dense FFN, width {hk}", "dense-total": "dense FFN, width N"}[m["model"]]
+        tpe = f"{tokens_per_expert(st, m['experts']):,.0f}" if m["experts"] else "—"
+        sweep = ", ".join(f"{lr:g}: {v:.4f}" for lr, v in sorted(m["sweep_val_bpb"].items()))
+        lines.append(
+            f"| {name} | {m['experts']:,} | {tpe} | {m['lr']:g} ({sweep}) | {m['test_bpb']['n']} | "
+            f"{_pm(m['test_bpb'])} | {m['params']:,} | {m['active_params']:,} | {m['wall_s']['mean'] / 60:.1f} |"
+        )
+    if plot_path is not None:
+        lines += ["", f"![test bpb vs N]({os.path.relpath(plot_path, ROOT)})"]
+    fig = agg["fig3a"]
+    lines += [
+        "",
+        "Fig. 3a check (gap = bpb of the smaller pool − the larger; clear = gap > 2 × the larger seed std):",
+        "",
+    ]
+    lines += ["| from → to | gap | 2 × spread | lower | clear |", "|---|---:|---:|---|---|"]
+    for c in fig["checks"]:
+        lines.append(
+            f"| {c['from']:,} → {c['to']:,} | {c['gap']:+.4f} | {c['twice_spread']:.4f} | "
+            f"{'yes' if c['lower'] else 'no'} | {'yes' if c['clear'] else 'no'} |"
+        )
+    lines += [
+        "",
+        f"Monotone: {'yes' if fig['monotone'] else 'no'}; every step clear of seed noise: "
+        f"{'yes' if fig['clear'] else 'no'}.",
+    ]
+    lines += [
+        "",
+        "Table 2 at small scale: expert usage (% of experts retrieved at least once) and KL(usage ‖ uniform)"
+        " of the router-weight mass, on the test splits "
+        f"({st['usage_tokens']:,} tokens per era), mean over the {st['layers']} PEER layers (± std over seeds); "
+        "without BatchNorm at the BatchNorm model's learning rate.",
+        "",
+        "| experts | lr | usage % (no BN) | usage % (BN) | KL (no BN) | KL (BN) | test bpb (no BN) | test bpb (BN) |",
+        "|---:|---:|---|---|---|---|---|---|",
+    ]
+    for t in agg["table2"]:
+        lines.append(
+            f"| {t['experts']:,} | {t['lr']:g} | {_pm(t['usage_pct_nobn'], '{:.1f}')} | {_pm(t['usage_pct_bn'], '{:.1f}')} | "
+            f"{_pm(t['kl_unevenness_nobn'], '{:.3f}')} | {_pm(t['kl_unevenness_bn'], '{:.3f}')} | "
+            f"{_pm(t['test_bpb_nobn'])} | {_pm(t['test_bpb_bn'])} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_report(out: Path, agg: dict, rows: list[dict]) -> None:
+    """paper-fig3a.png and paper.md next to ``out``; the hand-written reading after READING_MARK is kept."""
+    png = plot(agg, out.with_name(out.stem + "-fig3a.png"))
+    minutes = sum(r["wall_s"] for r in rows if r["setup"] == agg["setup"]) / 60
+    md = out.with_suffix(".md")
+    kept = ""
+    if md.exists() and READING_MARK in md.read_text():
+        kept = md.read_text().split(READING_MARK, 1)[1]
+    from lifelong_peer.checkpoint import atomic_write_text
+
+    atomic_write_text(md, markdown(agg, png, minutes) + "\n" + READING_MARK + (kept or "\n"))
+    print(f"wrote {md}" + (f" and {png}" if png else ""), file=sys.stderr)
+
+
+# --- command line ----------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--plan", action="store_true", help="print the runs still to do and their cost; run nothing")
+    p.add_argument("--report", action="store_true", help="only aggregate the finished runs (table, plot, draft)")
+    p.add_argument("--max-runs", type=int, default=None, help="stop after this many runs")
+    p.add_argument("--sizes", default="32,64,128,256", help="sub-keys per half n (N = n²)")
+    p.add_argument("--lrs", default="3e-3,1e-3,1e-2", help="learning-rate sweep; the first is run first")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--bn-seeds", type=int, default=1, help="seeds of the runs without query BatchNorm")
+    p.add_argument("--dense-total", action="store_true", help="also a dense FFN as wide as the largest pool")
+    p.add_argument("--stream", default="sotu")
+    p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--attn-heads", type=int, default=4)
+    p.add_argument("--context", type=int, default=256)
+    p.add_argument("--heads", type=int, default=4, help="PEER heads h")
+    p.add_argument("--topk", type=int, default=16, help="experts per head k")
+    p.add_argument("--dim-key", type=int, default=32)
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--eval-tokens", type=int, default=16384, help="held-out tokens per era and split")
+    p.add_argument("--usage-tokens", type=int, default=16384, help="test tokens per era for Table 2")
+    p.add_argument("--work", default=str(RESULTS / "paper-ws"), help="workspace of the runs (not committed)")
+    p.add_argument("--out", default=str(RESULTS / "paper.json"))
+    p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: one run, in this process
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    out, work = Path(args.out), Path(args.work)
+    if args.one:
+        job = json.loads(args.one)
+        append_row(out, train_one(work, job["setup"], job["spec"]))
+        return 0
+    setup = setup_of(args)
+    sizes = [int(n) for n in args.sizes.split(",")]
+    lrs = [float(x) for x in args.lrs.split(",")]
+    todo_args = (sizes, lrs, args.seeds, args.bn_seeds, args.dense_total)
+    if args.plan:
+        print_plan(plan(setup, load_rows(out), *todo_args), setup, load_rows(out), args.dense_total)
+        return 0
+    failed: list[str] = []
+    ran = 0
+    while not args.report and (args.max_runs is None or ran < args.max_runs):
+        todo = [s for s in plan(setup, load_rows(out), *todo_args) if run_name(s) not in failed]
+        if not todo:
+            break
+        s = todo[0]
+        print(f"[{time.strftime('%H:%M:%S')}] {run_name(s)} ({len(todo)} to do)", file=sys.stderr, flush=True)
+        start = time.time()
+        job = json.dumps({"setup": setup, "spec": s})
+        cmd = [sys.executable, __file__, "--one", job, "--work", str(work), "--out", str(out)]
+        code = subprocess.run(
+            cmd, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        ).returncode
+        ran += 1
+        if code:
+            failed.append(run_name(s))
+            print(f"{run_name(s)} failed (exit {code}); skipped in this invocation", file=sys.stderr)
+            continue
+        row = finished(load_rows(out), setup)[_key(s)]
+        print(
+            f"  val {row['val_bpb']:.4f} test {row['test_bpb']:.4f} in {time.time() - start:.0f} s",
+            file=sys.stderr,
+            flush=True,
+        )
+    rows = load_rows(out)
+    agg = aggregate(rows, setup, sizes, lrs, args.dense_total)
+    if agg["models"]:
+        write_report(out, agg, rows)
+        print(json.dumps({k: agg[k] for k in ("fig3a", "kl_lower_with_bn")}, indent=1))
+    if failed:
+        print(f"failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,178 @@
+"""benchmarks/paper.py (issue 18): resuming skips finished runs; the aggregation against hand-made rows."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import statistics
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("paper", ROOT / "benchmarks" / "paper.py")
+paper = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(paper)
+
+TINY = [
+    "--sizes", "8,16", "--lrs", "1e-3,3e-3", "--seeds", "2", "--dim", "16", "--heads", "4", "--topk", "4",
+    "--dim-key", "8", "--attn-heads", "2", "--layers", "2", "--steps", "2", "--warmup", "1",
+    "--eval-tokens", "512", "--usage-tokens", "512",
+]  # fmt: skip
+SETUP = paper.setup_of(paper.parse_args(TINY))
+LRS = [1e-3, 3e-3]
+
+
+def row(model, n, lr, seed, val, test, bn=True, usage=((100.0, 0.3), (90.0, 0.5)), setup=SETUP):
+    """A results-file row as train_one writes it (only the fields the aggregation reads are meaningful)."""
+    return {
+        "setup": setup,
+        "spec": paper.spec(model, n, lr, seed, bn),
+        "val_bpb": val,
+        "test_bpb": test,
+        "wall_s": 10.0,
+        "params": 1000,
+        "active_params": 100,
+        "usage": [{"usage_pct": u, "kl_unevenness": kl, "dead": 0, "tokens": 1} for u, kl in usage]
+        if model == "peer"
+        else [],
+    }
+
+
+def hand_made() -> list[dict]:
+    rows = [
+        # n=8: 3e-3 wins the sweep on validation; its seeds' test bpb 2.0, 2.2, 2.4 → 2.2 ± 0.2
+        row("peer", 8, 1e-3, 0, val=2.5, test=1.0),  # the losing lr: must not enter the test numbers
+        row("peer", 8, 3e-3, 0, val=2.1, test=2.0),
+        row("peer", 8, 3e-3, 1, val=2.3, test=2.2),
+        row("peer", 8, 3e-3, 2, val=2.5, test=2.4),
+        row("peer", 8, 1e-3, 1, val=9.0, test=9.0),  # a seed at the non-chosen lr: ignored
+        # n=16: 1e-3 wins; test 1.4, 1.5, 1.6 → 1.5 ± 0.1 (gap 0.7 > 2 × 0.2: clear)
+        row("peer", 16, 1e-3, 0, val=1.4, test=1.4),
+        row("peer", 16, 3e-3, 0, val=1.6, test=1.0),
+        row("peer", 16, 1e-3, 1, val=1.5, test=1.5),
+        row("peer", 16, 1e-3, 2, val=1.6, test=1.6),
+        # without BatchNorm at the chosen lrs (Table 2): more uneven
+        row("peer", 8, 3e-3, 0, val=2.2, test=2.2, bn=False, usage=((80.0, 0.9), (60.0, 1.1))),
+        row("peer", 16, 1e-3, 0, val=1.6, test=1.6, bn=False, usage=((70.0, 0.2), (50.0, 0.2))),
+        row("dense", None, 1e-3, 0, val=3.0, test=3.0),
+        row("peer", 8, 3e-3, 0, val=0.1, test=0.1, setup={**SETUP, "steps": 99}),  # another setup: ignored
+    ]
+    return rows
+
+
+def test_aggregate_means_stds_lr_choice_and_checks():
+    agg = paper.aggregate(hand_made(), SETUP, [8, 16], LRS)
+    peer = {m["n"]: m for m in agg["models"] if m["model"] == "peer"}
+    assert peer[8]["lr"] == 3e-3 and peer[16]["lr"] == 1e-3
+    assert peer[8]["sweep_val_bpb"] == {1e-3: 2.5, 3e-3: 2.1}
+    assert peer[8]["seeds"] == [0, 1, 2]
+    assert peer[8]["test_bpb"]["mean"] == pytest.approx(2.2)
+    assert peer[8]["test_bpb"]["std"] == pytest.approx(0.2)
+    assert peer[16]["test_bpb"]["mean"] == pytest.approx(1.5)
+    assert peer[16]["test_bpb"]["std"] == pytest.approx(0.1)
+    dense = next(m for m in agg["models"] if m["model"] == "dense")
+    assert dense["test_bpb"] == {"mean": 3.0, "std": None, "n": 1}
+    (check,) = agg["fig3a"]["checks"]
+    assert (check["from"], check["to"]) == (64, 256)
+    assert check["gap"] == pytest.approx(0.7) and check["twice_spread"] == pytest.approx(0.4)
+    assert check["lower"] and check["clear"] and agg["fig3a"]["monotone"] and agg["fig3a"]["clear"]
+    t8, t16 = agg["table2"]
+    assert t8["usage_pct_bn"]["mean"] == pytest.approx(statistics.fmean([95.0, 95.0, 95.0]))
+    assert t8["kl_unevenness_bn"]["mean"] == pytest.approx(0.4) and t8["kl_unevenness_bn"]["n"] == 3
+    assert t8["usage_pct_nobn"]["mean"] == pytest.approx(70.0) and t8["kl_unevenness_nobn"]["mean"] == pytest.approx(
+        1.0
+    )
+    assert t16["kl_unevenness_nobn"]["mean"] == pytest.approx(0.2)
+    assert t8["test_bpb_nobn"] == {"mean": 2.2, "std": None, "n": 1} and t8["test_bpb_bn"]["mean"] == pytest.approx(2.2)
+    assert agg["kl_lower_with_bn"] == [64]  # at 256 experts BatchNorm (0.4) is worse than none (0.2)
+
+
+def test_a_larger_pool_that_is_worse_or_within_noise_fails_the_checks():
+    rows = hand_made()
+    for r in rows:  # n=16 now 2.25 ± 0.1: worse than n=8's 2.2
+        if r["spec"]["n"] == 16 and r["spec"]["lr"] == 1e-3 and r["spec"]["bn"]:
+            r["test_bpb"] += 0.75
+    agg = paper.aggregate(rows, SETUP, [8, 16], LRS)
+    assert not agg["fig3a"]["monotone"] and not agg["fig3a"]["clear"]
+    single = [r for r in hand_made() if r["spec"]["seed"] == 0]  # one seed: lower, but never "clear"
+    agg = paper.aggregate(single, SETUP, [8, 16], LRS)
+    assert agg["fig3a"]["monotone"] and not agg["fig3a"]["clear"]
+
+
+def test_plan_order_and_lr_choice():
+    models = [paper.spec("peer", 8, 1e-3, 0), paper.spec("peer", 16, 1e-3, 0), paper.spec("dense", None, 1e-3, 0)]
+    todo = paper.plan(SETUP, [], [8, 16], LRS, seeds=2, bn_seeds=1, dense_total=False)
+    assert todo[:3] == models  # every model at the first lr first
+    assert todo[3:5] == [paper.spec("peer", 8, 1e-3, 0, bn=False), paper.spec("peer", 16, 1e-3, 0, bn=False)]
+    rows = [r for r in hand_made() if r["spec"]["seed"] == 0 and r["spec"]["bn"]]
+    todo = paper.plan(SETUP, rows, [8, 16], LRS, seeds=2, bn_seeds=1, dense_total=False)
+    done = {paper._key(r["spec"]) for r in rows if r["setup"] == SETUP}
+    assert not done & {paper._key(s) for s in todo}
+    # the sweep chose 3e-3 for n=8: its no-BN run and its second seed use it
+    assert paper.spec("peer", 8, 3e-3, 0, bn=False) in todo and paper.spec("peer", 8, 3e-3, 1) in todo
+    assert paper.spec("peer", 8, 1e-3, 1) not in todo
+
+
+def test_resume_skips_finished_runs(tmp_path, monkeypatch):
+    """Each run is a subprocess (here a stand-in that appends its row); a second invocation runs only what is left."""
+    out = tmp_path / "paper.json"
+    calls = []
+
+    def fake_run(cmd, env):
+        job = json.loads(cmd[cmd.index("--one") + 1])
+        calls.append(paper.run_name(job["spec"]))
+        paper.append_row(out, row(job["spec"]["model"], job["spec"]["n"], job["spec"]["lr"], job["spec"]["seed"],
+                                  val=2.0, test=2.0, bn=job["spec"]["bn"], setup=job["setup"]))  # fmt: skip
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(paper.subprocess, "run", fake_run)
+    args = [*TINY, "--out", str(out), "--work", str(tmp_path / "ws")]
+    assert paper.main([*args, "--max-runs", "2"]) == 0
+    first = list(calls)
+    assert first == ["peer-n8-lr0.001-s0", "peer-n16-lr0.001-s0"]
+    assert paper.main(args) == 0
+    assert not set(calls[2:]) & set(first)  # finished runs are never redone
+    assert len(calls) == len(set(calls)) == 2 * 3 + 2 + 3  # 3 models × 2 lrs + 2 no-BN + 3 models' second seed
+    before = out.read_text()
+    calls.clear()
+    assert paper.main(args) == 0 and calls == [] and out.read_text() == before
+    assert (tmp_path / "paper.md").exists() and (tmp_path / "paper-fig3a.png").stat().st_size > 0
+
+
+def test_the_hand_written_reading_survives_a_rewrite(tmp_path):
+    out = tmp_path / "paper.json"
+    agg = paper.aggregate(hand_made(), SETUP, [8, 16], LRS)
+    paper.write_report(out, agg, hand_made())
+    md = out.with_suffix(".md")
+    md.write_text(md.read_text() + "Reproduced, partly.\n")
+    paper.write_report(out, agg, hand_made())
+    assert md.read_text().count(paper.READING_MARK) == 1 and md.read_text().endswith("Reproduced, partly.\n")
+    assert "| 64 → 256 | +0.7000 | 0.4000 | yes | yes |" in md.read_text()
+
+
+@pytest.mark.slow
+def test_real_runs_resume_after_a_killed_one(tmp_path):
+    """Real training subprocesses at tiny sizes: a run killed half-way (its run folder left behind) is
+    started over, finished ones are kept byte for byte."""
+    out, work = tmp_path / "paper.json", tmp_path / "ws"
+    args = [*TINY, "--sizes", "8", "--lrs", "1e-3", "--seeds", "1", "--out", str(out), "--work", str(work)]
+    assert paper.main([*args, "--max-runs", "1"]) == 0
+    (first,) = paper.load_rows(out)
+    assert first["spec"] == paper.spec("peer", 8, 1e-3, 0) and first["usage"][0]["usage_pct"] > 0
+    assert first["train_loss"] == []  # every 100 steps; this run has 2
+    assert 0 < first["test_bpb"] < 9 and first["train_tokens"] == 2 * 16 * 256
+    # the next run (dense) was killed mid-way: its folder is there, its row is not
+    left = work / "runs" / f"paper-{paper._tag(SETUP)}-dense-lr0.001-s0"
+    left.mkdir(parents=True)
+    (left / "junk").write_text("half a run")
+    assert paper.main(args) == 0
+    rows = paper.load_rows(out)
+    assert rows[0] == first
+    assert [paper.run_name(r["spec"]) for r in rows] == [
+        "peer-n8-lr0.001-s0",
+        "dense-lr0.001-s0",
+        "peer-n8-nobn-lr0.001-s0",
+    ]
+    assert rows[1]["usage"] == [] and rows[2]["usage"][0]["kl_unevenness"] is not None
