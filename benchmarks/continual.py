@@ -224,7 +224,7 @@ def write_results_md(section: str, out: Path) -> None:
         f"results.json); runs took {walls[0]}–{walls[-1]} s each on one thread of a shared 2-core machine.",
         "",
     ]
-    path.write_text("\n".join(head) + section + "\n" + kept)
+    path.write_text("\n".join(head) + "\n" + section + "\n" + kept)
 
 
 def resolved(strategy: str, overrides: dict) -> dict:
