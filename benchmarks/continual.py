@@ -155,6 +155,7 @@ def main() -> None:
     parser.add_argument("--dense-base", default=None, help="base of the dense strategy (same recipe, dense FFNs)")
     parser.add_argument("--reuse", default=None, help="a sweep results file whose identical runs count here")
     parser.add_argument("--table", action="store_true", help="only rebuild the table from the results file")
+    parser.add_argument("--results-md", action="store_true", help="also write the table into RESULTS.md")
     parser.add_argument("--fig3a-only", action="store_true", help="only the Fig. 3a check (issue 6)")
     parser.add_argument("--fig3a-steps", type=int, default=1000)
     parser.add_argument("--fig3a-seeds", type=int, default=1)
@@ -196,7 +197,35 @@ def main() -> None:
                 indent=1,
             )
         )
-    print(table(out, f"Strategies on {args.stream}"))
+    section = table(out, f"Strategies on {args.stream}")
+    print(section)
+    if args.results_md:
+        write_results_md(section, out)
+
+
+def write_results_md(section: str, out: Path) -> None:
+    """RESULTS.md: this protocol's section first; the sections from the Fig. 3a check on are kept."""
+    path = ROOT / "RESULTS.md"
+    old = path.read_text()
+    kept = old[old.index("## Fig. 3a") :] if "## Fig. 3a" in old else ""
+    records = json.loads(out.read_text())
+    walls = sorted({round(r["wall_s"]) for r in records})
+    head = [
+        "# Results: continual learning on the State of the Union eras",
+        "",
+        "Protocol (issue 16, `python benchmarks/continual.py`): every strategy continues ONE shared base,",
+        "`lifelong_peer/assets/sotu-base.safetensors`, trained 800 steps on the first era's (1790–1839)",
+        "training split only, so the five later eras are new to it; then 80 steps × 16 × 256 bytes per era,",
+        "the same tokens for every strategy. Seeds vary data order and the initialisation of grown experts;",
+        "the base is the same for every seed. Bits per byte on the eras' **test** splits (choices were made",
+        "on the validation splits), token-weighted where averaged over eras. gain = the base's average −",
+        "the final average; share = gain / joint's gain; forgetting: mean over earlier eras of",
+        "(final − best), positive = forgot. The `base` row is the untouched base (no training).",
+        f"Every number comes from `benchmarks/results/{out.name}` (one record per run, with its whole",
+        f"results.json); runs took {walls[0]}–{walls[-1]} s each on one thread of a shared 2-core machine.",
+        "",
+    ]
+    path.write_text("\n".join(head) + "\n" + section + "\n" + kept)
 
 
 def resolved(strategy: str, overrides: dict) -> dict:
