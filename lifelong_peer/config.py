@@ -305,7 +305,6 @@ def phase_steps(tc: TrainConfig, context: int) -> int:
 
 BASE_FIELDS = (
     "batch_size",
-    "expert_lr",
     "weight_decay",
     "expert_moments",
     "warmup",
