@@ -232,7 +232,7 @@ def resolved(strategy: str, overrides: dict) -> dict:
     """The TrainConfig a run of ``strategy`` with ``overrides`` trains with (the seed aside)."""
     import dataclasses
 
-    from lifelong_peer.train import resolve_config
+    from lifelong_peer.config import resolve_config
 
     _, train = resolve_config(strategy, {**COMMON, **overrides})
     return {k: v for k, v in dataclasses.asdict(train).items() if k not in ("seed", "strategy")}

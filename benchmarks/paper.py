@@ -216,8 +216,9 @@ def train_one(work: Path, setup: dict, s: dict) -> dict:
 
     from lifelong_peer.index import UsageLedger, collect_usage, layer_stats
     from lifelong_peer.metrics import _mean
+    from lifelong_peer.run import new_run
     from lifelong_peer.streams import ingest_default
-    from lifelong_peer.train import new_run, run_phases
+    from lifelong_peer.train import run_phases
     from lifelong_peer.workspace import MANIFEST, Workspace
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))

@@ -81,7 +81,8 @@ def split_metrics(results, split: str) -> dict:
 
 
 def run_one(ws, entry: dict, seed: int, base: str, steps: int) -> dict:
-    from lifelong_peer.train import new_run, run_phases
+    from lifelong_peer.run import new_run
+    from lifelong_peer.train import run_phases
 
     overrides = {**COMMON, "steps": steps, **entry.get("overrides", {}), "seed": seed}
     t0 = time.time()

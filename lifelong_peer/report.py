@@ -320,6 +320,6 @@ def report(runs: list[str], out_dir: str | Path, split: str = "test", workspace:
     edits = {res.run: _edit_fields(d, edits_since_evaluation(d)) for d, res in zip(dirs, loaded, strict=True)}
     comparison = compare_runs(loaded, split)
     for row in comparison["runs"]:
-        row |= edits[row["run"]]
+        row |= edits.get(row["run"], {})  # the frozen-base row is no run of its own
     files = write_report(out_dir, comparison, loaded)
     return comparison | {"files": {k: str(v) for k, v in files.items()}}

@@ -105,14 +105,14 @@ def test_a_base_trained_under_other_settings_is_not_reused(docs, tmp_path, chang
 
 def test_the_key_covers_the_data_and_the_model(docs, tmp_path):
     ws = _workspace(tmp_path / "ws", docs)
-    run = new_run(ws, "toy", "naive", TRAIN, MODEL, run_id="a")
+    run = new_run(ws, "toy", "naive", {**TRAIN, "base_data": "mix"}, MODEL, run_id="a")
     key = base_key(run)
     assert [name for name, _ in key["data"]] == ["2001", "2002"] and key["model"]["dim"] == 32
     first = new_run(ws, "toy", "naive", {**TRAIN, "base_data": "first"}, MODEL, run_id="b")
-    wider = new_run(ws, "toy", "naive", TRAIN, {**MODEL, "dim": 48}, run_id="c")
+    wider = new_run(ws, "toy", "naive", {**TRAIN, "base_data": "mix"}, {**MODEL, "dim": 48}, run_id="c")
     assert base_key(first)["data"] == key["data"][:1] and base_key(wider) != key
     assert "expert_weight_decay" not in key["train"] or key["train"]["expert_weight_decay"] == 0.0
-    lifelong = new_run(ws, "toy", "lifelong", TRAIN, MODEL, run_id="d")
+    lifelong = new_run(ws, "toy", "lifelong", {**TRAIN, "base_data": "mix"}, MODEL, run_id="d")
     assert base_key(lifelong) == key  # the strategy's protections are not part of the base
 
 

@@ -213,8 +213,9 @@ def test_presets_name_their_hooks():
     assert preset_hooks("mas") == ["MAS"]
     assert preset_hooks("replay") == ["Replay"]
     assert preset_hooks("joint") == ["Joint"]
-    assert preset_hooks("lifelong") == ["Growth", "Freezing", "L2SP"]
+    assert preset_hooks("lifelong") == ["Growth", "Freezing", "Replay"]
     assert preset_hooks("smf") == ["Freezing"]
+    assert preset_hooks("smf-shared") == ["Freezing"]
 
 
 def test_every_hooks_state_survives_a_checkpoint(tmp_path, memory_stream):
