@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from lifelong_peer.cli.main import app, main
-from lifelong_peer.index import UsageLedger, collect_usage, pair_of
+from lifelong_peer.index import UsageLedger, collect_usage
+from lifelong_peer.peer import pair_of
 from lifelong_peer.run import new_run, open_run
 from lifelong_peer.runops import freeze_run, inspect_run, parse_expert_ids
 from lifelong_peer.streams import ingest
