@@ -48,17 +48,7 @@ QUALITY = (
 )
 COST = ("run", "phases_done", "num_experts", "params", "active_params", "train_tokens", "wall_time_s")
 #: the numeric columns averaged over the runs of one strategy (seeds)
-AGGREGATED = (
-    "final_avg_bpb",
-    "gain_bpb",
-    "share_of_joint",
-    "newest_bpb",
-    "avg_forgetting_bpb",
-    "bwt_bpb",
-    "fwt_bpb",
-    "train_tokens",
-    "wall_time_s",
-)
+AGGREGATED = (*QUALITY[2:], "train_tokens", "wall_time_s")
 #: the strategy whose gain over the base is the reference of ``share_of_joint`` (not continual)
 REFERENCE = "joint"
 #: the strategy name of the frozen base's row ("no training"), one per distinct base

@@ -6,29 +6,12 @@ import json
 
 import pytest
 import torch
+from test_walkthrough import TINY  # the walkthrough's tiny model and run settings
 from typer.testing import CliRunner
 
 from lifelong_peer.cli import progress
 from lifelong_peer.cli.main import app
 from lifelong_peer.cli.progress import PlainIngestProgress, PlainProgress
-
-TINY = """
-[model]
-dim = 32
-layers = 2
-heads = 2
-context = 32
-[model.peer]
-num_subkeys = 8
-heads = 2
-topk = 4
-dim_key = 16
-[train]
-batch_size = 4
-eval_tokens = 256
-usage_tokens = 256
-warmup = 1
-"""
 
 
 class Clock:
