@@ -282,20 +282,10 @@ class PEER(nn.Module):
 
     def _retrieve_generation(self, q: Tensor, lo: int, hi: int, k: int) -> tuple[Tensor, Tensor]:
         """Exact top-k over a grown generation, the experts (i, j) with lo ≤ max(i, j) < hi — ids
-        [lo², hi²) in shell order — as two product-key grids: rows [lo, hi) × columns [0, hi) and
-        rows [0, lo) × columns [lo, hi). (T, h, dk) → (scores, ids), each (T, h, k), descending.
-        Pure PyTorch on every ``impl`` (the sub-key sets are small; the experts' part is shared)."""
-        half = self.config.dim_key // 2
-        scores, rows, cols = [], [], []
-        for r0, r1, c0, c1 in ((lo, hi, 0, hi), (0, lo, lo, hi)):
-            v1, i1 = (q[..., :half] @ self.subkeys[r0:r1, 0].T).topk(min(k, r1 - r0), dim=-1)  # (T, h, k1)
-            v2, i2 = (q[..., half:] @ self.subkeys[c0:c1, 1].T).topk(min(k, c1 - c0), dim=-1)  # (T, h, k2)
-            grid = v1.unsqueeze(-1) + v2.unsqueeze(-2)  # (T, h, k1, k2): contains the grid's top-k (Eq. 5)
-            scores.append(grid.flatten(-2))
-            rows.append((i1 + r0).unsqueeze(-1).expand_as(grid).flatten(-2))
-            cols.append((i2 + c0).unsqueeze(-2).expand_as(grid).flatten(-2))
-        top, pick = torch.cat(scores, -1).topk(k, dim=-1)
-        return top, id_of(torch.cat(rows, -1).gather(-1, pick), torch.cat(cols, -1).gather(-1, pick))
+        [lo², hi²) in shell order: (T, h, dk) → (scores, ids), each (T, h, k), descending. Two
+        product-key grids (``peer_ops.shell_topk``), in C++ with ``impl="native"``."""
+        scores, i, j = peer_ops.product_key_topk(q, self.subkeys[:hi], k, native=self.impl == "native", lo=lo)
+        return scores, id_of(i, j)
 
     def _retrieve_square(self, q: Tensor, subkeys: Tensor) -> tuple[Tensor, Tensor]:
         """Queries (T, h, dk) → (scores, ids), each (T, h, k), scores descending, over the experts of ``subkeys``."""

@@ -65,20 +65,23 @@ def native_kernels(*tensors: Tensor):
 
 
 def product_key_topk(
-    q: Tensor, subkeys: Tensor, k: int, sparse_backward: bool = True, native: bool = False
+    q: Tensor, subkeys: Tensor, k: int, sparse_backward: bool = True, native: bool = False, lo: int = 0
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Exact top-k of q1·c_i + q2·c'_j over all pairs (i, j): (scores, i, j), each (..., k), descending.
 
     q (..., dim_key) queries, subkeys (n, 2, dim_key/2). Differentiable in ``scores`` with respect
     to q and subkeys; with ``sparse_backward`` through ``SubkeyTopK``, whose backward costs O(k)
     per query instead of the O(n) of back-propagating through the full score matrix. ``native``:
-    the C++ kernel (``NativeProductKeyTopK``) where available.
+    the C++ kernel (``NativeProductKeyTopK``) where available. ``lo`` > 0: only the pairs with
+    max(i, j) ≥ lo, a grown generation's experts (issue 16; ``shell_topk``).
     """
     half = q.shape[-1] // 2
     lead = q.shape[:-1]
     if native and (ext := native_kernels(q, subkeys)) is not None:
-        scores, i, j = NativeProductKeyTopK.apply(q.reshape(-1, q.shape[-1]), subkeys, k, ext)
+        scores, i, j = NativeProductKeyTopK.apply(q.reshape(-1, q.shape[-1]), subkeys, k, ext, lo)
         return scores.view(*lead, k), i.view(*lead, k), j.view(*lead, k)
+    if lo:
+        return shell_topk(q, subkeys, lo, k)
     halves = []
     for h, qh in enumerate((q[..., :half], q[..., half:])):
         qh = qh.reshape(-1, half)  # (R, half)
@@ -131,8 +134,8 @@ class NativeProductKeyTopK(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, subkeys, k: int, ext):
-        scores, i, j = ext.pk_topk(q, subkeys, k)
+    def forward(ctx, q, subkeys, k: int, ext, lo: int = 0):
+        scores, i, j = ext.pk_topk_shell(q, subkeys, lo, k) if lo else ext.pk_topk(q, subkeys, k)
         ctx.save_for_backward(q, subkeys, i, j)
         ctx.ext = ext
         ctx.mark_non_differentiable(i, j)
@@ -143,7 +146,26 @@ class NativeProductKeyTopK(torch.autograd.Function):
     def backward(ctx, ds, _di, _dj):
         q, subkeys, i, j = ctx.saved_tensors
         dq, dsubkeys = ctx.ext.pk_topk_backward(ds, q, subkeys, i, j, *ctx.needs_input_grad[:2])
-        return dq, dsubkeys, None, None
+        return dq, dsubkeys, None, None, None
+
+
+def shell_topk(q: Tensor, subkeys: Tensor, lo: int, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The exact top-k over the experts (i, j) with lo ≤ max(i, j) < n — a grown generation's, ids
+    [lo², n²) in shell order — as two product-key grids: rows [lo, n) × columns [0, n) and rows
+    [0, lo) × columns [lo, n), each reduced to its halves' top-k (Eq. 5). q (..., dk), subkeys
+    (n, 2, dk/2) → (scores, i, j), each (..., k), descending. Pure PyTorch, autograd through it; the
+    native kernel ``pk_topk_shell`` computes the same."""
+    half, n = q.shape[-1] // 2, subkeys.shape[0]
+    scores, rows, cols = [], [], []
+    for r0, r1, c0, c1 in ((lo, n, 0, n), (0, lo, lo, n)):
+        v1, i1 = (q[..., :half] @ subkeys[r0:r1, 0].T).topk(min(k, r1 - r0), dim=-1)  # (..., k1)
+        v2, i2 = (q[..., half:] @ subkeys[c0:c1, 1].T).topk(min(k, c1 - c0), dim=-1)  # (..., k2)
+        grid = v1.unsqueeze(-1) + v2.unsqueeze(-2)  # (..., k1, k2): contains the grid's top-k
+        scores.append(grid.flatten(-2))
+        rows.append((i1 + r0).unsqueeze(-1).expand_as(grid).flatten(-2))
+        cols.append((i2 + c0).unsqueeze(-2).expand_as(grid).flatten(-2))
+    top, pick = torch.cat(scores, -1).topk(k, dim=-1)
+    return top, torch.cat(rows, -1).gather(-1, pick), torch.cat(cols, -1).gather(-1, pick)
 
 
 # --- experts ----------------------------------------------------------------------------------

@@ -40,17 +40,19 @@ def test_each_generation_retrieves_the_exact_top_k_of_its_own_experts(impl):
     layer, _ = pair(impl)
     layer.grow(4, generation_topk=5)
     layer.grow(3, generation_topk=3)
+    layer.grow(1, generation_topk=6)  # one new sub-key: fewer rows than the generation's top-k
     x = torch.randn(40, 24)
     scores, ids = layer.retrieve(x)
     every = layer.all_scores(x)  # (T, h, N) by id, brute force
-    for (lo, hi), (a, b) in zip([(0, 9), (9, 13), (13, 16)], [(0, 5), (5, 10), (10, 13)], strict=True):
+    spans, slots = [(0, 9), (9, 13), (13, 16), (16, 17)], [(0, 5), (5, 10), (10, 13), (13, 19)]
+    for (lo, hi), (a, b) in zip(spans, slots, strict=True):
         top = every[..., lo * lo : hi * hi].topk(b - a, dim=-1)
         assert torch.equal(ids[..., a:b], top.indices + lo * lo)
         torch.testing.assert_close(scores[..., a:b], top.values)
         i, j = pair_of(ids[..., a:b])
         assert ((torch.maximum(i, j) >= lo) & (torch.maximum(i, j) < hi)).all()
     gates = layer.gates(scores)
-    for a, b in [(0, 5), (5, 10), (10, 13)]:  # one softmax per generation
+    for a, b in slots:  # one softmax per generation
         torch.testing.assert_close(gates[..., a:b].sum(-1), torch.ones(40, 3))
 
 

@@ -5,7 +5,8 @@
 //   (a GEMM into a buffer that stays in cache) and each row's top-k is found by *filtering* (row_topk):
 //   block maxima give a lower bound of the k-th best score, and only the few scores above it are
 //   sorted — about n compares per row instead of torch.topk's selection.
-//   Then the pruned grid ((a+1)(b+1) <= k) gives the exact top-k of the n² sums.
+//   Then the pruned grid ((a+1)(b+1) <= k) gives the exact top-k of the n² sums. pk_topk_shell does the
+//   same over a grown generation's experts (two rectangular grids), with the same backward.
 // * mix_forward / mix_backward: y_t = Σ_s g_ts σ(u_e · x_t) v_e over (token, slot) entries sorted by
 //   expert id e, so each retrieved row of U and V is read once per pass (x, y, dy, dx — T × dim — stay
 //   in cache). The backward is one fused pass producing dx, dgates and compact dU/dV rows.
@@ -21,6 +22,7 @@
 #endif
 
 #include <algorithm>
+#include <array>
 #include <type_traits>
 #include <cmath>
 #include <functional>
@@ -229,6 +231,77 @@ std::vector<at::Tensor> pk_topk(at::Tensor q, at::Tensor subkeys, int64_t k) {
             out_s[o + t] = best[t].v;
             out_i[o + t] = h1[grid[p].first].i;
             out_j[o + t] = h2[grid[p].second].i;
+          }
+        }
+      }
+    });
+  });
+  return {scores, ii, jj};
+}
+
+// A grown generation's retrieval (issue 16): the exact top-k over the experts (i, j) with lo <= max(i, j) < n,
+// the "shell" of sub-keys [lo, n), as two product-key grids — rows [lo, n) x columns [0, n) and rows [0, lo)
+// x columns [lo, n) — each searched as pk_topk searches its square (each half's top-k, the pruned grid),
+// then the k best of both grids' candidates. q (R, dk), subkeys (n, 2, dk/2), 0 < lo < n.
+// → scores (R, k) descending, i (R, k), j (R, k). The gradients are pk_topk_backward's.
+std::vector<at::Tensor> pk_topk_shell(at::Tensor q, at::Tensor subkeys, int64_t lo, int64_t k) {
+  q = q.contiguous();
+  subkeys = subkeys.contiguous();
+  const int64_t R = q.size(0), dk = q.size(1), half = dk / 2, n = subkeys.size(0);
+  TORCH_CHECK(subkeys.size(2) == half && lo > 0 && lo < n && k >= 1 && k <= n * n - lo * lo,
+              "pk_topk_shell: bad shapes, lo or k");
+  auto scores = at::empty({R, k}, q.options());
+  auto ii = at::empty({R, k}, q.options().dtype(at::kLong));
+  auto jj = at::empty({R, k}, q.options().dtype(at::kLong));
+  // the two grids: (first row, rows, first column, columns); each half's top-k is min(k, its length)
+  const int64_t g[2][4] = {{lo, n - lo, 0, n}, {0, lo, lo, n - lo}};
+  std::vector<int64_t> ka(2), kb(2);
+  std::vector<std::array<int64_t, 3>> cand;  // (grid, rank a, rank b) with (a+1)(b+1) <= k
+  for (int64_t t = 0; t < 2; ++t) {
+    ka[t] = std::min(k, g[t][1]);
+    kb[t] = std::min(k, g[t][3]);
+    for (int64_t a = 0; a < ka[t]; ++a)
+      for (int64_t b = 0; b < std::min(kb[t], k / (a + 1)); ++b) cand.push_back({t, a, b});
+  }
+  const int64_t P = cand.size();
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "pk_topk_shell", [&] {
+    const at::Tensor c1t = subkeys.select(1, 0).t(), c2t = subkeys.select(1, 1).t();  // (half, n)
+    const int64_t C = std::max<int64_t>(32, 131072 / n);
+    const int64_t blocks = (R + C - 1) / C;
+    auto* out_s = scores.data_ptr<scalar_t>();
+    auto* out_i = ii.data_ptr<int64_t>();
+    auto* out_j = jj.data_ptr<int64_t>();
+    at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+      std::vector<Item<scalar_t>> h[2][2] = {{std::vector<Item<scalar_t>>(k + 1), std::vector<Item<scalar_t>>(k + 1)},
+                                             {std::vector<Item<scalar_t>>(k + 1), std::vector<Item<scalar_t>>(k + 1)}};
+      std::vector<Item<scalar_t>> best(k + 1);
+      TopkScratch<scalar_t> w(std::max(n, P), k);
+      std::vector<scalar_t> cv(P + 16);
+      std::vector<int32_t> ci(P + 16);
+      for (int64_t blk = b0; blk < b1; ++blk) {
+        const int64_t r0 = blk * C, rows = std::min(R, r0 + C) - r0;
+        const at::Tensor qb = q.narrow(0, r0, rows);
+        const at::Tensor s1 = at::mm(qb.narrow(1, 0, half), c1t).contiguous();  // (rows, n)
+        const at::Tensor s2 = at::mm(qb.narrow(1, half, half), c2t).contiguous();
+        const scalar_t* p1 = s1.data_ptr<scalar_t>();
+        const scalar_t* p2 = s2.data_ptr<scalar_t>();
+        for (int64_t r = 0; r < rows; ++r) {
+          for (int64_t t = 0; t < 2; ++t) {
+            row_topk(p1 + r * n + g[t][0], g[t][1], ka[t], w, h[t][0].data());
+            row_topk(p2 + r * n + g[t][2], g[t][3], kb[t], w, h[t][1].data());
+          }
+          for (int64_t p = 0; p < P; ++p) {
+            const auto& c = cand[p];
+            cv[p] = h[c[0]][0][c[1]].v + h[c[0]][1][c[2]].v;
+            ci[p] = static_cast<int32_t>(p);
+          }
+          best_k(cv.data(), ci.data(), P, k, best.data());
+          const int64_t o = (r0 + r) * k;
+          for (int64_t t = 0; t < k; ++t) {
+            const auto& c = cand[best[t].i];
+            out_s[o + t] = best[t].v;
+            out_i[o + t] = h[c[0]][0][c[1]].i + g[c[0]][0];
+            out_j[o + t] = h[c[0]][1][c[2]].i + g[c[0]][2];
           }
         }
       }
@@ -487,6 +560,7 @@ void row_adamw_(at::Tensor w, at::Tensor m, at::Tensor v, at::Tensor step, at::T
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pk_topk", &pk_topk, "product-key top-k by filtering");
+  m.def("pk_topk_shell", &pk_topk_shell, "a grown generation's product-key top-k");
   m.def("pk_topk_backward", &pk_topk_backward, "gradients of the product-key scores");
   m.def("mix_forward", &mix_forward, "experts' mix over entries sorted by expert id");
   m.def("mix_backward", &mix_backward, "fused backward: dx, dgates, compact dU/dV rows");
