@@ -38,7 +38,7 @@ from lifelong_peer.train import run_phases
 from lifelong_peer.workspace import Workspace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sweep import COMMON  # the protocol's per-run settings, in one place
+from sweep import COMMON, train_fields  # the protocol's per-run settings, in one place
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks/results"
@@ -173,6 +173,7 @@ def main() -> None:
         return
     out = RESULTS / f"continual16-{args.stream}-results.json"
     entries = plan(args.strategies.split(","), args.seeds, args)
+    drop_stale(out, entries)
     if args.reuse:
         reuse(Path(args.reuse), out, entries, args.base)
     if not args.table:
@@ -230,12 +231,26 @@ def write_results_md(section: str, out: Path) -> None:
 
 def resolved(strategy: str, overrides: dict) -> dict:
     """The TrainConfig a run of ``strategy`` with ``overrides`` trains with (the seed aside)."""
-    import dataclasses
-
     from lifelong_peer.config import resolve_config
 
     _, train = resolve_config(strategy, {**COMMON, **overrides})
-    return {k: v for k, v in dataclasses.asdict(train).items() if k not in ("seed", "strategy")}
+    return train_fields(train)
+
+
+def drop_stale(out: Path, entries: list[dict]) -> None:
+    """Forget the records of ``out`` that no longer train as their plan entry does (a preset changed
+    since they ran), so that they run again. Records without their TrainConfig cannot be checked."""
+    if not out.exists():
+        return
+    want = {e["name"]: resolved(e["strategy"], e["overrides"]) for e in entries}
+    keep = []
+    for r in json.loads(out.read_text()):
+        if r["name"] in want and "train" in r and r["train"] != want[r["name"]]:
+            changed = sorted(k for k in want[r["name"]] if r["train"].get(k) != want[r["name"]][k])
+            print(f"{out.name}: {r['name']} seed {r['seed']} is stale ({', '.join(changed)} changed); it runs again")
+            continue
+        keep.append(r)
+    out.write_text(json.dumps(keep, indent=1))
 
 
 def reuse(sweep: Path, out: Path, entries: list[dict], base: str) -> None:

@@ -80,6 +80,13 @@ def split_metrics(results, split: str) -> dict:
     }
 
 
+def train_fields(train) -> dict:
+    """A TrainConfig as the JSON a record keeps, the seed and the strategy's name aside."""
+    import dataclasses
+
+    return {k: v for k, v in dataclasses.asdict(train).items() if k not in ("seed", "strategy")}
+
+
 def run_one(ws, entry: dict, seed: int, base: str, steps: int) -> dict:
     from lifelong_peer.run import new_run
     from lifelong_peer.train import run_phases
@@ -97,6 +104,7 @@ def run_one(ws, entry: dict, seed: int, base: str, steps: int) -> dict:
         "overrides": entry.get("overrides", {}),
         "base": base,
         "steps": steps,
+        "train": train_fields(run.config.train),  # what it trained with: continual.py spots stale records
         "wall_s": round(time.time() - t0, 1),
         "validation": split_metrics(results, "validation"),
         "test": split_metrics(results, "test"),

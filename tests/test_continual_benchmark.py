@@ -1,0 +1,32 @@
+"""benchmarks/continual.py (issue 16): records that no longer train as their plan entry does run again."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))  # continual.py imports its sibling sweep.py
+_spec = importlib.util.spec_from_file_location("continual", ROOT / "benchmarks" / "continual.py")
+continual = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(continual)
+
+
+def test_a_record_whose_preset_changed_is_dropped_and_the_others_are_kept(tmp_path, capsys):
+    entries = continual.plan(["naive", "replay"], 2, argparse.Namespace(stream="sotu"))
+    replay = continual.resolved("replay", {})
+    out = tmp_path / "results.json"
+    records = [
+        {"name": "naive", "seed": 0, "train": continual.resolved("naive", {})},  # as the preset is now
+        {"name": "replay", "seed": 0, "train": {**replay, "replay": replay["replay"] / 2}},  # an older preset
+        {"name": "replay", "seed": 1},  # from before records kept their TrainConfig: cannot be checked
+        {"name": "other", "seed": 0, "train": {}},  # not in the plan: left alone
+    ]
+    out.write_text(json.dumps(records))
+    continual.drop_stale(out, entries)
+    kept = [(r["name"], r["seed"]) for r in json.loads(out.read_text())]
+    assert kept == [("naive", 0), ("replay", 1), ("other", 0)]
+    assert "replay seed 0 is stale (replay changed)" in capsys.readouterr().out
