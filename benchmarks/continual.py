@@ -201,7 +201,24 @@ def main() -> None:
     section = table(out, f"Strategies on {args.stream}")
     print(section)
     if args.results_md:
-        write_results_md(section, out)
+        if args.stream == "sotu":
+            write_results_md(section, out)
+        else:
+            replace_section(section, args.stream)
+
+
+def replace_section(section: str, stream: str, path: Path = ROOT / "RESULTS.md") -> None:
+    """RESULTS.md: the section of another stream's table, replaced in place (or appended, after the
+    sections ``write_results_md`` rewrites); everything else, the hand-written readings included, is kept."""
+    old = path.read_text()
+    heading = f"## Strategies on {stream}\n"
+    if heading in old:
+        start = old.index(heading)
+        end = old.find("\n## ", start + 1)
+        new = old[:start] + section + (old[end:] if end != -1 else "")
+    else:
+        new = old.rstrip("\n") + "\n\n" + section
+    path.write_text(new)
 
 
 def write_results_md(section: str, out: Path) -> None:

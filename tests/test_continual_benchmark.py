@@ -30,3 +30,16 @@ def test_a_record_whose_preset_changed_is_dropped_and_the_others_are_kept(tmp_pa
     kept = [(r["name"], r["seed"]) for r in json.loads(out.read_text())]
     assert kept == [("naive", 0), ("replay", 1), ("other", 0)]
     assert "replay seed 0 is stale (replay changed)" in capsys.readouterr().out
+
+
+def test_another_streams_table_replaces_its_own_section_and_keeps_the_rest(tmp_path):
+    md = tmp_path / "RESULTS.md"
+    md.write_text("# Results\n\n## Strategies on sotu\n\nsotu table\n\n## Fig. 3a\n\nreading\n")
+    continual.replace_section("## Strategies on debian\n\nfirst table\n", "debian", md)
+    continual.replace_section("## Strategies on debian\n\nsecond table\n", "debian", md)
+    text = md.read_text()
+    assert "second table" in text and "first table" not in text
+    assert text.index("sotu table") < text.index("reading") < text.index("second table")  # appended after the rest
+    md.write_text(text + "\n## Notes\n\nkept\n")
+    continual.replace_section("## Strategies on debian\n\nthird table\n", "debian", md)
+    assert md.read_text().endswith("third table\n\n## Notes\n\nkept\n")

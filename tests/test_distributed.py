@@ -31,8 +31,9 @@ from lifelong_peer.train import run_phases
 from lifelong_peer.workspace import Workspace
 
 TINY = ModelConfig(dim=32, layers=2, heads=2, context=32, peer=PEERConfig(num_subkeys=8, heads=2, topk=4, dim_key=16))
-#: lifelong: grows 8 sub-keys (8 → 16 → 24) and freezes all old experts before each phase; L2-SP, expert decay
-OPTIONS = {"steps": 4, "batch_size": 4, "eval_tokens": 256, "usage_tokens": 256, "warmup": 1}
+#: lifelong, with its growth pinned to 8 sub-keys (8 → 16 → 24) whatever the preset's: grows and freezes all old
+#: experts before each phase, replays
+OPTIONS = {"steps": 4, "batch_size": 4, "eval_tokens": 256, "usage_tokens": 256, "warmup": 1, "grow": "8"}
 # seed 1: with seed 0 and exact growth (issue 16) one retrieval in phase 1 sits on a top-k near-tie that the
 # 1- and 2-rank float roundings break differently (2 expert rows off by 2e-4, every other weight ≤ 3e-6)
 OPTIONS |= {"base_steps": 2, "checkpoint_every": 2, "seed": 1}
@@ -224,7 +225,10 @@ def _assert_close_weights(got: dict, want: dict) -> None:
     assert got.keys() == want.keys()
     for k in want:
         if want[k].is_floating_point():
-            torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-5, msg=k)
+            # 3e-5: the ranks' gradients are summed in another order, and Adam at the new experts' 10x rate
+            # turns that rounding of near-zero gradients into ~1e-5 on a few expert rows (one V row measured
+            # 1.4e-5, every other weight ≤ 3e-6); a different top-k choice would move rows by ~1e-3
+            torch.testing.assert_close(got[k], want[k], rtol=0, atol=3e-5, msg=k)
         else:  # frozen masks, BatchNorm step counts: decisions, equal exactly
             assert torch.equal(got[k], want[k]), k
 
