@@ -211,7 +211,7 @@ def test_exact_growth_in_the_phase_loop_records_zero_shock_and_trains_the_new_ex
 
     from lifelong_peer.train import run_phases
 
-    _, run = make_run(tmp_path, memory_stream, "lifelong", base_steps=4, grow_mode="exact", grow_topk=2)
+    _, run = make_run(tmp_path, memory_stream, "lifelong", base_steps=4, grow="8", grow_mode="exact", grow_topk=2)
     results = run_phases(run)
     shocks = [p.growth_shock_bpb for p in results.phases]
     assert shocks[0] is None and shocks[1] == shocks[2] == 0.0  # phase 0 has no old slice to shock
@@ -239,7 +239,7 @@ def test_a_run_resumed_mid_phase_keeps_its_generations_and_growth_shock(tmp_path
     from lifelong_peer.train import run_phases
     from lifelong_peer.workspace import Workspace
 
-    kw = {"base_steps": 4, "checkpoint_every": 2, "grow_mode": "exact", "grow_topk": 3}
+    kw = {"base_steps": 4, "checkpoint_every": 2, "grow": "8", "grow_mode": "exact", "grow_topk": 3}
     _, straight = make_run(tmp_path, memory_stream, "lifelong", run_id="straight", **kw)
     run_phases(straight)
     _, broken = make_run(tmp_path, memory_stream, "lifelong", run_id="broken", **kw)
