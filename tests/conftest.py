@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from lifelong_peer import kernels
 from lifelong_peer.streams.tokenize import ByteTokenizer
@@ -14,6 +15,15 @@ def native_kernels_built_first():
     """PEER layers run the native kernels by default: build them (about a minute, once per machine)
     before any test, rather than inside whichever test — perhaps one with several processes — comes first."""
     kernels.load()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread, and the test machine's cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 class MemorySlice:

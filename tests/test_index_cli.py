@@ -37,13 +37,7 @@ TRAIN = {"steps": 4, "batch_size": 4, "eval_tokens": 256, "usage_tokens": 256, "
 WORDS = {2001: "the peer expert stream", 2002: "time slice and of", 2003: "model growth frozen keys"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and the test machine's cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")

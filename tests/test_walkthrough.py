@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from lifelong_peer.cli.main import app
@@ -57,15 +56,6 @@ def write_news(path: Path) -> None:
                 words = " ".join(rng.choice([*topic.split(), "the", "and", "of"], 60))
                 date = f"2025-{3 * q + 1 + d % 3:02d}-{1 + d % 27:02d}"
                 f.write(json.dumps({"id": f"n{q}-{d}", "text": words, "date": date}) + "\n")
-
-
-@pytest.fixture
-def one_thread():
-    """Tiny models run fastest on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.slow

@@ -184,20 +184,34 @@ int64_t num_chunks(int64_t work) { return std::max<int64_t>(1, std::min<int64_t>
 
 }  // namespace
 
+namespace {
+
+// A product-key grid: the pairs (i, j) with i in [r0, r0 + rows), j in [c0, c0 + cols).
+struct Grid {
+  int64_t r0, rows, c0, cols;
+};
+
+// The exact top-k of q1 · c_i + q2 · c'_j over the union of `grids` (sub-keys n = subkeys.size(0)): per block
+// of rows, sub-key scores by GEMM; per row, each grid's halves' top-k by filtering (row_topk, min(k, length)
+// each) and the grid's pruned candidates (a+1)(b+1) <= k, then the k best of all grids' candidates.
 // q (R, dk), subkeys (n, 2, dk/2) → scores (R, k) descending, i (R, k), j (R, k) sub-key indices.
-std::vector<at::Tensor> pk_topk(at::Tensor q, at::Tensor subkeys, int64_t k) {
+std::vector<at::Tensor> grids_topk(at::Tensor q, at::Tensor subkeys, int64_t k, const std::vector<Grid>& grids) {
   q = q.contiguous();
   subkeys = subkeys.contiguous();
-  const int64_t R = q.size(0), dk = q.size(1), half = dk / 2, n = subkeys.size(0);
-  TORCH_CHECK(subkeys.size(2) == half && k >= 1 && k <= n, "pk_topk: bad shapes or k");
+  const int64_t R = q.size(0), dk = q.size(1), half = dk / 2, n = subkeys.size(0), G = grids.size();
   auto scores = at::empty({R, k}, q.options());
   auto ii = at::empty({R, k}, q.options().dtype(at::kLong));
   auto jj = at::empty({R, k}, q.options().dtype(at::kLong));
-  std::vector<std::pair<int64_t, int64_t>> grid;  // rank pairs (a, b) with (a+1)(b+1) <= k, a-major
-  for (int64_t a = 0; a < k; ++a)
-    for (int64_t b = 0; b < k / (a + 1); ++b) grid.emplace_back(a, b);
-  const int64_t P = grid.size();
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "pk_topk", [&] {
+  std::vector<int64_t> ka(G), kb(G);
+  std::vector<std::array<int64_t, 3>> cand;  // (grid, rank a, rank b), a-major within each grid
+  for (int64_t g = 0; g < G; ++g) {
+    ka[g] = std::min(k, grids[g].rows);
+    kb[g] = std::min(k, grids[g].cols);
+    for (int64_t a = 0; a < ka[g]; ++a)
+      for (int64_t b = 0; b < std::min(kb[g], k / (a + 1)); ++b) cand.push_back({g, a, b});
+  }
+  const int64_t P = cand.size();
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "grids_topk", [&] {
     const at::Tensor c1t = subkeys.select(1, 0).t(), c2t = subkeys.select(1, 1).t();  // (half, n)
     // rows per block: C × n scores per half (512 KB) stay in L2; bigger blocks keep the GEMMs efficient
     const int64_t C = std::max<int64_t>(32, 131072 / n);
@@ -206,7 +220,9 @@ std::vector<at::Tensor> pk_topk(at::Tensor q, at::Tensor subkeys, int64_t k) {
     auto* out_i = ii.data_ptr<int64_t>();
     auto* out_j = jj.data_ptr<int64_t>();
     at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-      std::vector<Item<scalar_t>> h1(k + 1), h2(k + 1), best(k + 1);
+      // h[2g], h[2g + 1]: grid g's row and column halves' top-k of the current row
+      std::vector<std::vector<Item<scalar_t>>> h(2 * G, std::vector<Item<scalar_t>>(k + 1));
+      std::vector<Item<scalar_t>> best(k + 1);
       TopkScratch<scalar_t> w(std::max(n, P), k);
       scalar_t* cv = w.cv.data();
       int32_t* ci = w.ci.data();
@@ -218,19 +234,22 @@ std::vector<at::Tensor> pk_topk(at::Tensor q, at::Tensor subkeys, int64_t k) {
         const scalar_t* p1 = s1.data_ptr<scalar_t>();
         const scalar_t* p2 = s2.data_ptr<scalar_t>();
         for (int64_t r = 0; r < rows; ++r) {
-          row_topk(p1 + r * n, n, k, w, h1.data());
-          row_topk(p2 + r * n, n, k, w, h2.data());
-          for (int64_t p = 0; p < P; ++p) {
-            cv[p] = h1[grid[p].first].v + h2[grid[p].second].v;
+          for (int64_t g = 0; g < G; ++g) {
+            row_topk(p1 + r * n + grids[g].r0, grids[g].rows, ka[g], w, h[2 * g].data());
+            row_topk(p2 + r * n + grids[g].c0, grids[g].cols, kb[g], w, h[2 * g + 1].data());
+          }
+          for (int64_t p = 0; p < P; ++p) {  // row_topk is done with w's buffers: they take the candidates
+            const auto& c = cand[p];
+            cv[p] = h[2 * c[0]][c[1]].v + h[2 * c[0] + 1][c[2]].v;
             ci[p] = static_cast<int32_t>(p);
           }
           best_k(cv, ci, P, k, best.data());
           const int64_t o = (r0 + r) * k;
           for (int64_t t = 0; t < k; ++t) {
-            const int64_t p = best[t].i;
+            const auto& c = cand[best[t].i];
             out_s[o + t] = best[t].v;
-            out_i[o + t] = h1[grid[p].first].i;
-            out_j[o + t] = h2[grid[p].second].i;
+            out_i[o + t] = h[2 * c[0]][c[1]].i + grids[c[0]].r0;
+            out_j[o + t] = h[2 * c[0] + 1][c[2]].i + grids[c[0]].c0;
           }
         }
       }
@@ -239,75 +258,23 @@ std::vector<at::Tensor> pk_topk(at::Tensor q, at::Tensor subkeys, int64_t k) {
   return {scores, ii, jj};
 }
 
-// A grown generation's retrieval (issue 16): the exact top-k over the experts (i, j) with lo <= max(i, j) < n,
-// the "shell" of sub-keys [lo, n), as two product-key grids — rows [lo, n) x columns [0, n) and rows [0, lo)
-// x columns [lo, n) — each searched as pk_topk searches its square (each half's top-k, the pruned grid),
-// then the k best of both grids' candidates. q (R, dk), subkeys (n, 2, dk/2), 0 < lo < n.
-// → scores (R, k) descending, i (R, k), j (R, k). The gradients are pk_topk_backward's.
+}  // namespace
+
+// q (R, dk), subkeys (n, 2, dk/2) → scores (R, k) descending, i (R, k), j (R, k): all n² experts.
+std::vector<at::Tensor> pk_topk(at::Tensor q, at::Tensor subkeys, int64_t k) {
+  const int64_t n = subkeys.size(0);
+  TORCH_CHECK(subkeys.size(2) == q.size(1) / 2 && k >= 1 && k <= n, "pk_topk: bad shapes or k");
+  return grids_topk(q, subkeys, k, {{0, n, 0, n}});
+}
+
+// A grown generation's retrieval (issue 16): the experts (i, j) with lo <= max(i, j) < n, the "shell" of
+// sub-keys [lo, n), as two grids — rows [lo, n) x columns [0, n) and rows [0, lo) x columns [lo, n).
+// The gradients are pk_topk_backward's.
 std::vector<at::Tensor> pk_topk_shell(at::Tensor q, at::Tensor subkeys, int64_t lo, int64_t k) {
-  q = q.contiguous();
-  subkeys = subkeys.contiguous();
-  const int64_t R = q.size(0), dk = q.size(1), half = dk / 2, n = subkeys.size(0);
-  TORCH_CHECK(subkeys.size(2) == half && lo > 0 && lo < n && k >= 1 && k <= n * n - lo * lo,
+  const int64_t n = subkeys.size(0);
+  TORCH_CHECK(subkeys.size(2) == q.size(1) / 2 && lo > 0 && lo < n && k >= 1 && k <= n * n - lo * lo,
               "pk_topk_shell: bad shapes, lo or k");
-  auto scores = at::empty({R, k}, q.options());
-  auto ii = at::empty({R, k}, q.options().dtype(at::kLong));
-  auto jj = at::empty({R, k}, q.options().dtype(at::kLong));
-  // the two grids: (first row, rows, first column, columns); each half's top-k is min(k, its length)
-  const int64_t g[2][4] = {{lo, n - lo, 0, n}, {0, lo, lo, n - lo}};
-  std::vector<int64_t> ka(2), kb(2);
-  std::vector<std::array<int64_t, 3>> cand;  // (grid, rank a, rank b) with (a+1)(b+1) <= k
-  for (int64_t t = 0; t < 2; ++t) {
-    ka[t] = std::min(k, g[t][1]);
-    kb[t] = std::min(k, g[t][3]);
-    for (int64_t a = 0; a < ka[t]; ++a)
-      for (int64_t b = 0; b < std::min(kb[t], k / (a + 1)); ++b) cand.push_back({t, a, b});
-  }
-  const int64_t P = cand.size();
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "pk_topk_shell", [&] {
-    const at::Tensor c1t = subkeys.select(1, 0).t(), c2t = subkeys.select(1, 1).t();  // (half, n)
-    const int64_t C = std::max<int64_t>(32, 131072 / n);
-    const int64_t blocks = (R + C - 1) / C;
-    auto* out_s = scores.data_ptr<scalar_t>();
-    auto* out_i = ii.data_ptr<int64_t>();
-    auto* out_j = jj.data_ptr<int64_t>();
-    at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-      std::vector<Item<scalar_t>> h[2][2] = {{std::vector<Item<scalar_t>>(k + 1), std::vector<Item<scalar_t>>(k + 1)},
-                                             {std::vector<Item<scalar_t>>(k + 1), std::vector<Item<scalar_t>>(k + 1)}};
-      std::vector<Item<scalar_t>> best(k + 1);
-      TopkScratch<scalar_t> w(std::max(n, P), k);
-      std::vector<scalar_t> cv(P + 16);
-      std::vector<int32_t> ci(P + 16);
-      for (int64_t blk = b0; blk < b1; ++blk) {
-        const int64_t r0 = blk * C, rows = std::min(R, r0 + C) - r0;
-        const at::Tensor qb = q.narrow(0, r0, rows);
-        const at::Tensor s1 = at::mm(qb.narrow(1, 0, half), c1t).contiguous();  // (rows, n)
-        const at::Tensor s2 = at::mm(qb.narrow(1, half, half), c2t).contiguous();
-        const scalar_t* p1 = s1.data_ptr<scalar_t>();
-        const scalar_t* p2 = s2.data_ptr<scalar_t>();
-        for (int64_t r = 0; r < rows; ++r) {
-          for (int64_t t = 0; t < 2; ++t) {
-            row_topk(p1 + r * n + g[t][0], g[t][1], ka[t], w, h[t][0].data());
-            row_topk(p2 + r * n + g[t][2], g[t][3], kb[t], w, h[t][1].data());
-          }
-          for (int64_t p = 0; p < P; ++p) {
-            const auto& c = cand[p];
-            cv[p] = h[c[0]][0][c[1]].v + h[c[0]][1][c[2]].v;
-            ci[p] = static_cast<int32_t>(p);
-          }
-          best_k(cv.data(), ci.data(), P, k, best.data());
-          const int64_t o = (r0 + r) * k;
-          for (int64_t t = 0; t < k; ++t) {
-            const auto& c = cand[best[t].i];
-            out_s[o + t] = best[t].v;
-            out_i[o + t] = h[c[0]][0][c[1]].i + g[c[0]][0];
-            out_j[o + t] = h[c[0]][1][c[2]].i + g[c[0]][2];
-          }
-        }
-      }
-    });
-  });
-  return {scores, ii, jj};
+  return grids_topk(q, subkeys, k, {{lo, n - lo, 0, n}, {0, lo, lo, n - lo}});
 }
 
 // Gradients of scores[r, t] = q1_r · c_{i[r,t]} + q2_r · c'_{j[r,t]}: dq (R, dk), dsubkeys (n, 2, dk/2).
