@@ -10,22 +10,25 @@ training) on the mix of the shipped State of the Union eras' train splits
 learning rate) and test splits (reported), and has its expert usage measured on the test splits
 (``index.collect_usage`` → ``index.layer_stats``: usage %, KL(usage ‖ uniform)).
 
-Runs, in the order they are done (each step re-planned after every finished run):
+Runs, in the order they are done (re-planned after every finished run):
 
-1. every model at the first learning rate of ``--lrs``, seed 0: PEER at each N (query BatchNorm,
-   the paper's default) and a dense FFN whose hidden width is h·k (the same active expert weights);
-2. PEER without query BatchNorm (``PEERConfig.query_norm = "none"``) at the BatchNorm model's
-   chosen learning rate, seed 0 (Table 2);
-3. the rest of the learning-rate sweep on seed 0;
-4. the other seeds at each model's chosen learning rate (the lowest mean validation bpb on seed 0),
-   and without BatchNorm at the seeds of ``--bn-seeds``.
+1. the learning-rate sweep on seed 0: every model at the first lr of ``--lrs`` (PEER at each N with
+   query BatchNorm, the paper's default, and a dense FFN whose hidden width is h·k: the same active
+   expert weights), then at the others. ``--sweep-steps`` runs the sweep shorter than ``--steps``
+   (a setup of its own); the long runs then use the lr it chose;
+2. per seed: every model at its chosen lr (the lowest validation bpb of its sweep), and, for the
+   first ``--bn-seeds`` seeds, PEER without query BatchNorm (``PEERConfig.query_norm = "none"``) at
+   the BatchNorm model's lr (Table 2). A model's runs of this step wait until its sweep is done.
 
 One subprocess per run, so a crash or kill loses only that run; each finished run is appended to
-the JSON file (``--out``) at once and never redone (a run is identified by its settings).
+the JSON file (``--out``) at once and never redone (a run is identified by its settings). Several
+workers (one per core) can share one plan: each claims the next unclaimed run under a lock file
+(``.claims`` next to ``--out``; a killed worker's claims lapse with its process).
 
     python benchmarks/paper.py --plan            # what is left and its estimated cost
     nice -n 19 python benchmarks/paper.py        # run it all (resumable: run it again to continue)
     python benchmarks/paper.py --max-runs 4      # at most 4 runs, then stop
+    python benchmarks/paper.py & python benchmarks/paper.py   # two workers, one plan
     python benchmarks/paper.py --report          # only the table, plot and draft from what is done
 
 Writes ``--out`` (benchmarks/results/paper.json), the plot (benchmarks/results/paper-fig3a.png) and
@@ -35,6 +38,8 @@ the RESULTS.md section draft (benchmarks/results/paper.md, with the hand-written
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import hashlib
 import itertools
 import json
@@ -45,6 +50,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,6 +62,7 @@ RESULTS = ROOT / "benchmarks/results"
 MEASURED_STEP_S = {("peer", 32): 0.31, ("peer", 64): 0.32, ("peer", 128): 0.37, ("peer", 256): 0.44}
 MEASURED_STEP_S |= {("dense", None): 0.12, ("dense-total", None): 60.0}
 EVAL_OVERHEAD = 1.1  # evaluation (validation + test) and the usage pass, as a fraction of training
+WAIT_S = 30  # a worker with nothing to claim looks again after this many seconds
 
 READING_MARK = "<!-- reading: written by hand, kept when the script rewrites this file -->"
 
@@ -110,8 +117,8 @@ def append_row(path: Path, row: dict) -> None:
     """Add one finished run to the JSON file (temp file + rename: a kill never leaves half a file)."""
     from lifelong_peer.checkpoint import atomic_write_json
 
-    rows = load_rows(path)
-    atomic_write_json(path, {"runs": [*rows, row]})
+    with locked(path):  # parallel workers append one at a time
+        atomic_write_json(path, {"runs": [*load_rows(path), row]})
 
 
 def finished(rows: list[dict], setup: dict) -> dict[str, dict]:
@@ -127,64 +134,95 @@ def models_of(sizes: list[int], dense_total: bool) -> list[tuple[str, int | None
     return out + ([("dense-total", max(sizes))] if dense_total else [])
 
 
-def chosen_lr(done: dict[str, dict], model: str, n: int | None, lrs: list[float]) -> float:
+def chosen_lr(swept: dict[str, dict], model: str, n: int | None, lrs: list[float]) -> float:
     """The lr of the lowest validation bpb on seed 0 among the finished sweep runs (the first lr if none)."""
-    scored = [(done[_key(spec(model, n, lr, 0))]["val_bpb"], lr) for lr in lrs if _key(spec(model, n, lr, 0)) in done]
+    scored = [(swept[_key(spec(model, n, lr, 0))]["val_bpb"], lr) for lr in lrs if _key(spec(model, n, lr, 0)) in swept]
     return min(scored)[1] if scored else lrs[0]
 
 
+def job(setup: dict, s: dict) -> dict:
+    return {"setup": setup, "spec": s}
+
+
+def job_name(j: dict) -> str:
+    return f"{_tag(j['setup'])}-{run_name(j['spec'])}"
+
+
 def plan(
-    setup: dict, rows: list[dict], sizes: list[int], lrs: list[float], seeds: int, bn_seeds: int, dense_total: bool
+    setup: dict,
+    rows: list[dict],
+    sizes: list[int],
+    lrs: list[float],
+    seeds: int,
+    bn_seeds: int,
+    dense_total: bool,
+    sweep_setup: dict | None = None,
 ) -> list[dict]:
-    """The runs still to do, in the order of the module docstring."""
-    done = finished(rows, setup)
+    """The runs (jobs: setup + spec) still to do, in the order of the module docstring.
+
+    The sweep runs on ``sweep_setup`` (``setup`` itself unless the sweep is shorter). A run at a
+    model's chosen lr is listed only once that model's sweep has finished, so parallel workers never
+    start one at a guessed lr.
+    """
+    sweep_setup = sweep_setup or setup
+    swept = finished(rows, sweep_setup)
     models = models_of(sizes, dense_total)
     out: list[dict] = []
 
-    def want(s: dict) -> None:
-        if _key(s) not in done and s not in out:
-            out.append(s)
+    def want(st: dict, s: dict) -> None:
+        if _key(s) not in finished(rows, st) and job(st, s) not in out:
+            out.append(job(st, s))
 
-    for model, n in models:
-        want(spec(model, n, lrs[0], 0))
-    for n in sizes:
-        want(spec("peer", n, chosen_lr(done, "peer", n, lrs), 0, bn=False))
-    for lr in lrs[1:]:
+    def lr_of(model: str, n: int | None) -> float | None:
+        complete = all(_key(spec(model, n, lr, 0)) in swept for lr in lrs)
+        return chosen_lr(swept, model, n, lrs) if complete else None
+
+    for lr in lrs:  # the first lr for every model first, then the rest of the sweep
         for model, n in models:
-            want(spec(model, n, lr, 0))
-    for seed in range(1, seeds):
+            want(sweep_setup, spec(model, n, lr, 0))
+    chosen = {(model, n): lr_of(model, n) for model, n in models}
+    for seed in range(seeds):
         for model, n in models:
-            want(spec(model, n, chosen_lr(done, model, n, lrs), seed))
-    for seed in range(1, bn_seeds):
-        for n in sizes:
-            want(spec("peer", n, chosen_lr(done, "peer", n, lrs), seed, bn=False))
+            if chosen[model, n] is not None:
+                want(setup, spec(model, n, chosen[model, n], seed))
+        if seed < bn_seeds:  # Table 2: PEER without query BatchNorm at the BatchNorm model's lr
+            for n in sizes:
+                if chosen["peer", n] is not None:
+                    want(setup, spec("peer", n, chosen["peer", n], seed, bn=False))
     return out
 
 
-def estimate_s(s: dict, setup: dict, rows: list[dict]) -> float | None:
-    """Seconds a run should take: the mean of finished runs of its kind, else the measured step time."""
+def estimate_s(j: dict, rows: list[dict]) -> float | None:
+    """Seconds a run should take: the fastest finished run of its kind (per step: a loaded machine only
+    slows runs down), else the measured step time."""
+    s, steps = j["spec"], j["setup"]["steps"]
     same = [
-        r["wall_s"]
+        r["wall_s"] / r["setup"]["steps"]
         for r in rows
-        if r["setup"] == setup and (r["spec"]["model"], r["spec"]["n"]) == (s["model"], s["n"])
+        if {**r["setup"], "steps": steps} == j["setup"] and (r["spec"]["model"], r["spec"]["n"]) == (s["model"], s["n"])
     ]
     if same:
-        return statistics.fmean(same)
+        return min(same) * steps
     step = MEASURED_STEP_S.get((s["model"], s["n"] if s["model"] == "peer" else None))
-    return None if step is None else step * setup["steps"] * EVAL_OVERHEAD
+    return None if step is None else step * steps * EVAL_OVERHEAD
 
 
-def print_plan(todo: list[dict], setup: dict, rows: list[dict], dense_total: bool) -> None:
+def print_plan(todo: list[dict], setup: dict, rows: list[dict], dense_total: bool, claims: dict[str, int]) -> None:
     total, unknown = 0.0, 0
     print(f"setup {_tag(setup)}: {json.dumps(setup)}")
-    print(f"{len(finished(rows, setup))} run(s) finished, {len(todo)} to do:")
-    for s in todo:
-        est = estimate_s(s, setup, rows)
+    for st in {_tag(j["setup"]): j["setup"] for j in todo if j["setup"] != setup}.values():
+        print(f"learning-rate sweep on setup {_tag(st)}: {st['steps']} steps, otherwise the same")
+    print(f"{len(finished(rows, setup))} run(s) of it finished, {len(todo)} run(s) to do:")
+    for j in todo:
+        est = estimate_s(j, rows)
         total += est or 0.0
         unknown += est is None
-        print(f"  {run_name(s):28s} ~{'?' if est is None else f'{est / 60:.0f} min'}")
+        busy = f"  (running: pid {claims[job_name(j)]})" if job_name(j) in claims else ""
+        print(f"  {job_name(j):37s} ~{'?' if est is None else f'{est / 60:.0f} min'}{busy}")
     print(
-        f"estimated total: {total / 3600:.1f} h on one thread" + (f" (+{unknown} of unknown cost)" if unknown else "")
+        f"estimated total: {total / 3600:.1f} h on one thread"
+        + (f" (+{unknown} of unknown cost)" if unknown else "")
+        + "; runs at a chosen lr are listed once that model's sweep is done"
     )
     if not dense_total:
         step = MEASURED_STEP_S[("dense-total", None)]
@@ -192,6 +230,59 @@ def print_plan(todo: list[dict], setup: dict, rows: list[dict], dense_total: boo
             f"not planned: a dense FFN as wide as the largest pool (--dense-total), "
             f"~{step * setup['steps'] / 3600:.0f} h per run at {step:.0f} s/step"
         )
+
+
+# --- parallel workers ------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def locked(out: Path):
+    """Serialise the workers' appends and claims (one lock file next to ``out``)."""
+    with open(out.with_suffix(".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def live_claims(out: Path) -> dict[str, int]:
+    """{job name: pid} of the runs a live worker is doing (a killed worker's claims lapse with it)."""
+    path = out.with_suffix(".claims")
+    claims = json.loads(path.read_text()) if path.exists() else {}
+    return {name: pid for name, pid in claims.items() if _alive(pid)}
+
+
+def claim(out: Path, make_todo: Callable[[], list[dict]]) -> tuple[dict | None, int]:
+    """The first run still to do that no live worker has claimed, now claimed by this process (None if
+    none), and how many are still to do. The plan is made under the lock: a run another worker has just
+    finished is in the results file, or still claimed, never neither."""
+    from lifelong_peer.checkpoint import atomic_write_json
+
+    with locked(out):
+        claims, todo = live_claims(out), make_todo()
+        for j in todo:
+            if job_name(j) not in claims:
+                atomic_write_json(out.with_suffix(".claims"), claims | {job_name(j): os.getpid()})
+                return j, len(todo)
+    return None, len(todo)
+
+
+def release(out: Path, j: dict) -> None:
+    """This worker is done with ``j`` (finished or failed)."""
+    from lifelong_peer.checkpoint import atomic_write_json
+
+    with locked(out):
+        claims = live_claims(out)
+        claims.pop(job_name(j), None)
+        atomic_write_json(out.with_suffix(".claims"), claims)
 
 
 # --- one run (in its own process) ------------------------------------------------------------------
@@ -295,18 +386,27 @@ def _layer_mean(row: dict, key: str) -> float | None:
     return statistics.fmean(values) if values else None
 
 
-def aggregate(rows: list[dict], setup: dict, sizes: list[int], lrs: list[float], dense_total: bool = False) -> dict:
-    """Per model: the chosen lr (seed 0, validation), test bpb mean ± std over seeds at it; the Fig. 3a
-    checks over the PEER sizes; Table 2 (usage %, KL unevenness with and without BatchNorm) per N."""
-    done = finished(rows, setup)
+def aggregate(
+    rows: list[dict],
+    setup: dict,
+    sizes: list[int],
+    lrs: list[float],
+    dense_total: bool = False,
+    sweep_setup: dict | None = None,
+) -> dict:
+    """Per model: the chosen lr (seed 0, validation, on ``sweep_setup``), test bpb mean ± std over seeds at
+    it; the Fig. 3a checks over the PEER sizes; Table 2 (usage %, KL unevenness with and without
+    BatchNorm) per N."""
+    sweep_setup = sweep_setup or setup
+    done, swept = finished(rows, setup), finished(rows, sweep_setup)
     models = []
     for model, n in models_of(sizes, dense_total):
-        lr = chosen_lr(done, model, n, lrs)
+        lr = chosen_lr(swept, model, n, lrs)
         runs = sorted((r for r in done.values() if r["spec"] == spec(model, n, lr, r["spec"]["seed"])), key=_seed)
         if not runs:
             continue
         sweep = {
-            lr_: done[_key(spec(model, n, lr_, 0))]["val_bpb"] for lr_ in lrs if _key(spec(model, n, lr_, 0)) in done
+            lr_: swept[_key(spec(model, n, lr_, 0))]["val_bpb"] for lr_ in lrs if _key(spec(model, n, lr_, 0)) in swept
         }
         models.append(
             {
@@ -350,6 +450,7 @@ def aggregate(rows: list[dict], setup: dict, sizes: list[int], lrs: list[float],
         table2.append(row)
     return {
         "setup": setup,
+        "sweep_steps": sweep_setup["steps"],
         "models": models,
         "fig3a": {
             "checks": checks,
@@ -438,6 +539,7 @@ def markdown(agg: dict, plot_path: Path | None, minutes: float) -> str:
     st = agg["setup"]
     hk = st["heads"] * st["topk"]
     tokens = st["steps"] * st["batch_size"] * st["context"]
+    sweep_note = "" if agg["sweep_steps"] == st["steps"] else f" (runs of {agg['sweep_steps']:,} steps)"
     lines = [
         "## The paper's claims at small scale: Fig. 3a and Table 2 (issue 18)",
         "",
@@ -447,7 +549,7 @@ def markdown(agg: dict, plot_path: Path | None, minutes: float) -> str:
         f"bytes = {tokens:,} training tokens; dim {st['dim']}, {st['layers']} blocks, PEER in every block with "
         f"h = {st['heads']}, k = {st['topk']} (h·k = {hk}), dim_key {st['dim_key']}; the dense FFN has width "
         f"h·k = {hk} (the same active expert weights). Learning rate: the lowest validation bpb on seed 0 over "
-        f"the sweep; numbers: test bits per byte (token-weighted over eras), mean ± std over seeds.",
+        f"the sweep{sweep_note}; numbers: test bits per byte (token-weighted over eras), mean ± std over seeds.",
         "",
         "| model | experts / layer | tokens per expert | lr (sweep: val bpb) | seeds | test bpb | params | active params | min / run |",
         "|---|---:|---:|---|---:|---|---:|---:|---:|",
@@ -501,7 +603,8 @@ def markdown(agg: dict, plot_path: Path | None, minutes: float) -> str:
 def write_report(out: Path, agg: dict, rows: list[dict]) -> None:
     """paper-fig3a.png and paper.md next to ``out``; the hand-written reading after READING_MARK is kept."""
     png = plot(agg, out.with_name(out.stem + "-fig3a.png"))
-    minutes = sum(r["wall_s"] for r in rows if r["setup"] == agg["setup"]) / 60
+    same = {**agg["setup"], "steps": agg["sweep_steps"]}
+    minutes = sum(r["wall_s"] for r in rows if r["setup"] in (agg["setup"], same)) / 60
     md = out.with_suffix(".md")
     kept = ""
     if md.exists() and READING_MARK in md.read_text():
@@ -523,7 +626,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sizes", default="32,64,128,256", help="sub-keys per half n (N = n²)")
     p.add_argument("--lrs", default="3e-3,1e-3,1e-2", help="learning-rate sweep; the first is run first")
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--bn-seeds", type=int, default=1, help="seeds of the runs without query BatchNorm")
+    p.add_argument("--bn-seeds", type=int, default=1, help="seeds of the runs without query BatchNorm (0: none)")
     p.add_argument("--dense-total", action="store_true", help="also a dense FFN as wide as the largest pool")
     p.add_argument("--stream", default="sotu")
     p.add_argument("--dim", type=int, default=64)
@@ -534,6 +637,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--topk", type=int, default=16, help="experts per head k")
     p.add_argument("--dim-key", type=int, default=32)
     p.add_argument("--steps", type=int, default=1000)
+    p.add_argument(
+        "--sweep-steps",
+        type=int,
+        default=None,
+        help="steps of the learning-rate sweep runs (default: --steps); the longer runs use the lr it chose",
+    )
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--eval-tokens", type=int, default=16384, help="held-out tokens per era and split")
@@ -548,43 +657,50 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out, work = Path(args.out), Path(args.work)
     if args.one:
-        job = json.loads(args.one)
-        append_row(out, train_one(work, job["setup"], job["spec"]))
+        j = json.loads(args.one)
+        append_row(out, train_one(work, j["setup"], j["spec"]))
         return 0
     setup = setup_of(args)
+    sweep_setup = {**setup, "steps": args.sweep_steps or args.steps}
     sizes = [int(n) for n in args.sizes.split(",")]
     lrs = [float(x) for x in args.lrs.split(",")]
-    todo_args = (sizes, lrs, args.seeds, args.bn_seeds, args.dense_total)
+    todo_args = (sizes, lrs, args.seeds, args.bn_seeds, args.dense_total, sweep_setup)
     if args.plan:
-        print_plan(plan(setup, load_rows(out), *todo_args), setup, load_rows(out), args.dense_total)
+        rows = load_rows(out)
+        print_plan(plan(setup, rows, *todo_args), setup, rows, args.dense_total, live_claims(out))
         return 0
     failed: list[str] = []
     ran = 0
     while not args.report and (args.max_runs is None or ran < args.max_runs):
-        todo = [s for s in plan(setup, load_rows(out), *todo_args) if run_name(s) not in failed]
-        if not todo:
-            break
-        s = todo[0]
-        print(f"[{time.strftime('%H:%M:%S')}] {run_name(s)} ({len(todo)} to do)", file=sys.stderr, flush=True)
+        j, left = claim(out, lambda: [j for j in plan(setup, load_rows(out), *todo_args) if job_name(j) not in failed])
+        if j is None:
+            if not live_claims(out):  # nothing left, or only what failed here
+                break
+            time.sleep(WAIT_S)  # the rest is running elsewhere, or waits for another worker's sweep run
+            continue
+        name = job_name(j)
+        print(f"[{time.strftime('%H:%M:%S')}] {name} ({left} to do)", file=sys.stderr, flush=True)
         start = time.time()
-        job = json.dumps({"setup": setup, "spec": s})
-        cmd = [sys.executable, __file__, "--one", job, "--work", str(work), "--out", str(out)]
-        code = subprocess.run(
-            cmd, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-        ).returncode
+        cmd = [sys.executable, __file__, "--one", json.dumps(j), "--work", str(work), "--out", str(out)]
+        try:
+            code = subprocess.run(
+                cmd, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+            ).returncode
+        finally:
+            release(out, j)
         ran += 1
         if code:
-            failed.append(run_name(s))
-            print(f"{run_name(s)} failed (exit {code}); skipped in this invocation", file=sys.stderr)
+            failed.append(name)
+            print(f"{name} failed (exit {code}); skipped in this invocation", file=sys.stderr)
             continue
-        row = finished(load_rows(out), setup)[_key(s)]
+        row = finished(load_rows(out), j["setup"])[_key(j["spec"])]
         print(
             f"  val {row['val_bpb']:.4f} test {row['test_bpb']:.4f} in {time.time() - start:.0f} s",
             file=sys.stderr,
             flush=True,
         )
     rows = load_rows(out)
-    agg = aggregate(rows, setup, sizes, lrs, args.dense_total)
+    agg = aggregate(rows, setup, sizes, lrs, args.dense_total, sweep_setup)
     if agg["models"]:
         write_report(out, agg, rows)
         print(json.dumps({k: agg[k] for k in ("fig3a", "kl_lower_with_bn")}, indent=1))

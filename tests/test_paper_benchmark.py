@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import statistics
 import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -102,17 +106,102 @@ def test_a_larger_pool_that_is_worse_or_within_noise_fails_the_checks():
 
 
 def test_plan_order_and_lr_choice():
+    def specs(todo):
+        assert all(j["setup"] == SETUP for j in todo)
+        return [j["spec"] for j in todo]
+
     models = [paper.spec("peer", 8, 1e-3, 0), paper.spec("peer", 16, 1e-3, 0), paper.spec("dense", None, 1e-3, 0)]
-    todo = paper.plan(SETUP, [], [8, 16], LRS, seeds=2, bn_seeds=1, dense_total=False)
-    assert todo[:3] == models  # every model at the first lr first
-    assert todo[3:5] == [paper.spec("peer", 8, 1e-3, 0, bn=False), paper.spec("peer", 16, 1e-3, 0, bn=False)]
+    todo = specs(paper.plan(SETUP, [], [8, 16], LRS, seeds=2, bn_seeds=1, dense_total=False))
+    assert todo[:3] == models  # every model at the first lr first, then the rest of the sweep
+    assert todo[3:] == [paper.spec(m["model"], m["n"], 3e-3, 0) for m in models]  # nothing at a guessed lr yet
     rows = [r for r in hand_made() if r["spec"]["seed"] == 0 and r["spec"]["bn"]]
-    todo = paper.plan(SETUP, rows, [8, 16], LRS, seeds=2, bn_seeds=1, dense_total=False)
+    rows = [r for r in rows if r["spec"]["model"] == "peer" or r["spec"]["lr"] == 1e-3]  # dense: 3e-3 not done
+    todo = specs(paper.plan(SETUP, rows, [8, 16], LRS, seeds=2, bn_seeds=1, dense_total=False))
     done = {paper._key(r["spec"]) for r in rows if r["setup"] == SETUP}
     assert not done & {paper._key(s) for s in todo}
+    assert todo[0] == paper.spec("dense", None, 3e-3, 0)
     # the sweep chose 3e-3 for n=8: its no-BN run and its second seed use it
     assert paper.spec("peer", 8, 3e-3, 0, bn=False) in todo and paper.spec("peer", 8, 3e-3, 1) in todo
     assert paper.spec("peer", 8, 1e-3, 1) not in todo
+    assert not [s for s in todo if s["model"] == "dense" and s["seed"] == 1]  # dense's sweep is unfinished
+    no_bn = specs(paper.plan(SETUP, rows, [8, 16], LRS, seeds=2, bn_seeds=0, dense_total=False))
+    assert [s for s in no_bn if s["bn"]] == no_bn and len(no_bn) == len(todo) - 2
+
+
+def test_a_shorter_sweep_chooses_the_lr_of_the_longer_runs():
+    """--sweep-steps: the sweep runs on a short setup; every seed of the long setup (seed 0 too) at its choice."""
+    short = {**SETUP, "steps": 1}
+    todo = paper.plan(SETUP, [], [8], LRS, seeds=2, bn_seeds=1, dense_total=False, sweep_setup=short)
+    assert [j["setup"] for j in todo] == [short] * 4  # 2 models × 2 lrs, nothing long before the sweep is done
+    rows = [
+        row("peer", 8, 1e-3, 0, val=2.0, test=2.0, setup=short),
+        row("peer", 8, 3e-3, 0, val=1.0, test=1.0, setup=short),
+    ]
+    rows += [row("dense", None, lr, 0, val=3.0, test=3.0, setup=short) for lr in LRS]
+    todo = paper.plan(SETUP, rows, [8], LRS, seeds=2, bn_seeds=1, dense_total=False, sweep_setup=short)
+    assert todo == [
+        paper.job(SETUP, paper.spec("peer", 8, 3e-3, 0)),
+        paper.job(SETUP, paper.spec("dense", None, 1e-3, 0)),  # a tie chooses the smaller lr
+        paper.job(SETUP, paper.spec("peer", 8, 3e-3, 0, bn=False)),
+        paper.job(SETUP, paper.spec("peer", 8, 3e-3, 1)),
+        paper.job(SETUP, paper.spec("dense", None, 1e-3, 1)),
+    ]
+    rows += [row("peer", 8, 3e-3, s, val=1.5, test=1.4 + s / 10, setup=SETUP) for s in (0, 1)]
+    agg = paper.aggregate(rows, SETUP, [8], LRS, sweep_setup=short)
+    (peer,) = [m for m in agg["models"] if m["model"] == "peer"]
+    assert peer["lr"] == 3e-3 and peer["sweep_val_bpb"] == {1e-3: 2.0, 3e-3: 1.0}  # the short runs' validation
+    assert peer["test_bpb"]["mean"] == pytest.approx(1.45) and peer["seeds"] == [0, 1]  # the long runs' test
+    assert agg["sweep_steps"] == 1 and "(runs of 1 steps)" in paper.markdown(agg, None, 1.0)
+
+
+def test_workers_claim_distinct_runs_and_a_dead_workers_claim_lapses(tmp_path):
+    out = tmp_path / "paper.json"
+    todo = paper.plan(SETUP, [], [8, 16], [1e-3], seeds=1, bn_seeds=0, dense_total=False)  # 3 runs
+    first, left = paper.claim(out, lambda: todo)
+    assert first == todo[0] and left == 3 and paper.live_claims(out) == {paper.job_name(first): os.getpid()}
+    assert paper.claim(out, lambda: todo)[0] == todo[1]  # the first is taken
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    claims = json.loads(out.with_suffix(".claims").read_text())
+    out.with_suffix(".claims").write_text(json.dumps({**claims, paper.job_name(todo[2]): dead.pid}))
+    assert paper.job_name(todo[2]) not in paper.live_claims(out)
+    assert paper.claim(out, lambda: todo)[0] == todo[2]  # a killed worker's run is free again
+    assert paper.claim(out, lambda: todo) == (None, 3)  # all claimed
+    paper.release(out, first)
+    assert paper.claim(out, lambda: todo)[0] == first
+
+
+def test_two_parallel_workers_run_every_run_once(tmp_path, monkeypatch):
+    """Two workers (threads here) on one plan: each run once, and the second seeds wait for the sweep."""
+    out, lock = tmp_path / "paper.json", threading.Lock()
+    calls = []
+
+    def fake_run(cmd, env):
+        j = json.loads(cmd[cmd.index("--one") + 1])
+        s = j["spec"]
+        with lock:
+            # a run at a chosen lr starts only after its model's whole sweep has finished
+            if s["seed"] > 0 or not s["bn"]:
+                swept = paper.finished(paper.load_rows(out), SETUP)
+                assert all(paper._key(paper.spec(s["model"], s["n"], lr, 0)) in swept for lr in LRS)
+            calls.append(paper.run_name(s))
+        time.sleep(0.02)
+        val = 2.0 - s["lr"] * 100 if s["model"] == "peer" else 2.0 + s["lr"] * 100  # peer: 3e-3, dense: 1e-3
+        paper.append_row(out, row(s["model"], s["n"], s["lr"], s["seed"], val=val, test=2.0, bn=s["bn"]))
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(paper.subprocess, "run", fake_run)
+    monkeypatch.setattr(paper, "WAIT_S", 0.01)
+    monkeypatch.setattr(paper, "write_report", lambda *a: None)
+    args = [*TINY, "--out", str(out), "--work", str(tmp_path / "ws")]
+    workers = [threading.Thread(target=paper.main, args=(args,)) for _ in range(2)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=60)
+    assert len(calls) == len(set(calls)) == 2 * 3 + 2 + 3  # the same runs one worker does, each once
+    assert {"peer-n8-lr0.003-s1", "peer-n16-nobn-lr0.003-s0", "dense-lr0.001-s1"} <= set(calls)
+    assert len(paper.load_rows(out)) == len(calls) and paper.live_claims(out) == {}
 
 
 def test_resume_skips_finished_runs(tmp_path, monkeypatch):
@@ -122,6 +211,7 @@ def test_resume_skips_finished_runs(tmp_path, monkeypatch):
 
     def fake_run(cmd, env):
         job = json.loads(cmd[cmd.index("--one") + 1])
+        assert job["setup"] == SETUP
         calls.append(paper.run_name(job["spec"]))
         paper.append_row(out, row(job["spec"]["model"], job["spec"]["n"], job["spec"]["lr"], job["spec"]["seed"],
                                   val=2.0, test=2.0, bn=job["spec"]["bn"], setup=job["setup"]))  # fmt: skip
