@@ -307,6 +307,7 @@ def train_one(work: Path, setup: dict, s: dict) -> dict:
 
     from lifelong_peer.index import UsageLedger, collect_usage, layer_stats
     from lifelong_peer.metrics import _mean
+    from lifelong_peer.peer import pair_of
     from lifelong_peer.run import new_run
     from lifelong_peer.streams import ingest_default
     from lifelong_peer.train import run_phases
@@ -350,6 +351,11 @@ def train_one(work: Path, setup: dict, s: dict) -> dict:
     for pos, layer in enumerate(run.model.peer_layers()):
         st = layer_stats(ledger, pos, layer.num_experts, layer.frozen)
         usage.append({k: st[k] for k in ("usage_pct", "kl_unevenness", "dead", "tokens")})
+        # Which sub-keys the retrieved experts use (rows i, columns j): an expert is only reachable if
+        # both its sub-keys reach a head's top-k candidates, so dead sub-keys bound usage by their product.
+        i, j = pair_of(ledger.total(pos).ids)
+        n = layer.num_subkeys
+        usage[-1]["subkey_usage_pct"] = [100.0 * i.unique().numel() / n, 100.0 * j.unique().numel() / n]
     layers = run.model.peer_layers()
     return {
         "setup": setup,
@@ -382,7 +388,13 @@ def _stat(values: list[float]) -> dict:
 
 
 def _layer_mean(row: dict, key: str) -> float | None:
-    values = [u[key] for u in row["usage"] if u[key] is not None]
+    """Mean over layers of one usage quantity; the sub-key ones are derived from the two halves' %."""
+    derive = {
+        "subkey_usage_pct": lambda u: statistics.fmean(u["subkey_usage_pct"]),  # mean of the halves
+        "grid_bound_pct": lambda u: u["subkey_usage_pct"][0] * u["subkey_usage_pct"][1] / 100,  # rows × columns
+    }
+    get = derive.get(key, lambda u: u[key])
+    values = [get(u) for u in row["usage"] if u.get(key if key not in derive else "subkey_usage_pct") is not None]
     return statistics.fmean(values) if values else None
 
 
@@ -443,7 +455,7 @@ def aggregate(
         row = {"experts": m["experts"], "lr": m["lr"]}
         for bn in (True, False):
             runs = [r for r in done.values() if r["spec"] == spec("peer", m["n"], m["lr"], r["spec"]["seed"], bn)]
-            for key in ("usage_pct", "kl_unevenness"):
+            for key in ("usage_pct", "kl_unevenness", "subkey_usage_pct", "grid_bound_pct"):
                 values = [v for v in (_layer_mean(r, key) for r in runs) if v is not None]
                 row[f"{key}_{'bn' if bn else 'nobn'}"] = _stat(values) if values else None
             row[f"test_bpb_{'bn' if bn else 'nobn'}"] = _stat([r["test_bpb"] for r in runs]) if runs else None
@@ -586,16 +598,20 @@ def markdown(agg: dict, plot_path: Path | None, minutes: float) -> str:
         "Table 2 at small scale: expert usage (% of experts retrieved at least once) and KL(usage ‖ uniform)"
         " of the router-weight mass, on the test splits "
         f"({st['usage_tokens']:,} tokens per era), mean over the {st['layers']} PEER layers (± std over seeds); "
-        "without BatchNorm at the BatchNorm model's learning rate.",
+        "without BatchNorm at the BatchNorm model's learning rate. Sub-keys used: % of each half's sub-keys "
+        "that some retrieved expert uses (mean of the halves); bound: rows used × columns used, the most "
+        "experts those sub-keys can reach (usage far below it means unused pairs, near it dead sub-keys).",
         "",
-        "| experts | lr | usage % (no BN) | usage % (BN) | KL (no BN) | KL (BN) | test bpb (no BN) | test bpb (BN) |",
-        "|---:|---:|---|---|---|---|---|---|",
+        "| experts | lr | usage % (no BN) | usage % (BN) | KL (no BN) | KL (BN) | test bpb (no BN) | test bpb (BN) "
+        "| sub-keys used %, BN | bound from sub-keys %, BN |",
+        "|---:|---:|---|---|---|---|---|---|---|---|",
     ]
     for t in agg["table2"]:
         lines.append(
             f"| {t['experts']:,} | {t['lr']:g} | {_pm(t['usage_pct_nobn'], '{:.1f}')} | {_pm(t['usage_pct_bn'], '{:.1f}')} | "
             f"{_pm(t['kl_unevenness_nobn'], '{:.3f}')} | {_pm(t['kl_unevenness_bn'], '{:.3f}')} | "
-            f"{_pm(t['test_bpb_nobn'])} | {_pm(t['test_bpb_bn'])} |"
+            f"{_pm(t['test_bpb_nobn'])} | {_pm(t['test_bpb_bn'])} | {_pm(t['subkey_usage_pct_bn'], '{:.1f}')} | "
+            f"{_pm(t['grid_bound_pct_bn'], '{:.1f}')} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -38,7 +38,10 @@ def row(model, n, lr, seed, val, test, bn=True, usage=((100.0, 0.3), (90.0, 0.5)
         "wall_s": 10.0,
         "params": 1000,
         "active_params": 100,
-        "usage": [{"usage_pct": u, "kl_unevenness": kl, "dead": 0, "tokens": 1} for u, kl in usage]
+        "usage": [
+            {"usage_pct": u, "kl_unevenness": kl, "dead": 0, "tokens": 1, "subkey_usage_pct": [100.0, u]}
+            for u, kl in usage
+        ]
         if model == "peer"
         else [],
     }
@@ -89,6 +92,9 @@ def test_aggregate_means_stds_lr_choice_and_checks():
         1.0
     )
     assert t16["kl_unevenness_nobn"]["mean"] == pytest.approx(0.2)
+    # sub-keys: rows all used, columns as used as the experts (100, 90 per layer → 97.5, 95 → bound 95)
+    assert t8["subkey_usage_pct_bn"]["mean"] == pytest.approx(97.5) and t8["grid_bound_pct_bn"]["mean"] == 95.0
+    assert t8["subkey_usage_pct_nobn"]["mean"] == pytest.approx(85.0)  # (100 + 80)/2, (100 + 60)/2
     assert t8["test_bpb_nobn"] == {"mean": 2.2, "std": None, "n": 1} and t8["test_bpb_bn"]["mean"] == pytest.approx(2.2)
     assert agg["kl_lower_with_bn"] == [64]  # at 256 experts BatchNorm (0.4) is worse than none (0.2)
 
@@ -251,6 +257,9 @@ def test_real_runs_resume_after_a_killed_one(tmp_path):
     assert paper.main([*args, "--max-runs", "1"]) == 0
     (first,) = paper.load_rows(out)
     assert first["spec"] == paper.spec("peer", 8, 1e-3, 0) and first["usage"][0]["usage_pct"] > 0
+    for u in first["usage"]:  # 64 experts of 8 × 8 sub-keys: the used experts' sub-keys bound their number
+        rows, cols = u["subkey_usage_pct"]
+        assert 0 < rows <= 100 and 0 < cols <= 100 and u["usage_pct"] <= rows * cols / 100 + 1e-9
     assert first["train_loss"] == []  # every 100 steps; this run has 2
     assert 0 < first["test_bpb"] < 9 and first["train_tokens"] == 2 * 16 * 256
     # the next run (dense) was killed mid-way: its folder is there, its row is not
