@@ -405,6 +405,7 @@ def aggregate(
     lrs: list[float],
     dense_total: bool = False,
     sweep_setup: dict | None = None,
+    other_budgets: bool = True,
 ) -> dict:
     """Per model: the chosen lr (seed 0, validation, on ``sweep_setup``), test bpb mean ± std over seeds at
     it; the Fig. 3a checks over the PEER sizes; Table 2 (usage %, KL unevenness with and without
@@ -433,6 +434,7 @@ def aggregate(
                 "params": runs[0]["params"],
                 "active_params": runs[0]["active_params"],
                 "wall_s": _stat([r["wall_s"] for r in runs]),
+                "train_loss": [r.get("train_loss", []) for r in runs],
             }
         )
     peer = [m for m in models if m["model"] == "peer"]
@@ -460,9 +462,20 @@ def aggregate(
                 row[f"{key}_{'bn' if bn else 'nobn'}"] = _stat(values) if values else None
             row[f"test_bpb_{'bn' if bn else 'nobn'}"] = _stat([r["test_bpb"] for r in runs]) if runs else None
         table2.append(row)
+    budgets = []  # the same experiment at other numbers of steps (each its own sweep): how the picture moves
+    for steps in sorted({r["setup"]["steps"] for r in rows if {**r["setup"], "steps": setup["steps"]} == setup}):
+        if other_budgets and steps != setup["steps"]:
+            other = aggregate(rows, {**setup, "steps": steps}, sizes, lrs, dense_total, other_budgets=False)
+            budgets.append(
+                {
+                    "steps": steps,
+                    "models": [{k: m[k] for k in ("model", "experts", "lr", "test_bpb")} for m in other["models"]],
+                }
+            )
     return {
         "setup": setup,
         "sweep_steps": sweep_setup["steps"],
+        "other_budgets": budgets,
         "models": models,
         "fig3a": {
             "checks": checks,
@@ -499,7 +512,9 @@ def _pm(stat: dict | None, fmt: str = "{:.4f}") -> str:
 
 
 def plot(agg: dict, path: Path) -> Path | None:
-    """Test bpb vs N (log scale) with seed-std error bars; the dense FFN of the same active size as a line."""
+    """Two panels. Left: test bpb vs N (log scale) with seed-std error bars, the runs without BatchNorm,
+    the same experiment at other step budgets (thin), the dense FFN of the same active size as a line.
+    Right: training loss (one batch every 100 steps) per N and seed: where each run's loss drop came."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -508,14 +523,34 @@ def plot(agg: dict, path: Path) -> Path | None:
     peer = [m for m in agg["models"] if m["model"] == "peer"]
     if not peer:
         return None
-    fig = Figure(figsize=(5.5, 3.8))
-    ax = fig.add_subplot()
+    fig = Figure(figsize=(11, 3.9))
+    ax, curves = fig.subplots(1, 2)
     x = [m["experts"] for m in peer]
-    y = [m["test_bpb"]["mean"] for m in peer]
-    err = [m["test_bpb"]["std"] or 0.0 for m in peer]
     seeds = max(m["test_bpb"]["n"] for m in peer)
     hk = agg["setup"]["heads"] * agg["setup"]["topk"]
-    ax.errorbar(x, y, yerr=err, marker="o", capsize=4, label=f"PEER, h·k = {hk}")
+    steps = agg["setup"]["steps"]
+    ax.errorbar(
+        x,
+        [m["test_bpb"]["mean"] for m in peer],
+        yerr=[m["test_bpb"]["std"] or 0.0 for m in peer],
+        marker="o",
+        capsize=4,
+        color="tab:blue",
+        label=f"PEER, h·k = {hk}, {steps:,} steps",
+    )
+    for b in agg.get("other_budgets", []):
+        other = [m for m in b["models"] if m["model"] == "peer"]
+        n = max(m["test_bpb"]["n"] for m in other) if other else 0
+        ax.errorbar(
+            [m["experts"] for m in other],
+            [m["test_bpb"]["mean"] for m in other],
+            yerr=[m["test_bpb"]["std"] or 0.0 for m in other],
+            marker=".",
+            lw=0.8,
+            alpha=0.6,
+            capsize=2,
+            label=f"PEER, {b['steps']:,} steps ({n} seed{'s' if n > 1 else ''})",
+        )
     nobn = [(t["experts"], t["test_bpb_nobn"]) for t in agg["table2"] if t["test_bpb_nobn"]]
     if nobn:
         ax.errorbar(
@@ -526,21 +561,34 @@ def plot(agg: dict, path: Path) -> Path | None:
             ls=":",
             color="tab:orange",
             capsize=4,
-            label="PEER without query BatchNorm",
+            label=f"PEER without query BatchNorm, {steps:,} steps",
         )
     for m in agg["models"]:
         if m["model"] != "peer":
             width = hk if m["model"] == "dense" else m["n"] ** 2
-            ax.axhline(m["test_bpb"]["mean"], ls="--", color="grey" if m["model"] == "dense" else "black")
-            ax.annotate(f"dense FFN, width {width:,}", (x[0], m["test_bpb"]["mean"]), fontsize=8, va="bottom")
+            ax.axhline(
+                m["test_bpb"]["mean"],
+                ls="--",
+                color="grey" if m["model"] == "dense" else "black",
+                label=f"dense FFN, width {width:,}, {steps:,} steps",
+            )
     ax.set_xscale("log", base=2)
     ax.set_xticks(x, [f"{math.isqrt(v)}²" for v in x])
     ax.set_xlabel("experts N (log scale)")
     ax.set_ylabel("test bits per byte (lower is better)")
-    ax.set_title(
-        f"Fig. 3a at small scale: {agg['setup']['steps']} steps, up to {seeds} seed(s), mean ± std", fontsize=9
-    )
-    ax.legend(fontsize=8)
+    ax.set_title(f"Fig. 3a at small scale: up to {seeds} seed(s), mean ± std", fontsize=9)
+    ax.legend(fontsize=7)
+    colors = dict(zip(x, ("tab:blue", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:olive"), strict=False))
+    for m in peer:
+        for i, curve in enumerate(m["train_loss"]):
+            if curve:
+                label = f"N = {m['experts']:,}" if i == 0 else None
+                curves.plot(*zip(*curve, strict=True), color=colors.get(m["experts"]), lw=1, alpha=0.8, label=label)
+    curves.set_xlabel("step")
+    curves.set_ylabel("training loss, one batch (nats per byte)")
+    curves.set_title("when each run's loss drop came (every seed)", fontsize=9)
+    if curves.lines:
+        curves.legend(fontsize=7)
     FigureCanvasAgg(fig)
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
     return path
@@ -593,6 +641,23 @@ def markdown(agg: dict, plot_path: Path | None, minutes: float) -> str:
         f"Monotone: {'yes' if fig['monotone'] else 'no'}; every step clear of seed noise: "
         f"{'yes' if fig['clear'] else 'no'}.",
     ]
+    if agg["other_budgets"]:
+        budgets = [*agg["other_budgets"], {"steps": st["steps"], "models": agg["models"]}]
+        budgets.sort(key=lambda b: b["steps"])
+        lines += [
+            "",
+            "The same models at other training budgets (each budget at its own chosen lr; test bpb, seeds):",
+            "",
+            "| model | " + " | ".join(f"{b['steps']:,} steps" for b in budgets) + " |",
+            "|---|" + "---|" * len(budgets),
+        ]
+        for m in agg["models"]:
+            cells = []
+            for b in budgets:
+                same = [o for o in b["models"] if (o["model"], o["experts"]) == (m["model"], m["experts"])]
+                cells.append(f"{_pm(same[0]['test_bpb'])} ({same[0]['test_bpb']['n']})" if same else "—")
+            name = f"PEER, {m['experts']:,} experts" if m["model"] == "peer" else f"dense FFN, width {hk}"
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += [
         "",
         "Table 2 at small scale: expert usage (% of experts retrieved at least once) and KL(usage ‖ uniform)"

@@ -38,6 +38,7 @@ def row(model, n, lr, seed, val, test, bn=True, usage=((100.0, 0.3), (90.0, 0.5)
         "wall_s": 10.0,
         "params": 1000,
         "active_params": 100,
+        "train_loss": [[100, 2.5 + seed], [200, 2.0 + seed]],
         "usage": [
             {"usage_pct": u, "kl_unevenness": kl, "dead": 0, "tokens": 1, "subkey_usage_pct": [100.0, u]}
             for u, kl in usage
@@ -97,6 +98,13 @@ def test_aggregate_means_stds_lr_choice_and_checks():
     assert t8["subkey_usage_pct_nobn"]["mean"] == pytest.approx(85.0)  # (100 + 80)/2, (100 + 60)/2
     assert t8["test_bpb_nobn"] == {"mean": 2.2, "std": None, "n": 1} and t8["test_bpb_bn"]["mean"] == pytest.approx(2.2)
     assert agg["kl_lower_with_bn"] == [64]  # at 256 experts BatchNorm (0.4) is worse than none (0.2)
+    # the run of another step budget is kept out of every number above, and shown as that budget's own
+    (other,) = agg["other_budgets"]
+    single = {"mean": 0.1, "std": None, "n": 1}
+    assert other == {"steps": 99, "models": [{"model": "peer", "experts": 64, "lr": 3e-3, "test_bpb": single}]}
+    md = paper.markdown(agg, None, 1.0)
+    assert "| model | 2 steps | 99 steps |" in md and "| PEER, 64 experts | 2.2000 ± 0.2000 (3) | 0.1000 (1) |" in md
+    assert "| PEER, 256 experts | 1.5000 ± 0.1000 (3) | — |" in md
 
 
 def test_a_larger_pool_that_is_worse_or_within_noise_fails_the_checks():
@@ -246,6 +254,12 @@ def test_the_hand_written_reading_survives_a_rewrite(tmp_path):
     paper.write_report(out, agg, hand_made())
     assert md.read_text().count(paper.READING_MARK) == 1 and md.read_text().endswith("Reproduced, partly.\n")
     assert "| 64 → 256 | +0.7000 | 0.4000 | yes | yes |" in md.read_text()
+    assert out.with_name("paper-fig3a.png").stat().st_size > 0
+    assert agg["models"][0]["train_loss"] == [
+        [[100, 2.5], [200, 2.0]],
+        [[100, 3.5], [200, 3.0]],
+        [[100, 4.5], [200, 4.0]],
+    ]
 
 
 @pytest.mark.slow
