@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("paper", ROOT / "benchmarks" / "paper.py")
@@ -289,3 +290,23 @@ def test_real_runs_resume_after_a_killed_one(tmp_path):
         "peer-n8-nobn-lr0.001-s0",
     ]
     assert rows[1]["usage"] == [] and rows[2]["usage"][0]["kl_unevenness"] is not None
+
+
+def test_candidate_subkeys_bound_the_sub_keys_of_retrieved_experts():
+    """paper_usage.candidate_subkeys_pct: each retrieved expert's two sub-keys are among its head's
+    candidates, so the candidates cover at least the sub-keys the retrieved experts use; k = n: all."""
+    usage_spec = importlib.util.spec_from_file_location("paper_usage", ROOT / "benchmarks" / "paper_usage.py")
+    paper_usage = importlib.util.module_from_spec(usage_spec)
+    usage_spec.loader.exec_module(paper_usage)
+    from lifelong_peer.peer import PEER, PEERConfig, pair_of
+
+    torch.manual_seed(0)
+    layer = PEER(PEERConfig(dim=16, num_subkeys=16, heads=2, topk=2, dim_key=8)).eval()
+    x = torch.randn(64, 16)
+    rows, cols = paper_usage.candidate_subkeys_pct(layer, x)
+    _, ids = layer.retrieve(x)
+    i, j = pair_of(ids)
+    assert rows >= 100 * i.unique().numel() / 16 and cols >= 100 * j.unique().numel() / 16
+    assert 0 < rows < 100  # 64 tokens × 2 heads × top-2 of 16 random sub-keys: some, not all
+    wide = PEER(PEERConfig(dim=16, num_subkeys=4, heads=2, topk=4, dim_key=8)).eval()
+    assert paper_usage.candidate_subkeys_pct(wide, x) == [100.0, 100.0]
