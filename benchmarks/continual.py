@@ -11,7 +11,6 @@ base, share of joint's gain, forgetting, newest era, mean ± std over seeds, and
     python benchmarks/continual.py --table               # only rebuild the table from the JSON
     python benchmarks/continual.py --stream debian --source debian.jsonl --slice eras:1990,2019,... \
         --base debian-base.safetensors                   # the same protocol on another dated corpus
-    python benchmarks/continual.py --fig3a-only ...      # the small-scale Fig. 3a check (issue 6)
 
 Each finished run is appended to ``benchmarks/results/continual16-<stream>-results.json`` (resumable,
 ``benchmarks/sweep.py`` does the work); the table is built from that file alone.
@@ -22,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import shutil
 import subprocess
 import sys
 import time
@@ -32,10 +30,6 @@ import torch
 
 from lifelong_peer.metrics import RunResults
 from lifelong_peer.report import compare_runs, markdown
-from lifelong_peer.run import new_run
-from lifelong_peer.streams import ingest_default
-from lifelong_peer.train import run_phases
-from lifelong_peer.workspace import Workspace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sweep import COMMON, train_fields  # the protocol's per-run settings, in one place
@@ -55,27 +49,6 @@ STRATEGIES = {
     "dense": ("dense", {}),
 }
 DEFAULT = "joint,naive,replay,replay-40,ewc,smf,lifelong,lifelong-noreplay"
-
-
-def fig3a(ws: Workspace, steps: int, seeds: list[int], sizes: tuple[int, ...] = (32, 64, 128, 256)) -> list[dict]:
-    """Models trained from scratch on the mix of eras with h·k = 32 fixed and N = n² growing."""
-    rows = []
-    for n in sizes:
-        for seed in seeds:
-            run = new_run(
-                ws,
-                "sotu",
-                "naive",
-                {"base_steps": steps, "base_lr": 3e-3, "seed": seed, "eval_tokens": 8192},
-                {"peer_blocks": "all", "peer": {"num_subkeys": n, "heads": 4, "topk": 8, "dim_key": 64}},
-                run_id=f"fig3a-n{n}-s{seed}",
-            )
-            results = run_phases(run, phases=[])
-            before = results.eval["test"].before
-            bpb = sum(b * w for b, w in zip(before.bpb, before.bytes, strict=True)) / sum(before.bytes)
-            rows.append({"experts": n * n, "seed": seed, "steps": steps, "test_bpb": bpb})
-            print(f"fig3a N={n * n:6d} seed {seed}: test bpb {bpb:.4f}", flush=True)
-    return rows
 
 
 def plan(labels: list[str], seeds: int, args) -> list[dict]:
@@ -160,21 +133,8 @@ def main() -> None:
     parser.add_argument("--reuse", default=None, help="a sweep results file whose identical runs count here")
     parser.add_argument("--table", action="store_true", help="only rebuild the table from the results file")
     parser.add_argument("--results-md", action="store_true", help="also write the table into RESULTS.md")
-    parser.add_argument("--fig3a-only", action="store_true", help="only the Fig. 3a check (issue 6)")
-    parser.add_argument("--fig3a-steps", type=int, default=1000)
-    parser.add_argument("--fig3a-seeds", type=int, default=1)
-    parser.add_argument("--fig3a-sizes", default="32,64,128,256", help="sub-keys per half n (N = n²)")
     parser.add_argument("--work", default="/tmp/lpeer-continual")
     args = parser.parse_args()
-    if args.fig3a_only:
-        work = Path(args.work)
-        shutil.rmtree(work, ignore_errors=True)
-        ws = Workspace.init(work)
-        ingest_default(ws, "sotu")
-        sizes = tuple(int(n) for n in args.fig3a_sizes.split(","))
-        rows = fig3a(ws, args.fig3a_steps, list(range(args.fig3a_seeds)), sizes)
-        print(json.dumps(rows, indent=1))
-        return
     out = RESULTS / f"continual16-{args.stream}-results.json"
     entries = plan(args.strategies.split(","), args.seeds, args)
     drop_stale(out, entries)
@@ -225,11 +185,14 @@ def replace_section(section: str, stream: str, path: Path = ROOT / "RESULTS.md")
     path.write_text(new)
 
 
-def write_results_md(section: str, out: Path) -> None:
-    """RESULTS.md: this protocol's section first; the sections from the Fig. 3a check on are kept."""
-    path = ROOT / "RESULTS.md"
-    old = path.read_text()
-    kept = old[old.index("## Fig. 3a") :] if "## Fig. 3a" in old else ""
+def write_results_md(section: str, out: Path, path: Path = ROOT / "RESULTS.md") -> None:
+    """RESULTS.md: the title, this protocol and its section first, rewritten; every later section (the
+    hand-written readings, the paper's claims, other streams) is kept."""
+    old = path.read_text() if path.exists() else ""
+    heading = "## Strategies on sotu\n"
+    start = old.index(heading) + 1 if heading in old else 0
+    end = old.find("\n## ", start)
+    kept = old[end + 1 :] if end != -1 else ""
     records = json.loads(out.read_text())
     walls = sorted({round(r["wall_s"]) for r in records})
     head = [

@@ -43,3 +43,17 @@ def test_another_streams_table_replaces_its_own_section_and_keeps_the_rest(tmp_p
     md.write_text(text + "\n## Notes\n\nkept\n")
     continual.replace_section("## Strategies on debian\n\nthird table\n", "debian", md)
     assert md.read_text().endswith("third table\n\n## Notes\n\nkept\n")
+
+
+def test_the_sotu_table_is_rewritten_in_place_and_every_later_section_kept(tmp_path):
+    md = tmp_path / "RESULTS.md"
+    md.write_text(
+        "# old title\n\nold protocol\n\n## Strategies on sotu\n\nold table\n\n## Reading\n\nby hand\n\n## Paper\n\nx\n"
+    )
+    out = tmp_path / "results.json"
+    out.write_text(json.dumps([{"wall_s": 10.0}, {"wall_s": 20.0}]))
+    continual.write_results_md("## Strategies on sotu\n\nnew table\n", out, md)
+    text = md.read_text()
+    assert "old table" not in text and "old protocol" not in text and "runs took 10–20 s" in text
+    assert text.index("new table") < text.index("## Reading\n\nby hand\n") < text.index("## Paper\n\nx\n")
+    assert text.endswith("## Paper\n\nx\n")
