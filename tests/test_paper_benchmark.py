@@ -87,6 +87,9 @@ def test_aggregate_means_stds_lr_choice_and_checks():
     assert (check["from"], check["to"]) == (64, 256)
     assert check["gap"] == pytest.approx(0.7) and check["twice_spread"] == pytest.approx(0.4)
     assert check["lower"] and check["clear"] and agg["fig3a"]["monotone"] and agg["fig3a"]["clear"]
+    # paired by seed: 2.0 − 1.4, 2.2 − 1.5, 2.4 − 1.6 = 0.6, 0.7, 0.8 → 0.7 ± 0.1 (clear)
+    assert check["paired_gap"]["mean"] == pytest.approx(0.7) and check["paired_gap"]["std"] == pytest.approx(0.1)
+    assert check["clear_paired"]
     t8, t16 = agg["table2"]
     assert t8["usage_pct_bn"]["mean"] == pytest.approx(statistics.fmean([95.0, 95.0, 95.0]))
     assert t8["kl_unevenness_bn"]["mean"] == pytest.approx(0.4) and t8["kl_unevenness_bn"]["n"] == 3
@@ -115,6 +118,14 @@ def test_a_larger_pool_that_is_worse_or_within_noise_fails_the_checks():
             r["test_bpb"] += 0.75
     agg = paper.aggregate(rows, SETUP, [8, 16], LRS)
     assert not agg["fig3a"]["monotone"] and not agg["fig3a"]["clear"]
+    assert agg["fig3a"]["checks"][0]["paired_gap"]["mean"] == pytest.approx(-0.05)
+    assert not agg["fig3a"]["checks"][0]["clear_paired"]
+    for r in rows:  # a shared seed effect: unpaired the gap drowns in it, paired it stands out
+        if r["spec"]["n"] == 16 and r["spec"]["lr"] == 1e-3 and r["spec"]["bn"]:
+            r["test_bpb"] = {0: 1.9, 1: 2.1, 2: 2.3}[r["spec"]["seed"]]  # n=8: 2.0, 2.2, 2.4
+    (check,) = paper.aggregate(rows, SETUP, [8, 16], LRS)["fig3a"]["checks"]
+    assert check["gap"] == pytest.approx(0.1) and not check["clear"]  # 0.1 < 2 × 0.2
+    assert check["paired_gap"]["mean"] == pytest.approx(0.1) and check["clear_paired"]  # std 0
     single = [r for r in hand_made() if r["spec"]["seed"] == 0]  # one seed: lower, but never "clear"
     agg = paper.aggregate(single, SETUP, [8, 16], LRS)
     assert agg["fig3a"]["monotone"] and not agg["fig3a"]["clear"]
@@ -254,7 +265,7 @@ def test_the_hand_written_reading_survives_a_rewrite(tmp_path):
     md.write_text(md.read_text() + "Reproduced, partly.\n")
     paper.write_report(out, agg, hand_made())
     assert md.read_text().count(paper.READING_MARK) == 1 and md.read_text().endswith("Reproduced, partly.\n")
-    assert "| 64 → 256 | +0.7000 | 0.4000 | yes | yes |" in md.read_text()
+    assert "| 64 → 256 | +0.7000 | 0.4000 | yes | yes | +0.7000 ± 0.1000 | yes |" in md.read_text()
     assert out.with_name("paper-fig3a.png").stat().st_size > 0
     assert agg["models"][0]["train_loss"] == [
         [[100, 2.5], [200, 2.0]],
