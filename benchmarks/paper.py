@@ -556,6 +556,7 @@ def plot(agg: dict, path: Path) -> Path | None:
             marker=".",
             lw=0.8,
             alpha=0.6,
+            color="grey",
             capsize=2,
             label=f"PEER, {b['steps']:,} steps ({n} seed{'s' if n > 1 else ''})",
         )
