@@ -6,7 +6,9 @@ ten times less often than average can be missed by chance. This script re-measur
 PEER runs of one paper.py setup (their saved models) on more and more tokens — the test splits, then
 the train splits at 4× and 16× as many — and prints per run and budget: usage %, the KL unevenness
 (which should not move with the budget if it is not a small-sample artefact), and the share of each
-half's sub-keys that reach a head's top-k *candidates* at all (dead sub-keys would bound usage).
+half's sub-keys that reach a head's top-k *candidates* at all (dead sub-keys would bound usage); and, on
+a sample of the test tokens, usage as retrieved vs with each query's two halves made independent
+(the second half from another token): is it the halves' correlation that leaves pairs unused?
 
     python benchmarks/paper.py --steps 2000 ...          # first: the runs
     python benchmarks/paper_usage.py --steps 2000 [--seeds 0]
@@ -47,6 +49,22 @@ def candidate_subkeys_pct(layer, inputs: torch.Tensor) -> list[float]:
     return out
 
 
+def pair_usage_pct(layer, inputs: torch.Tensor, seed: int = 0) -> tuple[float, float]:
+    """Expert usage % over ``inputs`` (m, dim) as retrieved, and with each query's second half taken
+    from another, random token: the same two halves' marginals, but independent of each other. If the
+    halves' correlation is what leaves pairs unused, the second number is much higher."""
+    half = layer.config.dim_key // 2
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        q = layer.queries(inputs)  # (m, h, dk)
+        mixed = torch.cat([q[..., :half], q[torch.randperm(len(q), generator=gen)][..., half:]], dim=-1)
+        out = []
+        for queries in (q, mixed):
+            _, ids = layer._retrieve(queries)
+            out.append(100.0 * ids.unique().numel() / layer.num_experts)
+    return out[0], out[1]
+
+
 def measure(work: Path, row: dict) -> dict:
     from lifelong_peer.index import UsageLedger, collect_usage, layer_stats
     from lifelong_peer.run import open_run
@@ -72,10 +90,22 @@ def measure(work: Path, row: dict) -> dict:
                     "candidate_subkeys_pct": candidate_subkeys_pct(layer, torch.cat(inputs[pos])),
                 }
             )
+            if split == BUDGETS[0][0]:  # on the sampled inputs of paper.py's own budget
+                layers[-1]["sample_usage_pct"], layers[-1]["halves_independent_usage_pct"] = pair_usage_pct(
+                    layer, torch.cat(inputs[pos])
+                )
         tokens = layer_stats(ledger, 0, model.peer_layers()[0].num_experts, model.peer_layers()[0].frozen)["tokens"]
         out["budgets"].append({"split": split, "tokens_per_era": per_era, "tokens": tokens, "layers": layers})
         usage, kl = (sum(u[key] for u in layers) / len(layers) for key in ("usage_pct", "kl_unevenness"))
         cand = sum(sum(u["candidate_subkeys_pct"]) / 2 for u in layers) / len(layers)
+        if "sample_usage_pct" in layers[0]:
+            real, mixed = (
+                sum(u[k] for u in layers) / len(layers) for k in ("sample_usage_pct", "halves_independent_usage_pct")
+            )
+            print(
+                f"  {'':24s} sampled tokens: usage {real:5.1f}%, with independent query halves {mixed:5.1f}%",
+                file=sys.stderr,
+            )
         print(
             f"  {paper.run_name(row['spec']):24s} {split:5s} {tokens:>9,} tokens: usage {usage:5.1f}%  "
             f"KL {kl:.3f}  candidate sub-keys {cand:5.1f}%",

@@ -321,3 +321,26 @@ def test_candidate_subkeys_bound_the_sub_keys_of_retrieved_experts():
     assert 0 < rows < 100  # 64 tokens × 2 heads × top-2 of 16 random sub-keys: some, not all
     wide = PEER(PEERConfig(dim=16, num_subkeys=4, heads=2, topk=4, dim_key=8)).eval()
     assert paper_usage.candidate_subkeys_pct(wide, x) == [100.0, 100.0]
+
+
+def test_independent_query_halves_reach_the_pairs_correlated_ones_cannot():
+    """paper_usage.pair_usage_pct: as retrieved it is the layer's own usage; with halves that are equal
+    (so every token picks a diagonal expert i = j) usage stays on the diagonal, and made independent
+    it leaves it."""
+    usage_spec = importlib.util.spec_from_file_location("paper_usage", ROOT / "benchmarks" / "paper_usage.py")
+    paper_usage = importlib.util.module_from_spec(usage_spec)
+    usage_spec.loader.exec_module(paper_usage)
+    from lifelong_peer.peer import PEER, PEERConfig
+
+    torch.manual_seed(0)
+    layer = PEER(PEERConfig(dim=16, num_subkeys=16, heads=1, topk=1, dim_key=8)).eval()
+    x = torch.randn(512, 16)
+    _, ids = layer.retrieve(x)
+    real, _ = paper_usage.pair_usage_pct(layer, x)
+    assert real == 100.0 * ids.unique().numel() / 256
+    with torch.no_grad():  # second half of every query = first half; the same sub-keys on both sides
+        layer.query.weight[4:] = layer.query.weight[:4]
+        layer.subkeys[:, 1] = layer.subkeys[:, 0]
+    real, mixed = paper_usage.pair_usage_pct(layer, x)
+    assert real <= 100.0 * 16 / 256  # only the 16 diagonal experts
+    assert mixed > 2 * real
