@@ -19,6 +19,9 @@ ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("paper", ROOT / "benchmarks" / "paper.py")
 paper = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(paper)
+_usage_spec = importlib.util.spec_from_file_location("paper_usage", ROOT / "benchmarks" / "paper_usage.py")
+paper_usage = importlib.util.module_from_spec(_usage_spec)
+_usage_spec.loader.exec_module(paper_usage)
 
 TINY = [
     "--sizes", "8,16", "--lrs", "1e-3,3e-3", "--seeds", "2", "--dim", "16", "--heads", "4", "--topk", "4",
@@ -306,9 +309,6 @@ def test_real_runs_resume_after_a_killed_one(tmp_path):
 def test_candidate_subkeys_bound_the_sub_keys_of_retrieved_experts():
     """paper_usage.candidate_subkeys_pct: each retrieved expert's two sub-keys are among its head's
     candidates, so the candidates cover at least the sub-keys the retrieved experts use; k = n: all."""
-    usage_spec = importlib.util.spec_from_file_location("paper_usage", ROOT / "benchmarks" / "paper_usage.py")
-    paper_usage = importlib.util.module_from_spec(usage_spec)
-    usage_spec.loader.exec_module(paper_usage)
     from lifelong_peer.peer import PEER, PEERConfig, pair_of
 
     torch.manual_seed(0)
@@ -327,9 +327,6 @@ def test_independent_query_halves_reach_the_pairs_correlated_ones_cannot():
     """paper_usage.pair_usage_pct: as retrieved it is the layer's own usage; with halves that are equal
     (so every token picks a diagonal expert i = j) usage stays on the diagonal, and made independent
     it leaves it."""
-    usage_spec = importlib.util.spec_from_file_location("paper_usage", ROOT / "benchmarks" / "paper_usage.py")
-    paper_usage = importlib.util.module_from_spec(usage_spec)
-    usage_spec.loader.exec_module(paper_usage)
     from lifelong_peer.peer import PEER, PEERConfig
 
     torch.manual_seed(0)
