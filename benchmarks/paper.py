@@ -38,8 +38,6 @@ the RESULTS.md section draft (benchmarks/results/paper.md, with the hand-written
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
 import hashlib
 import itertools
 import json
@@ -54,6 +52,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from sweep import locked  # noqa: E402  the lock file sweep.py's workers share, serialising appends and claims
+
 RESULTS = ROOT / "benchmarks/results"
 
 #: Seconds per training step measured on the project's 2-core machine (30 Nov 2026, one thread,
@@ -165,12 +166,13 @@ def plan(
     start one at a guessed lr.
     """
     sweep_setup = sweep_setup or setup
-    swept = finished(rows, sweep_setup)
+    done = {_tag(st): finished(rows, st) for st in (setup, sweep_setup)}
+    swept = done[_tag(sweep_setup)]
     models = models_of(sizes, dense_total)
     out: list[dict] = []
 
     def want(st: dict, s: dict) -> None:
-        if _key(s) not in finished(rows, st) and job(st, s) not in out:
+        if _key(s) not in done[_tag(st)] and job(st, s) not in out:
             out.append(job(st, s))
 
     def lr_of(model: str, n: int | None) -> float | None:
@@ -233,14 +235,6 @@ def print_plan(todo: list[dict], setup: dict, rows: list[dict], dense_total: boo
 
 
 # --- parallel workers ------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def locked(out: Path):
-    """Serialise the workers' appends and claims (one lock file next to ``out``)."""
-    with open(out.with_suffix(".lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
 
 
 def _alive(pid: int) -> bool:
@@ -387,14 +381,19 @@ def _stat(values: list[float]) -> dict:
     }
 
 
+def _usage_value(u: dict, key: str) -> float | None:
+    """One layer's usage quantity; the sub-key ones come from its two halves' % (None in older rows)."""
+    halves = u.get("subkey_usage_pct")
+    if key == "subkey_usage_pct":
+        return None if halves is None else statistics.fmean(halves)  # mean of the halves
+    if key == "grid_bound_pct":
+        return None if halves is None else halves[0] * halves[1] / 100  # rows used × columns used
+    return u[key]
+
+
 def _layer_mean(row: dict, key: str) -> float | None:
-    """Mean over layers of one usage quantity; the sub-key ones are derived from the two halves' %."""
-    derive = {
-        "subkey_usage_pct": lambda u: statistics.fmean(u["subkey_usage_pct"]),  # mean of the halves
-        "grid_bound_pct": lambda u: u["subkey_usage_pct"][0] * u["subkey_usage_pct"][1] / 100,  # rows × columns
-    }
-    get = derive.get(key, lambda u: u[key])
-    values = [get(u) for u in row["usage"] if u.get(key if key not in derive else "subkey_usage_pct") is not None]
+    """Mean over layers of one usage quantity (None if no layer has it)."""
+    values = [v for v in (_usage_value(u, key) for u in row["usage"]) if v is not None]
     return statistics.fmean(values) if values else None
 
 
@@ -471,15 +470,11 @@ def aggregate(
             row[f"test_bpb_{'bn' if bn else 'nobn'}"] = _stat([r["test_bpb"] for r in runs]) if runs else None
         table2.append(row)
     budgets = []  # the same experiment at other numbers of steps (each its own sweep): how the picture moves
-    for steps in sorted({r["setup"]["steps"] for r in rows if {**r["setup"], "steps": setup["steps"]} == setup}):
-        if other_budgets and steps != setup["steps"]:
-            other = aggregate(rows, {**setup, "steps": steps}, sizes, lrs, dense_total, other_budgets=False)
-            budgets.append(
-                {
-                    "steps": steps,
-                    "models": [{k: m[k] for k in ("model", "experts", "lr", "test_bpb")} for m in other["models"]],
-                }
-            )
+    others = {r["setup"]["steps"] for r in rows if {**r["setup"], "steps": setup["steps"]} == setup} - {setup["steps"]}
+    for steps in sorted(others) if other_budgets else []:
+        other = aggregate(rows, {**setup, "steps": steps}, sizes, lrs, dense_total, other_budgets=False)
+        keep = ("model", "experts", "lr", "test_bpb")
+        budgets.append({"steps": steps, "models": [{k: m[k] for k in keep} for m in other["models"]]})
     return {
         "setup": setup,
         "sweep_steps": sweep_setup["steps"],

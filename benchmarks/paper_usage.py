@@ -80,9 +80,10 @@ def measure(work: Path, row: dict) -> dict:
             got = collect_usage(model, run.windows(name, split, per_era)[:, :-1], ledger, name, sample_inputs=8192)
             for pos, x in got["inputs"].items():
                 inputs.setdefault(pos, []).append(x)
-        layers = []
+        layers, tokens = [], 0
         for pos, layer in enumerate(model.peer_layers()):
             st = layer_stats(ledger, pos, layer.num_experts, layer.frozen)
+            tokens = st["tokens"]  # the same for every layer
             layers.append(
                 {
                     "usage_pct": st["usage_pct"],
@@ -94,10 +95,15 @@ def measure(work: Path, row: dict) -> dict:
                 layers[-1]["sample_usage_pct"], layers[-1]["halves_independent_usage_pct"] = pair_usage_pct(
                     layer, torch.cat(inputs[pos])
                 )
-        tokens = layer_stats(ledger, 0, model.peer_layers()[0].num_experts, model.peer_layers()[0].frozen)["tokens"]
         out["budgets"].append({"split": split, "tokens_per_era": per_era, "tokens": tokens, "layers": layers})
         usage, kl = (sum(u[key] for u in layers) / len(layers) for key in ("usage_pct", "kl_unevenness"))
         cand = sum(sum(u["candidate_subkeys_pct"]) / 2 for u in layers) / len(layers)
+        print(
+            f"  {paper.run_name(row['spec']):24s} {split:5s} {tokens:>9,} tokens: usage {usage:5.1f}%  "
+            f"KL {kl:.3f}  candidate sub-keys {cand:5.1f}%",
+            file=sys.stderr,
+            flush=True,
+        )
         if "sample_usage_pct" in layers[0]:
             real, mixed = (
                 sum(u[k] for u in layers) / len(layers) for k in ("sample_usage_pct", "halves_independent_usage_pct")
@@ -106,12 +112,6 @@ def measure(work: Path, row: dict) -> dict:
                 f"  {'':24s} sampled tokens: usage {real:5.1f}%, with independent query halves {mixed:5.1f}%",
                 file=sys.stderr,
             )
-        print(
-            f"  {paper.run_name(row['spec']):24s} {split:5s} {tokens:>9,} tokens: usage {usage:5.1f}%  "
-            f"KL {kl:.3f}  candidate sub-keys {cand:5.1f}%",
-            file=sys.stderr,
-            flush=True,
-        )
     return out
 
 
