@@ -49,9 +49,8 @@ RESULTS = Path(__file__).parent / "results" / "growth_shock.json"
 
 def bpb(model, windows: torch.Tensor) -> float:
     """Bits per byte (byte tokenizer: tokens = bytes) of ``model`` on windows (n, T + 1)."""
-    from lifelong_peer.index import _nats
-
-    return _nats(model, windows) / (windows[:, 1:].numel() * 0.6931471805599453)
+    total, count = model.nll(windows)
+    return total / (count * 0.6931471805599453)
 
 
 def variant(model, mode: str | None, k: int, gen_topk: int | None, gate: str, data: dict, seed: int) -> tuple:

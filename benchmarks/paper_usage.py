@@ -60,7 +60,7 @@ def pair_usage_pct(layer, inputs: torch.Tensor, seed: int = 0) -> tuple[float, f
         mixed = torch.cat([q[..., :half], q[torch.randperm(len(q), generator=gen)][..., half:]], dim=-1)
         out = []
         for queries in (q, mixed):
-            _, ids = layer._retrieve(queries)
+            _, ids = layer.retrieve_queries(queries)
             out.append(100.0 * ids.unique().numel() / layer.num_experts)
     return out[0], out[1]
 

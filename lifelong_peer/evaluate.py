@@ -6,8 +6,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-import torch
-
 from . import distributed
 from .config import phase_steps
 from .data import eval_windows
@@ -19,23 +17,6 @@ if TYPE_CHECKING:
     from .run import Run
 
 Progress = Callable[[dict], None]
-
-
-@torch.no_grad()
-def evaluate(model: PEERModel, windows: torch.Tensor, batch_size: int = 32) -> tuple[float, int]:
-    """(summed nats, tokens predicted) of ``model`` on windows (n, T+1), in eval mode."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for chunk in windows.split(batch_size):
-        chunk = chunk.to(device)
-        logits, _ = model(chunk[:, :-1])
-        nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), chunk[:, 1:].flatten(), reduction="sum")
-        total += float(nll)
-        count += chunk[:, 1:].numel()
-    model.train(was_training)
-    return total, count
 
 
 def evaluate_all(run: Run, emit: Progress) -> dict[str, EvalRow]:
@@ -51,7 +32,7 @@ def evaluate_all(run: Run, emit: Progress) -> dict[str, EvalRow]:
                 tokens.append(0)
                 num_bytes.append(0)
                 continue
-            total, count = evaluate(run.model, run.windows(name, split, run.config.train.eval_tokens))
+            total, count = run.model.nll(run.windows(name, split, run.config.train.eval_tokens))
             sums.append(total)
             tokens.append(count)
             # bytes behind the scored tokens, at the split's bytes-per-token ratio
@@ -92,7 +73,7 @@ def new_results(run: Run, before: dict[str, EvalRow], **extra) -> RunResults:
 
 def append_eval(row: EvalRow, run: Run, model: PEERModel, slice_name: str, split: str) -> None:
     data = run.slice_data(slice_name)
-    total, count = evaluate(model, run.windows(slice_name, split, run.config.train.eval_tokens))
+    total, count = model.nll(run.windows(slice_name, split, run.config.train.eval_tokens))
     num_bytes = max(1, round(count * data.num_bytes(split) / max(1, len(data.tokens(split)))))
     new = EvalRow.from_totals([total], [count], [num_bytes])
     row.nll.append(new.nll[0])
@@ -141,7 +122,6 @@ def recompute_results(run: Run) -> RunResults:
 __all__ = [
     "append_eval",
     "eval_windows",
-    "evaluate",
     "evaluate_all",
     "evaluate_latest",
     "new_results",

@@ -251,9 +251,10 @@ class PEER(nn.Module):
             q = self.norm(q)
         return q
 
-    def _retrieve(self, q: Tensor) -> tuple[Tensor, Tensor]:
+    def retrieve_queries(self, q: Tensor) -> tuple[Tensor, Tensor]:
         """Queries (T, h, dk) → (scores, ids), each (T, h, S), S = Σ ``config.slots()``: each generation's
-        top-k (scores descending within it), generation 0 first."""
+        top-k (scores descending within it), generation 0 first. ``retrieve`` starts from hidden states;
+        this from queries (``queries(x)`` or hand-made ones, as ``benchmarks/paper_usage.py`` does)."""
         c = self.config
         if not c.generations:
             return self._retrieve_square(q, self.subkeys)
@@ -308,7 +309,7 @@ class PEER(nn.Module):
         """x (..., dim) → (scores, ids), each (..., heads, S) (S = topk without grown generations); ids in
         [0, N), scores descending within each generation. Router weights: ``gates(scores)``."""
         lead = x.shape[:-1]
-        scores, ids = self._retrieve(self.queries(x.reshape(-1, self.config.dim)))
+        scores, ids = self.retrieve_queries(self.queries(x.reshape(-1, self.config.dim)))
         return scores.view(*lead, *scores.shape[1:]), ids.view(*lead, *ids.shape[1:])
 
     def all_scores(self, x: Tensor) -> Tensor:
@@ -332,7 +333,7 @@ class PEER(nn.Module):
         # The router in full precision, whatever autocast says (as Switch Transformer's, Fedus et al.
         # 2021 §2.4): bf16 sub-key scores pick a different expert in ~1 of 3 top-k slots (issue 9).
         with torch.autocast(x.device.type, enabled=False):
-            scores, ids = self._retrieve(self.queries(x2.to(self.query.weight.dtype)))  # (T, h, S)
+            scores, ids = self.retrieve_queries(self.queries(x2.to(self.query.weight.dtype)))  # (T, h, S)
             gates = self.gates(scores)  # (T, h, S)
         # one mix per generation, summed: generation 0's output is bit-identical to the layer's before
         # its first function-preserving growth, and a generation born with v = 0 adds exactly zero

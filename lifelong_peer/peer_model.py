@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .peer import PEER, PEERConfig, active_params_per_token
@@ -74,6 +76,24 @@ class PEERModel(nn.Module):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    @torch.no_grad()
+    def nll(self, windows: Tensor, batch_size: int = 32) -> tuple[float, int]:
+        """(summed NLL in nats, tokens predicted) on token windows (n, T + 1) — the one scorer of
+        evaluation and of the growth shock. Eval mode (BatchNorm on its running statistics), the
+        previous mode restored after."""
+        was_training = self.training
+        self.eval()
+        device = next(self.parameters()).device
+        total = 0.0
+        try:
+            for chunk in windows.split(batch_size):
+                chunk = chunk.to(device)
+                logits, _ = self(chunk[:, :-1])
+                total += float(F.cross_entropy(logits.flatten(0, 1).float(), chunk[:, 1:].flatten(), reduction="sum"))
+        finally:
+            self.train(was_training)
+        return total, windows[:, 1:].numel()
 
     def active_params_per_token(self) -> int:
         """Parameters a token touches: everything but ``untouched_params`` and unretrieved experts."""

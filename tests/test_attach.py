@@ -19,7 +19,6 @@ from lifelong_peer.attach import (  # noqa: E402
     save_attached,
 )
 from lifelong_peer.checkpoint import load_tensors, save_model  # noqa: E402
-from lifelong_peer.evaluate import evaluate  # noqa: E402
 from lifelong_peer.index import collect_usage  # noqa: E402
 from lifelong_peer.optim import build_optimizer  # noqa: E402
 from lifelong_peer.streams.hf_tokenizer import HFTokenizer  # noqa: E402
@@ -247,7 +246,7 @@ def test_local_base_loads_offline_and_missing_files_are_named(tmp_path, monkeypa
 def test_the_trainer_and_index_manager_accept_an_attached_model(arch):
     model = attach_fn(make_base(arch), layers=[0, 1], peer=PEER_CFG)
     windows = tokens(4, (3, 13))
-    total, count = evaluate(model, windows)
+    total, count = model.nll(windows)
     with torch.no_grad():
         logits, _ = model(windows[:, :-1])
     ref = torch.nn.functional.cross_entropy(logits.flatten(0, 1), windows[:, 1:].flatten(), reduction="sum")

@@ -10,7 +10,7 @@ from peer_helpers import assert_same, pair
 
 from lifelong_peer import LanguageModel, ModelConfig, PEERConfig
 from lifelong_peer.checkpoint import load_model, save_model
-from lifelong_peer.index import _nats, collect_usage, grow_model, growth_shock, set_frozen
+from lifelong_peer.index import collect_usage, grow_model, growth_shock, set_frozen
 from lifelong_peer.optim import build_optimizer
 from lifelong_peer.peer import pair_of
 
@@ -185,7 +185,7 @@ def test_function_preserving_modes_keep_the_growth_shock_small(trained, mode):
     for m in (model, reference):
         for p in m.peer_layers():
             p.impl = "naive"
-    change = (_nats(model, data["old_eval"]) - _nats(reference, data["old_eval"])) / (
+    change = (model.nll(data["old_eval"])[0] - reference.nll(data["old_eval"])[0]) / (
         data["old_eval"][:, 1:].numel() * 0.6931471805599453
     )
     assert abs(change - shock["per_slice_bpb"]["old"]) < 1e-6
@@ -195,14 +195,14 @@ def test_growth_shock_measures_what_a_shared_retrieval_growth_does(trained):
     """The earlier growth (new keys join the shared retrieval) shifts old losses; the measure sees it."""
     model, data = trained
     model = copy.deepcopy(model)
-    before = _nats(model, data["old_eval"])
+    before = model.nll(data["old_eval"])[0]
 
     def grow():  # long random sub-keys: they take over old retrievals with v = 0 experts
         for p in model.peer_layers():
             p.grow(4, subkeys=p.subkeys.detach()[:4] * 3)
 
     _, shock = growth_shock(model, grow, {"old": data["old_eval"]})
-    expected = (_nats(model, data["old_eval"]) - before) / (data["old_eval"][:, 1:].numel() * 0.6931471805599453)
+    expected = (model.nll(data["old_eval"])[0] - before) / (data["old_eval"][:, 1:].numel() * 0.6931471805599453)
     assert shock["max_bpb"] > 0.002 and shock["per_slice_bpb"]["old"] == pytest.approx(expected)
 
 

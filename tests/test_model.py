@@ -25,6 +25,25 @@ def test_eval_mode_is_causal():
     assert not torch.allclose(logits[:, 12:], logits2[:, 12:])
 
 
+def test_nll_scores_in_eval_mode_by_chunks_and_restores_the_mode():
+    """The one scorer: summed cross-entropy of every next token, with BatchNorm on its running
+    statistics (not the scored batch's), the same whatever the chunking, and training mode kept."""
+    torch.manual_seed(0)
+    model = LanguageModel(config(peer_blocks="all"))
+    model.train()
+    for p in model.peer_layers():  # running statistics far from any batch's, so the mode shows
+        p.norm.running_mean.fill_(3.0)
+    windows = torch.randint(0, 256, (5, 17))
+    total, count = model.nll(windows, batch_size=2)
+    assert model.training and count == 5 * 16
+    with torch.no_grad():
+        logits, _ = model.eval()(windows[:, :-1])
+        ref = torch.nn.functional.cross_entropy(logits.flatten(0, 1), windows[:, 1:].flatten(), reduction="sum")
+        train_logits, _ = model.train()(windows[:, :-1])
+    assert total == pytest.approx(float(ref), rel=1e-5)
+    assert not torch.allclose(logits, train_logits)  # the mode matters, so the check above means something
+
+
 @pytest.mark.parametrize("spec,expected", [("middle", [1]), ("all", [0, 1, 2]), ("none", []), ("0,2", [0, 2])])
 def test_peer_block_choice(spec, expected):
     model = LanguageModel(config(peer_blocks=spec))

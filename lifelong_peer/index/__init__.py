@@ -58,7 +58,6 @@ from .freezing import (  # noqa: F401
 from .growth import (  # noqa: F401
     GROW_MODES,
     GrowthRule,
-    _nats,
     _safe_norms,
     changed_fraction,
     coverage,

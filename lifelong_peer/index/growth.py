@@ -270,19 +270,6 @@ def grow_model(
     return reports
 
 
-@torch.no_grad()
-def _nats(model, windows: Tensor, batch_size: int = 16) -> float:
-    """Summed NLL (nats) of ``model`` on token windows (n, T + 1), in eval mode."""
-    device = next(model.parameters()).device
-    total = 0.0
-    with _eval(model):
-        for chunk in windows.split(batch_size):
-            chunk = chunk.to(device)
-            logits, _ = model(chunk[:, :-1])
-            total += float(F.cross_entropy(logits.flatten(0, 1).float(), chunk[:, 1:].flatten(), reduction="sum"))
-    return total
-
-
 def growth_shock(
     model,
     grow: Callable[[], T],
@@ -299,12 +286,12 @@ def growth_shock(
     ``max_bpb`` = max over slices of |change| (the target: ≤ 0.002), ``mean_bpb`` = mean change;
     ``max_bpb`` and ``mean_bpb`` are None without old slices.
     """
-    before = {name: _nats(model, w) for name, w in old_windows.items()}
+    before = {name: model.nll(w)[0] for name, w in old_windows.items()}
     out = grow()
     per_slice = {}
     for name, w in old_windows.items():
         num_bytes = w[:, 1:].numel() * (bytes_per_token or {}).get(name, 1.0)
-        per_slice[name] = (_nats(model, w) - before[name]) / (max(num_bytes, 1e-9) * math.log(2))
+        per_slice[name] = (model.nll(w)[0] - before[name]) / (max(num_bytes, 1e-9) * math.log(2))
     changes = list(per_slice.values())
     shock = {
         "max_bpb": max((abs(c) for c in changes), default=None),
