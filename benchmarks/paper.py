@@ -474,7 +474,14 @@ def aggregate(
     for steps in sorted(others) if other_budgets else []:
         other = aggregate(rows, {**setup, "steps": steps}, sizes, lrs, dense_total, other_budgets=False)
         keep = ("model", "experts", "lr", "test_bpb")
-        budgets.append({"steps": steps, "models": [{k: m[k] for k in keep} for m in other["models"]]})
+        usage = ("experts", "usage_pct_bn", "usage_pct_nobn", "kl_unevenness_bn", "kl_unevenness_nobn")
+        budgets.append(
+            {
+                "steps": steps,
+                "models": [{k: m[k] for k in keep} for m in other["models"]],
+                "table2": [{k: t[k] for k in usage} for t in other["table2"]],
+            }
+        )
     return {
         "setup": setup,
         "sweep_steps": sweep_setup["steps"],
@@ -689,6 +696,26 @@ def markdown(agg: dict, plot_path: Path | None, minutes: float) -> str:
             f"{_pm(t['test_bpb_nobn'])} | {_pm(t['test_bpb_bn'])} | {_pm(t['subkey_usage_pct_bn'], '{:.1f}')} | "
             f"{_pm(t['grid_bound_pct_bn'], '{:.1f}')} |"
         )
+    if agg["other_budgets"]:
+        # Table 2 moves with training (usage falls as the pool specialises), and the runs without
+        # BatchNorm may exist at another budget only: every budget's usage and KL side by side
+        budgets = [*agg["other_budgets"], {"steps": st["steps"], "table2": agg["table2"]}]
+        budgets.sort(key=lambda b: b["steps"])
+        lines += [
+            "",
+            "Table 2 at every training budget (usage % and KL as above; no BN → BN, — where not run):",
+            "",
+            "| experts | " + " | ".join(f"{b['steps']:,} steps: usage % | KL" for b in budgets) + " |",
+            "|---:|" + "---|---|" * len(budgets),
+        ]
+        for t in agg["table2"]:
+            cells = []
+            for b in budgets:
+                same = [o for o in b["table2"] if o["experts"] == t["experts"]]
+                for key, fmt in (("usage_pct", "{:.1f}"), ("kl_unevenness", "{:.3f}")):
+                    o = same[0] if same else {}
+                    cells.append(f"{_pm(o.get(key + '_nobn'), fmt)} → {_pm(o.get(key + '_bn'), fmt)}")
+            lines.append(f"| {t['experts']:,} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -108,8 +108,13 @@ def test_aggregate_means_stds_lr_choice_and_checks():
     # the run of another step budget is kept out of every number above, and shown as that budget's own
     (other,) = agg["other_budgets"]
     single = {"mean": 0.1, "std": None, "n": 1}
-    assert other == {"steps": 99, "models": [{"model": "peer", "experts": 64, "lr": 3e-3, "test_bpb": single}]}
+    assert other["models"] == [{"model": "peer", "experts": 64, "lr": 3e-3, "test_bpb": single}]
+    assert other["steps"] == 99 and other["table2"][0]["usage_pct_bn"]["mean"] == pytest.approx(95.0)
+    assert other["table2"][0]["kl_unevenness_nobn"] is None and len(other["table2"]) == 1
     md = paper.markdown(agg, None, 1.0)
+    # Table 2 per budget: this budget's no BN → BN (70 → 95 %, KL 1.0 → 0.4), the other's BN only
+    assert "| 64 | 70.0 → 95.0 ± 0.0 | 1.000 → 0.400 ± 0.000 | — → 95.0 | — → 0.400 |" in md
+    assert "| 256 | 60.0 → 95.0 ± 0.0 | 0.200 → 0.400 ± 0.000 | — → — | — → — |" in md
     assert "| model | 2 steps | 99 steps |" in md and "| PEER, 64 experts | 2.2000 ± 0.2000 (3) | 0.1000 (1) |" in md
     assert "| PEER, 256 experts | 1.5000 ± 0.1000 (3) | — |" in md
 
