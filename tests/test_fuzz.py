@@ -19,7 +19,7 @@ from lifelong_peer.errors import UserError
 from lifelong_peer.model import ModelConfig
 from lifelong_peer.workspace import Workspace
 
-FAST = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+FAST = settings(max_examples=25, suppress_health_check=[HealthCheck.function_scoped_fixture])
 GOOD = "".join(json.dumps({"text": f"document {i} " * 8, "time": f"{2000 + i % 3}-02-01"}) + "\n" for i in range(12))
 
 json_scalars = st.none() | st.booleans() | st.integers(-(10**20), 10**20) | st.floats() | st.text(max_size=12)

@@ -109,7 +109,7 @@ def test_shell_order_is_a_bijection_with_appended_ids():
         assert sorted(ids.tolist()) == list(range(n * n))
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=25)
 @given(st.integers(1, 6), st.lists(st.integers(1, 4), min_size=1, max_size=4))
 def test_growth_keeps_old_experts_and_appends_new_ids(n0, steps):
     torch.manual_seed(0)

@@ -537,7 +537,7 @@ def test_hf_source_through_load_dataset(ws, tmp_path, monkeypatch):
         ingest(ws, f"hf:{tmp_path / 'nothing-here'}", "none")
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200)
 @given(st.datetimes(min_value=datetime(1, 1, 2), max_value=datetime(9999, 12, 30), timezones=st.just(UTC)))
 def test_parse_time_round_trips_iso(dt):
     seconds = parse_time(dt.isoformat())
