@@ -438,27 +438,10 @@ def aggregate(
             }
         )
     peer = [m for m in models if m["model"] == "peer"]
-    checks = []
-    for a, b in itertools.pairwise(peer):
-        gap = a["test_bpb"]["mean"] - b["test_bpb"]["mean"]  # > 0: the larger pool is better
-        spread = max(a["test_bpb"]["std"] or 0.0, b["test_bpb"]["std"] or 0.0)
-        # Paired by seed: a seed fixes the data order for every size, and a late loss drop hits every
-        # size that sees that order, so the per-seed differences are far less noisy than either mean.
-        common = sorted(set(a["test_by_seed"]) & set(b["test_by_seed"]))
-        diffs = [a["test_by_seed"][s] - b["test_by_seed"][s] for s in common]
-        paired = _stat(diffs) if diffs else None
-        checks.append(
-            {
-                "from": a["experts"],
-                "to": b["experts"],
-                "gap": gap,
-                "twice_spread": 2 * spread,
-                "lower": gap > 0,
-                "clear": gap > 2 * spread and min(a["test_bpb"]["n"], b["test_bpb"]["n"]) > 1,
-                "paired_gap": paired,
-                "clear_paired": bool(paired and paired["n"] > 1 and paired["mean"] > 2 * paired["std"]),
-            }
-        )
+    checks = [_compare(a, b) for a, b in itertools.pairwise(peer)]
+    # every pool against the smallest too: a trend can be clear over a factor 16 in N and still drown
+    # in seed noise step by step
+    against_smallest = [_compare(peer[0], b) for b in peer[1:]]
     table2 = []
     for m in peer:
         row = {"experts": m["experts"], "lr": m["lr"]}
@@ -489,6 +472,7 @@ def aggregate(
         "models": models,
         "fig3a": {
             "checks": checks,
+            "against_smallest": against_smallest,
             "monotone": bool(checks) and all(c["lower"] for c in checks),
             "clear": bool(checks) and all(c["clear"] for c in checks),
         },
@@ -500,6 +484,28 @@ def aggregate(
             and t["kl_unevenness_nobn"]
             and t["kl_unevenness_bn"]["mean"] < t["kl_unevenness_nobn"]["mean"]
         ],
+    }
+
+
+def _compare(a: dict, b: dict) -> dict:
+    """Fig. 3a check of the larger pool ``b`` against ``a`` (models of ``aggregate``): the gap of the means
+    and the issue's test (clear = gap > 2 × the larger seed std), and the same paired by seed."""
+    gap = a["test_bpb"]["mean"] - b["test_bpb"]["mean"]  # > 0: the larger pool is better
+    spread = max(a["test_bpb"]["std"] or 0.0, b["test_bpb"]["std"] or 0.0)
+    # Paired by seed: a seed fixes the data order for every size, and a late loss drop hits every
+    # size that sees that order, so the per-seed differences are far less noisy than either mean.
+    common = sorted(set(a["test_by_seed"]) & set(b["test_by_seed"]))
+    diffs = [a["test_by_seed"][s] - b["test_by_seed"][s] for s in common]
+    paired = _stat(diffs) if diffs else None
+    return {
+        "from": a["experts"],
+        "to": b["experts"],
+        "gap": gap,
+        "twice_spread": 2 * spread,
+        "lower": gap > 0,
+        "clear": gap > 2 * spread and min(a["test_bpb"]["n"], b["test_bpb"]["n"]) > 1,
+        "paired_gap": paired,
+        "clear_paired": bool(paired and paired["n"] > 1 and paired["mean"] > 2 * paired["std"]),
     }
 
 
@@ -647,7 +653,10 @@ def markdown(agg: dict, plot_path: Path | None, minutes: float) -> str:
         "| from → to | gap | 2 × spread | lower | clear | paired gap | clear, paired |",
         "|---|---:|---:|---|---|---|---|",
     ]
-    for c in fig["checks"]:
+    rows = [*fig["checks"], *fig.get("against_smallest", [])[1:]]  # its first is the first step
+    for i, c in enumerate(rows):
+        if i == len(fig["checks"]):
+            lines.append("| *each larger pool against the smallest* | | | | | | |")
         paired = c.get("paired_gap")
         lines.append(
             f"| {c['from']:,} → {c['to']:,} | {c['gap']:+.4f} | {c['twice_spread']:.4f} | "

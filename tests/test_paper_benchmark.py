@@ -139,6 +139,20 @@ def test_a_larger_pool_that_is_worse_or_within_noise_fails_the_checks():
     assert agg["fig3a"]["monotone"] and not agg["fig3a"]["clear"]
 
 
+def test_every_pool_is_also_checked_against_the_smallest():
+    """1,024 → 4,096 → 16,384 experts: neither step is clear of the seed noise, the whole span is."""
+    tests = {8: (2.0, 2.2, 2.4), 16: (1.95, 2.25, 2.3), 32: (1.8, 2.0, 2.2)}
+    rows = [row("peer", n, 3e-3, s, val=t, test=t) for n, ts in tests.items() for s, t in enumerate(ts)]
+    agg = paper.aggregate(rows, SETUP, [8, 16, 32], [3e-3])
+    steps, span = agg["fig3a"]["checks"], agg["fig3a"]["against_smallest"]
+    assert [(c["from"], c["to"]) for c in steps] == [(64, 256), (256, 1024)]
+    assert [(c["from"], c["to"]) for c in span] == [(64, 256), (64, 1024)]
+    assert not steps[0]["clear_paired"] and not steps[1]["clear"]
+    assert span[1]["paired_gap"]["mean"] == pytest.approx(0.2) and span[1]["clear_paired"]
+    md = paper.markdown(agg, None, 1.0)
+    assert "| 64 → 1,024 | +0.2000 | 0.4000 | yes | no | +0.2000 ± 0.0000 | yes |" in md
+
+
 def test_plan_order_and_lr_choice():
     def specs(todo):
         assert all(j["setup"] == SETUP for j in todo)
