@@ -668,9 +668,10 @@ def markdown(agg: dict, plot_path: Path | None, minutes: float) -> str:
         f"Monotone: {'yes' if fig['monotone'] else 'no'}; every step clear of seed noise: "
         f"{'yes' if fig['clear'] else 'no'}.",
     ]
+    # this budget beside the others, in order of steps: for test bpb here and for Table 2 below
+    this = {"steps": st["steps"], "models": agg["models"], "table2": agg["table2"]}
+    budgets = sorted([*agg["other_budgets"], this], key=lambda b: b["steps"])
     if agg["other_budgets"]:
-        budgets = [*agg["other_budgets"], {"steps": st["steps"], "models": agg["models"]}]
-        budgets.sort(key=lambda b: b["steps"])
         lines += [
             "",
             "The same models at other training budgets (each budget at its own chosen lr; test bpb, seeds):",
@@ -706,10 +707,8 @@ def markdown(agg: dict, plot_path: Path | None, minutes: float) -> str:
             f"{_pm(t['grid_bound_pct_bn'], '{:.1f}')} |"
         )
     if agg["other_budgets"]:
-        # Table 2 moves with training (usage falls as the pool specialises), and the runs without
-        # BatchNorm may exist at another budget only: every budget's usage and KL side by side
-        budgets = [*agg["other_budgets"], {"steps": st["steps"], "table2": agg["table2"]}]
-        budgets.sort(key=lambda b: b["steps"])
+        # usage and KL move with training (not one way: issue 18), and the runs without BatchNorm may
+        # exist at another budget only: every budget's side by side
         lines += [
             "",
             "Table 2 at every training budget (usage % and KL as above; no BN → BN, — where not run):",
