@@ -67,12 +67,19 @@ class PlainProgress:
             for r in event["layers"]:
                 moved = r.get("changed_old")
                 self._line(
-                    f"grow layer {r['layer']}: +{r['k']} sub-keys, {r['experts_before']:,} → {r['experts_after']:,} "
-                    "experts" + (f", old tokens re-routed {100 * moved:.1f}%" if moved is not None else "")
+                    f"grow layer {r['layer']}: +{r['k']} sub-keys per half, {r['experts_before']:,} → "
+                    f"{r['experts_after']:,} experts in the layer"
+                    + (f", old tokens re-routed {100 * moved:.1f}%" if moved is not None else "")
+                    + (f" ({r['reason']})" if r.get("reason") else "")
                 )
         elif kind == "freeze":
             for r in event["layers"]:
-                self._line(f"freeze layer {r['layer']} ({r['policy']}): {r['frozen_pct']:.1f}% frozen")
+                claim = (
+                    f"; the slice retrieves {r['retrieved']:,}, claims {r['claimed']:,}; {r['unused']:,} unused"
+                    if r.get("claimed") is not None
+                    else ""
+                )
+                self._line(f"freeze layer {r['layer']} ({r['policy']}): {r['frozen_pct']:.1f}% frozen{claim}")
         elif kind == "resume":
             where = "base training" if event["phase"] < 0 else f"phase {event['phase']}"
             self._line(f"resuming {where} at step {event['step']}")

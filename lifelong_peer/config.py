@@ -53,6 +53,9 @@ class TrainConfig:
     """Global gradient-norm clip (0: off)."""
     grow: str = "none"
     """Growth before each phase: none, K (sub-keys per half), or auto (decided by the index manager)."""
+    max_experts: int = 0
+    """Memory budget: experts per PEER layer (all generations) growth may reach; growth that does not fit is cut,
+    to none (0: no budget). Each phase reports what it grew and why."""
     grow_mode: str = "exact"
     """How growth adds experts: exact (a new generation with its own retrieval and v = 0: the function is
     unchanged, old routing untouched; each generation adds grow_topk experts per head), safe (new sub-keys
@@ -102,6 +105,9 @@ class TrainConfig:
     """Held-out tokens scored per slice and split (evenly spaced windows; 0: the whole split)."""
     usage_tokens: int = 8192
     """Validation tokens per slice used to record expert usage after its phase."""
+    keep_checkpoints: str = "latest"
+    """Phase checkpoints kept: latest (the newest phase's and the base, so disk use grows with the pool, not with
+    the number of slices) or all (every phase's model stays loadable)."""
     checkpoint_every: int = 0
     """Also checkpoint every N steps inside a phase (0: only at phase ends)."""
     seed: int = 0
@@ -123,7 +129,19 @@ class TrainConfig:
         for name in ("lr", "base_lr"):
             if not getattr(self, name) > 0:
                 raise UserError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("weight_decay", "expert_weight_decay", "l2sp", "ewc", "mas", "distill", "warmup", "base_steps"):
+        if self.keep_checkpoints not in ("latest", "all"):
+            raise UserError(f"keep_checkpoints must be latest or all, got {self.keep_checkpoints!r}")
+        for name in (
+            "max_experts",
+            "weight_decay",
+            "expert_weight_decay",
+            "l2sp",
+            "ewc",
+            "mas",
+            "distill",
+            "warmup",
+            "base_steps",
+        ):
             if getattr(self, name) < 0:
                 raise UserError(f"{name} must be ≥ 0, got {getattr(self, name)}")
         if not 0 <= self.replay < 1:

@@ -55,7 +55,7 @@ def phase_record(run: Run, slice_name: str, tokens: int, wall: float) -> PhaseRe
         params=run.model.num_params(),
         active_params=run.model.active_params_per_token(),
         growth_shock_bpb=shock["max_bpb"] if shock else None,
-        extra={"growth_shock_per_slice_bpb": shock["per_slice_bpb"]} if shock else {},
+        extra=({"growth_shock_per_slice_bpb": shock["per_slice_bpb"]} if shock else {}) | run.phase_log,
     )
 
 
@@ -100,16 +100,27 @@ def evaluate_latest(run: Run) -> dict:
 
 
 def recompute_results(run: Run) -> RunResults:
-    """Rebuild results.json from the run's base and phase-end checkpoints (when it was lost or deleted)."""
+    """Rebuild results.json (when it was lost or deleted): the copy the latest phase-end checkpoint keeps in its
+    metadata, or, from checkpoints older than that copy, by evaluating the base and every phase-end checkpoint."""
+    from .checkpoint import read_meta
+
     state = run.state()
     base = run.checkpoints / "base.safetensors"
     if not base.exists():
         raise UserError(f"run {run.config.run!r} has no checkpoints to evaluate yet")
+    done = state["completed_phases"]
+    latest = run.checkpoints / f"phase-{done - 1:03d}.safetensors" if done else None
+    kept = read_meta(latest).get("results") if latest is not None and latest.exists() else None
+    if isinstance(kept, dict) and len(kept.get("phases", [])) == done:
+        results = RunResults.from_dict(kept, str(latest))
+        if distributed.is_main():
+            save_results(run.dir, results)
+        return results
     run.model = run.read_model(base).to(run.device)
     # wall times are unknown (0) in a recomputed file
     results = new_results(run, evaluate_all(run, lambda event: None), recomputed_from_checkpoints=True)
-    for phase in range(state["completed_phases"]):
-        path = run.checkpoints / f"phase-{phase:03d}.safetensors"
+    paths = [run.phase_checkpoint(phase) for phase in range(state["completed_phases"])]  # all there, or say so
+    for phase, path in enumerate(paths):
         run.model = run.read_model(path).to(run.device)
         tokens = phase_steps(run.config.train, run.config.context) * run.config.train.batch_size
         record = phase_record(run, run.config.slices[phase], tokens * run.config.context, 0.0)

@@ -98,6 +98,7 @@ class Run:
 
         self.ledger = UsageLedger()
         self.growth_shock: dict | None = None  # this phase's (``index.growth_shock``), for its PhaseRecord
+        self.phase_log: dict = {}  # what the hooks decided before this phase and why (grow, freeze), for its PhaseRecord
 
     # files ------------------------------------------------------------------------------------
     @property
@@ -148,10 +149,18 @@ class Run:
 
     # checkpoints --------------------------------------------------------------------------------
     def save_checkpoint(
-        self, phase: int, step: int | None, opt: PEEROptimizer | None, completed: int, edit: int | None = None
+        self,
+        phase: int,
+        step: int | None,
+        opt: PEEROptimizer | None,
+        completed: int,
+        edit: int | None = None,
+        results: dict | None = None,
     ) -> Path:
         """Everything needed to continue; then the state pointer moves to it (both writes atomic).
-        ``phase`` -1: base training; ``edit``: an edit by hand of the model after ``phase`` (``save_edit``)."""
+        ``phase`` -1: base training; ``edit``: an edit by hand of the model after ``phase`` (``save_edit``);
+        ``results``: results.json as of this checkpoint, kept in its metadata so that a lost results.json comes
+        back even when older phases' models were pruned (``recompute_results``)."""
         name = checkpoint_name(phase, step, edit)
         if not distributed.is_main():  # rank 0 writes; the others wait until it has (issue 9)
             distributed.barrier()
@@ -172,6 +181,8 @@ class Run:
             "completed_phases": completed,
             "ledger": ledger_meta,
             "growth_shock": self.growth_shock if step is not None else None,  # a mid-phase resume keeps it
+            "phase_log": self.phase_log if step is not None else {},
+            "results": results,
         }
         path = self.checkpoints / name
         save_tensors(path, tensors, meta)
@@ -197,6 +208,36 @@ class Run:
         atomic_write_json(self.dir / "state.json", state)
         for old in stale:
             old.unlink(missing_ok=True)
+
+    def prune_checkpoints(self) -> list[str]:
+        """Delete the phase-end checkpoints older than the latest one (``keep_checkpoints = "latest"``, issue 24):
+        a long stream's disk use then grows with the pool, not with slices × pool. The base (phase 0's start,
+        reports' base row) and edits by hand (history) stay. state.json stops listing them first, so a crash in
+        between leaves at most an unlisted file. Returns the deleted paths (relative to the run directory)."""
+        state = self.state()
+        latest = checkpoint_order(state["checkpoint"]) if state["checkpoint"] else None
+        stale = [
+            k
+            for k in state["files"]
+            if (o := checkpoint_order(k)) and latest and o < latest and o[1] == math.inf and o[2] == 0
+        ]
+        if not stale or not distributed.is_main():
+            return stale
+        files = {k: r for k, r in state["files"].items() if k not in stale}
+        atomic_write_json(self.dir / "state.json", state | {"files": files})
+        for rel in stale:
+            (self.dir / rel).unlink(missing_ok=True)
+        return stale
+
+    def phase_checkpoint(self, phase: int) -> Path:
+        """The model after ``phase`` (-1: the base); a UserError when ``keep_checkpoints = "latest"`` pruned it."""
+        path = self.checkpoints / ("base.safetensors" if phase < 0 else checkpoint_name(phase))
+        if not path.exists():
+            raise UserError(
+                f"run {self.config.run!r}: the model after phase {phase} was not kept ({path.name} pruned: "
+                'keep_checkpoints = "latest"); runs that need every phase\'s model use --keep-checkpoints all'
+            )
+        return path
 
     def save_base(self, key: dict | None = None, source: Path | None = None) -> None:
         """Publish base.safetensors, the model phase 0 starts from: ``self.model``, or a copy of the base
@@ -257,6 +298,7 @@ class Run:
             hook.load_state_tensors({k: v.to(self.device) for k, v in state.items()})
         self.ledger = ledger
         self.growth_shock = meta.get("growth_shock") if isinstance(meta.get("growth_shock"), dict) else None
+        self.phase_log = meta.get("phase_log") if isinstance(meta.get("phase_log"), dict) else {}
         return {"tensors": tensors, "meta": meta}
 
     def load_latest(self) -> dict:

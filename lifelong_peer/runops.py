@@ -21,7 +21,7 @@ from .errors import UserError
 from .evaluate import append_eval
 from .hooks import freeze_run_model, grow_run_model
 from .index import frozen_report, inspect_expert, inspect_model, inspect_text, parse_policy, set_frozen
-from .metrics import load_results, save_results
+from .metrics import EvalRow, load_results, save_results
 from .peer import PEER
 from .run import Run
 
@@ -232,7 +232,8 @@ def freeze_run(
 def add_slice(run: Run, slice_name: str) -> int:
     """Append a newly ingested slice to a run (data that arrives one slice at a time); returns its phase.
 
-    Earlier models are evaluated on it from their phase-end checkpoints, so the matrix stays complete.
+    Earlier models are evaluated on it from their phase-end checkpoints, so the matrix stays complete where they
+    are kept (``keep_checkpoints = "latest"`` keeps the base's and the latest: the others' scores are unknown, NaN).
     """
     if slice_name in run.config.slices:
         phase = run.config.slices.index(slice_name)
@@ -248,8 +249,12 @@ def add_slice(run: Run, slice_name: str) -> int:
             models = [run.checkpoints / "base.safetensors"]
             models += [run.checkpoints / f"phase-{i:03d}.safetensors" for i in range(len(evals.after))]
             for row, path in zip([evals.before, *evals.after], models, strict=True):
-                model = run.read_model(path)
-                append_eval(row, run, model.to(run.device), slice_name, split)
+                if path.exists():
+                    append_eval(row, run, run.read_model(path).to(run.device), slice_name, split)
+                else:  # pruned (keep_checkpoints = "latest"): unknown, left out of averages like an empty split
+                    unknown = EvalRow.from_totals([0.0], [0], [0])
+                    for name in ("nll", "bpb", "tokens", "bytes"):
+                        getattr(row, name).append(getattr(unknown, name)[0])
         save_results(run.dir, results)
     atomic_write_json(run.dir / "config.json", run.config.to_dict())
     return len(run.config.slices) - 1

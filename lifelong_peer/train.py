@@ -76,6 +76,8 @@ def _run_phases(run: Run, phases: list[int] | None, emit: Progress) -> RunResult
         started = time.time()
         opt_state, start_step = (resume["opt"], resume["step"]) if resume and resume["phase"] == phase else (None, 0)
         ctx = _phase_context(run, phase, start_step, emit)
+        if not start_step:
+            run.phase_log = {}  # the hooks log what they decide before this phase (resumed: it came back)
         for hook in run.hooks:
             hook.begin_phase(ctx)  # growth, freezing, batch sources, anchors
         distributed.sync_decisions(run.model)  # every rank takes rank 0's growth and freezing
@@ -85,10 +87,12 @@ def _run_phases(run: Run, phases: list[int] | None, emit: Progress) -> RunResult
         rows = evaluate_all(run, emit)
         record_usage(run, slice_name)
         results.add_phase(phase_record(run, slice_name, tokens, time.time() - started), rows)
-        run.save_checkpoint(phase, None, None, completed=phase + 1)
+        run.save_checkpoint(phase, None, None, completed=phase + 1, results=results.to_dict())
         if distributed.is_main():
             save_results(run.dir, results)
             write_run_outputs(run.dir, results)
+        if run.config.train.keep_checkpoints == "latest":
+            run.prune_checkpoints()  # after results.json: until then the older phase is the fallback
         distributed.barrier()
         emit({"event": "phase_end", "phase": phase, "slice": slice_name, "rows": rows})
         resume = None

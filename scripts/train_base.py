@@ -5,7 +5,8 @@ is still learning English in every phase and nothing looks forgotten. This scrip
 that the demo and the published results start from: the default model on a shuffled mix of all six
 State of the Union eras' training splits (held-out splits untouched).
 
-    python scripts/train_base.py [--steps 1500] [--out lifelong_peer/assets/sotu-base.safetensors]
+    python scripts/train_base.py [--steps 800] [--out lifelong_peer/assets/sotu-base.safetensors]
+    python scripts/train_base.py --num-subkeys 128 --out sotu-base-128.safetensors   # a start-big base (issue 24)
 """
 
 from __future__ import annotations
@@ -37,6 +38,12 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(Path(__file__).parents[1] / "lifelong_peer/assets/sotu-base.safetensors"))
+    parser.add_argument(
+        "--num-subkeys",
+        type=int,
+        default=DEFAULT_MODEL["peer"]["num_subkeys"],
+        help="sub-keys per half n (n² experts per layer): the memory budget of a start-big base (issue 24)",
+    )
     parser.add_argument("--source", default=None, help="another stream: a file `lpeer ingest` reads (default: SOTU)")
     parser.add_argument("--slice", default=None, help="with --source: its slicing (e.g. eras:2019,2021)")
     args = parser.parse_args()
@@ -57,7 +64,7 @@ def main() -> None:
                 "seed": args.seed,
                 "eval_tokens": 8192,
             },
-            DEFAULT_MODEL,
+            {**DEFAULT_MODEL, "peer": {**DEFAULT_MODEL["peer"], "num_subkeys": args.num_subkeys}},
             run_id="base",
         )
         start = time.time()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from peer_helpers import assert_same, pair
@@ -293,3 +294,46 @@ def test_the_gate_of_grown_generations_survives_a_checkpoint(tmp_path):
     save_model(model, path)
     loaded = load_model(path)
     assert [p.config.generation_gate for p in loaded.peer_layers()] == ["nested", "nested"]
+
+
+def _repeat_and_novel_stream(size: int = 12000):
+    """Slices a, again (a's bytes exactly: nothing new), novel (bytes the model never saw)."""
+    from conftest import MemorySlice, MemoryStream
+
+    stream = MemoryStream(slices=("a",), size=size)
+    a = stream.slices[0]
+    again = MemorySlice("again", {split: a.tokens(split).tobytes() for split in ("train", "validation", "test")})
+    rng = np.random.default_rng(1)
+    symbols = np.frombuffer(b"0123456789#@%&*{}[]<>|~^$", dtype=np.uint8)
+    novel = MemorySlice(
+        "novel",
+        {
+            split: rng.choice(symbols, n).tobytes()
+            for split, n in (("train", size), ("validation", size // 4), ("test", size // 4))
+        },
+    )
+    stream.slices += [again, novel]
+    return stream
+
+
+def test_auto_growth_grows_nothing_for_repeated_data_and_never_passes_the_budget(tmp_path):
+    """Issue 24: growth on demand — a slice that repeats an earlier one's data grows nothing, a novel one
+    grows, within max_experts per layer; each phase records what it grew and why."""
+    from test_train import make_run
+
+    from lifelong_peer.train import run_phases
+
+    stream = _repeat_and_novel_stream()
+    budget = 11 * 11  # 8 sub-keys per half now: room for 3 more
+    kw = {"base_steps": 20, "grow": "auto", "max_experts": budget, "usage_tokens": 2048, "grow_topk": 2}
+    _, run = make_run(tmp_path, stream, "lifelong", **kw)
+    results = run_phases(run)
+    grown = [p.extra.get("grow") for p in results.phases]
+    assert all(r["k"] == 0 and "no old slices" in r["reason"] for r in grown[0])  # nothing to compare with
+    again, novel = grown[1], grown[2]
+    assert all(r["k"] == 0 and r["need"] < 0.02 and "no growth" in r["reason"] for r in again)
+    assert all(r["need"] >= 0.02 and r["k"] > 0 for r in novel)
+    for r in novel:  # the need asks for more than the budget holds: cut to fit, and said so
+        assert r["experts_after"] == budget and "budget 121 experts per layer" in r["reason"]
+    assert all(p.num_experts <= budget * len(run.model.peer_layers()) for p in results.phases)
+    assert all(layer.num_experts <= budget for layer in run.model.peer_layers())

@@ -512,3 +512,71 @@ def test_inspect_reports_the_documented_json_shape():
         h.remove()
         _, ids = model.peer_layers()[0].retrieve(x["in"][0])
     assert t["ids"] == ids.tolist()
+
+
+# --- growth on demand within a budget (issue 24) ------------------------------------------------------
+
+
+def test_claim_report_counts_what_the_new_slice_retrieves_and_may_train_by_brute_force():
+    model = LanguageModel(ModelConfig(dim=16, layers=2, heads=2, context=16, peer=PEERConfig(num_subkeys=4, topk=2)))
+    layer = model.peer_layers()[0]
+    ledger = UsageLedger()
+    ledger.add("old", 0, usage({1: (5, 3.0), 2: (1, 0.1), 7: (1, 0.1)}))
+    ledger.add("new", 0, usage({1: (2, 1.0), 3: (1, 0.5), 7: (1, 0.2), 9: (1, 0.2)}))
+    (report,) = freeze_model(model, "usage:90", ledger, "new", ["old"])[:1]
+    frozen = set(layer.frozen.nonzero().flatten().tolist())
+    new_ids, old_ids = {1, 3, 7, 9}, {1, 2, 7}
+    assert frozen == {1}  # expert 1 alone carries 90% of the old mass
+    assert report["retrieved"] == len(new_ids)
+    assert report["claimed"] == len(new_ids - frozen)
+    assert report["unused"] == layer.num_experts - len(new_ids | old_ids)
+
+
+def test_budget_subkeys_is_the_largest_growth_that_fits_by_brute_force():
+    from lifelong_peer.index import budget_subkeys
+
+    for n in (1, 5, 8):
+        for k in (0, 1, 3, 20):
+            for budget in (0, n * n, n * n + 1, (n + 2) ** 2, (n + 2) ** 2 + 3, 10_000):
+                fits = [j for j in range(k + 1) if not budget or (n + j) ** 2 <= budget]
+                assert budget_subkeys(n, k, budget) == max(fits, default=0), (n, k, budget)
+
+
+def test_subkeys_for_need_gives_the_new_keys_the_needed_share():
+    from lifelong_peer.index import subkeys_for_need
+
+    rule = GrowthRule(min_excess=0.05, max_factor=1.0)
+    assert subkeys_for_need(32, 0.049, rule) == 0
+    for need in (0.05, 0.2, 0.4):
+        k = subkeys_for_need(32, need, rule)
+        assert abs(k / (32 + k) - need) <= 1 / 32  # the share of the new sub-keys is the need, to one sub-key
+    assert subkeys_for_need(32, 0.9, rule) == 32 == subkeys_for_need(32, 1.0, rule)  # at most n·max_factor
+
+
+def test_loss_need_is_zero_for_old_data_and_the_relative_excess_otherwise():
+    from lifelong_peer.index import loss_need
+
+    torch.manual_seed(0)
+    model = LanguageModel(ModelConfig(dim=16, layers=2, heads=2, context=16, peer=PEERConfig(num_subkeys=4, topk=2)))
+    old = torch.randint(0, 50, (4, 17))
+    new = torch.randint(0, 256, (4, 17))
+    same = loss_need(model, old, {"old": old}, {})
+    assert same["need"] == 0.0 and same["new_bpb"] == pytest.approx(same["old_bpb"])
+    got = loss_need(model, new, {"old": old}, {"new": 2.0})
+    bpb = lambda w, per: model.nll(w)[0] / (w[:, 1:].numel() * per * math.log(2))  # noqa: E731
+    assert got["new_bpb"] == pytest.approx(bpb(new, 2.0)) and got["old_bpb"] == pytest.approx(bpb(old, 1.0))
+    assert got["need"] == pytest.approx(max(0.0, 1 - bpb(old, 1.0) / bpb(new, 2.0)))
+    assert loss_need(model, new, {}, {})["need"] is None
+
+
+def test_grow_model_never_passes_the_budget_and_says_why():
+    torch.manual_seed(0)
+    cfg = ModelConfig(dim=16, layers=2, heads=2, context=16, peer=PEERConfig(num_subkeys=6, heads=2, topk=3, dim_key=8))
+    model = LanguageModel(cfg)
+    x = torch.randn(64, 16)
+    (cut,) = grow_model(model, 4, {0: x}, {0: x}, max_experts=8 * 8 + 5)
+    assert cut["k"] == 2 and cut["experts_after"] == 64 and "allows 2" in cut["reason"]
+    (full,) = grow_model(model, 4, {0: x}, {0: x}, max_experts=70)
+    assert full["k"] == 0 and full["experts_after"] == 64
+    (auto,) = grow_model(model, "auto", {0: x}, {0: x}, need=0.5, max_experts=10**6)
+    assert auto["k"] == 8 and auto["need"] == 0.5 and "need 0.500 ≥ 0.02 → 8 sub-keys per half" in auto["reason"]

@@ -141,19 +141,39 @@ def test_unknown_options_and_strategies_are_user_errors():
         resolve_config("naive", {"replay": 1.5})
 
 
-def test_lost_results_are_recomputed_from_checkpoints(tmp_path, memory_stream):
+@pytest.mark.parametrize("keep", ["all", "latest"])
+def test_lost_results_are_recomputed_from_checkpoints(tmp_path, memory_stream, keep):
     from lifelong_peer.evaluate import recompute_results
     from lifelong_peer.metrics import load_results
 
-    _, run = make_run(tmp_path, memory_stream, "lifelong", base_steps=4)
+    _, run = make_run(tmp_path, memory_stream, "lifelong", base_steps=4, keep_checkpoints=keep)
     run_phases(run, phases=[0, 1])
+    # issue 24: "latest" keeps the base and the newest phase's model only, on disk and in state.json
+    kept = sorted(p.name for p in run.checkpoints.glob("*.safetensors"))
+    expected = ["base.safetensors", "phase-000.safetensors", "phase-001.safetensors"]
+    assert kept == (expected if keep == "all" else [expected[0], expected[2]])
+    assert sorted(run.state()["files"]) == [f"checkpoints/{name}" for name in kept]
     original = load_results(run.dir)
     (run.dir / "results.json").unlink()
-    rebuilt = recompute_results(run)
+    rebuilt = recompute_results(run)  # "all": evaluated again; "latest": the copy in the newest checkpoint
     for split in ("validation", "test"):
         assert rebuilt.eval[split].before.nll == original.eval[split].before.nll
         assert [r.nll for r in rebuilt.eval[split].after] == [r.nll for r in original.eval[split].after]
     assert [p.num_experts for p in rebuilt.phases] == [p.num_experts for p in original.phases]
+    assert load_results(run.dir).eval["test"].after[-1].nll == original.eval["test"].after[-1].nll
+
+
+def test_pruned_run_resumes_like_one_that_keeps_every_checkpoint(tmp_path, memory_stream):
+    """Pruning deletes files, never state the next phase needs: the final weights are bit-identical."""
+    _, pruned = make_run(tmp_path, memory_stream, "lifelong", run_id="pruned", base_steps=4)
+    run_phases(pruned, phases=[0, 1])
+    pruned = open_run(Workspace.open(tmp_path / "ws"), "pruned", stream=memory_stream)
+    run_phases(pruned)  # a new process continues after phase 1; L2-SP-like anchors read the kept phase-001
+    _, kept = make_run(tmp_path, memory_stream, "lifelong", run_id="kept", base_steps=4, keep_checkpoints="all")
+    run_phases(kept)
+    a, b = final_weights(pruned.dir), final_weights(kept.dir)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert len(list(pruned.checkpoints.glob("phase-*.safetensors"))) == 1
 
 
 def test_ctrl_c_saves_exactly_after_the_current_step_and_resume_is_exact(tmp_path, memory_stream):

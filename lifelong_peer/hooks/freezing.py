@@ -16,14 +16,16 @@ def freeze_run_model(
 ) -> list[dict]:
     """Make ``run.model``'s frozen set what ``policy`` says (``index.freeze_model``); a ``tfidf`` policy
     ranks experts by ``new_slice``'s usage, recorded on its train split before training on it (in a
-    copy of the run's ledger: ranking only). ``existed``: experts per layer that count as old."""
+    copy of the run's ledger: ranking and the reports' ``claimed`` only). ``existed``: experts per layer that count
+    as old."""
     ledger, background = UsageLedger(), None
     ledger.merge(run.ledger)
-    if parse_policy(policy).kind == "tfidf":  # SMF ranks by the new slice's usage, measured before training on it
+    if new_slice is not None and new_slice not in ledger.slices():
+        # the new slice's usage before training on it: SMF ranks by it, the reports say what it claims
         windows = run.windows(new_slice, "train", run.config.train.usage_tokens)[:, :-1]
         collect_usage(run.model, windows, ledger, new_slice)
-        if run.config.train.tfidf_background == "base":
-            background = document_frequency(run.model, base_windows(run))
+    if parse_policy(policy).kind == "tfidf" and run.config.train.tfidf_background == "base":
+        background = document_frequency(run.model, base_windows(run))
     return freeze_model(run.model, policy, ledger, new_slice, old_slices, existed, subkeys, background=background)
 
 
@@ -49,4 +51,6 @@ class Freezing(PhaseHook):
         if ctx.start_step or not ctx.run.model.peer_layers():
             return
         reports = freeze_run_model(ctx.run, self.policy, ctx.slice_name, ctx.old_slices, ctx.existed, self.subkeys)
+        keys = ("layer", "frozen", "trainable", "retrieved", "claimed", "unused")
+        ctx.run.phase_log["freeze"] = [{k: r.get(k) for k in keys} for r in reports]
         ctx.emit({"event": "freeze", "phase": ctx.phase, "layers": reports})

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from ..data import seed_for
-from ..index import collect_usage, grow_model, growth_shock
+from ..index import collect_usage, grow_model, growth_shock, loss_need
 from .base import PhaseContext, PhaseHook
 
 SAMPLE_INPUTS = 4096
@@ -48,6 +48,7 @@ def grow_run_model(
     new_inputs = layer_inputs(run, [new_slice] if new_slice else [], "train", SAMPLE_INPUTS, generator)
     old_inputs = layer_inputs(run, old_slices, "validation", SAMPLE_INPUTS, generator)
     tc = run.config.train
+    need = slice_need(run, new_slice, old_slices)["need"] if k == "auto" and new_slice else None
     return grow_model(
         run.model,
         k,
@@ -58,7 +59,23 @@ def grow_run_model(
         mode=tc.grow_mode,
         generation_topk=tc.grow_topk or None,
         generation_gate=tc.grow_gate,
+        max_experts=tc.max_experts or None,
+        need=need,
     )
+
+
+def slice_need(run, new_slice: str, old_slices: Sequence[str]) -> dict:
+    """``index.loss_need`` of ``new_slice`` (its train split: the data about to be learnt) against the old slices'
+    validation splits, ``eval_tokens`` each: how poorly the model serves it, the figure ``--grow auto`` grows by."""
+    budget = run.config.train.eval_tokens
+
+    def per_token(name: str, split: str) -> float:
+        data = run.slice_data(name)
+        return data.num_bytes(split) / max(1, len(data.tokens(split)))
+
+    old = {s: run.windows(s, "validation", budget) for s in old_slices}
+    scale = {s: per_token(s, "validation") for s in old_slices} | {"new": per_token(new_slice, "train")}
+    return loss_need(run.model, run.windows(new_slice, "train", budget), old, scale)
 
 
 def measured_growth(run, phase: int, k, new_slice: str, old_slices: Sequence[str]) -> tuple[list[dict], dict]:
@@ -72,9 +89,14 @@ def measured_growth(run, phase: int, k, new_slice: str, old_slices: Sequence[str
     return growth_shock(run.model, lambda: grow_run_model(run, phase, k, new_slice, old_slices), old_eval, per_token)
 
 
+def budget_full(model, max_experts: int) -> bool:
+    """Whether no PEER layer of ``model`` can grow by one sub-key per half within ``max_experts`` per layer."""
+    return bool(max_experts) and all((p.num_subkeys + 1) ** 2 > max_experts for p in model.peer_layers())
+
+
 class Growth(PhaseHook):
-    """``grow``: K sub-keys per half before each phase, or ``auto`` (``index.decide_growth``); not before
-    the very first training of a fresh model."""
+    """``grow``: K sub-keys per half before each phase, or ``auto`` (``index.growth_need``), within the
+    ``max_experts`` budget; not before the very first training of a fresh model."""
 
     def __init__(self, grow: str):
         self.k = "auto" if grow == "auto" else int(grow)
@@ -91,5 +113,21 @@ class Growth(PhaseHook):
         fresh = ctx.phase == 0 and run.config.base is None and tc.base_steps == 0
         if fresh or not run.model.peer_layers():
             return
-        reports, run.growth_shock = measured_growth(run, ctx.phase, self.k, ctx.slice_name, ctx.old_slices)
+        if budget_full(run.model, tc.max_experts):  # nothing can grow: skip measuring the need and the shock
+            reports = [
+                {
+                    "layer": pos,
+                    "k": 0,
+                    "experts_before": p.num_experts,
+                    "experts_after": p.num_experts,
+                    "budget": tc.max_experts,
+                    "reason": f"budget {tc.max_experts:,} experts per layer reached ({p.num_experts:,})",
+                }
+                for pos, p in enumerate(run.model.peer_layers())
+            ]
+        else:
+            reports, run.growth_shock = measured_growth(run, ctx.phase, self.k, ctx.slice_name, ctx.old_slices)
+        run.phase_log["grow"] = [
+            {k: r.get(k) for k in ("layer", "k", "experts_before", "experts_after", "need", "reason")} for r in reports
+        ]
         ctx.emit({"event": "grow", "phase": ctx.phase, "layers": reports, "growth_shock": run.growth_shock})

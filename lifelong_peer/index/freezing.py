@@ -209,8 +209,25 @@ def freeze_model(
         bg = background.get(pos) if background else None
         ids = freeze_ids(policy, layer, ledger, pos, new_slice, old_slices, before, bg)
         set_frozen(layer, ids, subkeys=subkeys)
-        reports.append(frozen_report(pos, layer, str(parse_policy(policy))))
+        report = frozen_report(pos, layer, str(parse_policy(policy)))
+        if new_slice is not None and new_slice in ledger.slices():
+            report |= claim_report(layer, ledger, pos, new_slice, old_slices)
+        reports.append(report)
     return reports
+
+
+def claim_report(layer: PEER, ledger: UsageLedger, pos: int, new_slice: str, old_slices: Sequence[str]) -> dict:
+    """What the new slice takes of the pool (issue 24), from its usage in ``ledger`` (recorded before training on it):
+    ``retrieved``, the experts its queries retrieve; ``claimed``, those of them left trainable (not protected
+    for the old slices); ``unused``, experts that neither it nor any old slice retrieves."""
+    new_ids = ledger.get(new_slice, pos).ids
+    new_ids = new_ids[new_ids < layer.num_experts]
+    used = torch.zeros(layer.num_experts, dtype=torch.bool)
+    used[new_ids] = True
+    old = ledger.total(pos, old_slices).ids
+    used[old[old < layer.num_experts]] = True
+    claimed = int((~layer.frozen[new_ids].cpu()).sum())
+    return {"retrieved": len(new_ids), "claimed": claimed, "unused": int((~used).sum())}
 
 
 def frozen_report(pos: int, layer: PEER, policy: str) -> dict:

@@ -67,27 +67,63 @@ def poorly_served(layer: PEER, new_x: Tensor, old_x: Tensor | None, quantile: fl
     return new_cov < thresholds, thresholds
 
 
-def decide_growth(layer: PEER, new_x: Tensor, old_x: Tensor | None, rule: GrowthRule | None = None) -> int:
-    """K for ``--grow auto``: sub-keys per half such that the new keys' share K / (n + K) equals the
-    new slice's excess share of poorly served query halves.
+def growth_need(layer: PEER, new_x: Tensor, old_x: Tensor | None, rule: GrowthRule | None = None) -> dict:
+    """The measured need behind ``--grow auto`` in one layer (issue 24: growth on demand, and why).
 
     With f the fraction of the new slice's query halves below the old slices' ``rule.quantile``
-    score (taken on the worse half, since an expert needs both halves to match), the excess over
-    the old baseline is e = (f − q) / (1 − q). No growth if e < ``rule.min_excess`` (or without
-    old slices, when there is nothing to compare with); else K = max(1, round(n·e / (1 − e))),
-    capped at ``rule.max_factor``·n.
+    score (taken on the worse half, since an expert needs both halves to match), the need is the
+    excess over the old baseline, e = (f − q) / (1 − q). No growth if e < ``rule.min_excess`` (or
+    without old slices, when there is nothing to compare with); else K = max(1, round(n·e / (1 − e)))
+    sub-keys per half, so that the new keys' share K / (n + K) equals e, capped at ``rule.max_factor``·n.
+    Returns ``{"k", "need": e (None without old slices), "min_excess", "poorly_served_new": f}``.
     """
     rule = rule or GrowthRule()
+    out = {"k": 0, "need": None, "min_excess": rule.min_excess, "poorly_served_new": None}
     if old_x is None or len(old_x) == 0 or len(new_x) == 0:
-        return 0
+        return out
     mask, _ = poorly_served(layer, new_x, old_x, rule.quantile)
     f = float(mask.float().flatten(0, 1).mean(0).max())
     e = max(0.0, (f - rule.quantile) / (1 - rule.quantile))
-    if e < rule.min_excess:
+    return out | {"need": e, "poorly_served_new": f, "k": subkeys_for_need(layer.num_subkeys, e, rule)}
+
+
+def subkeys_for_need(n: int, need: float, rule: GrowthRule | None = None) -> int:
+    """K sub-keys per half for a measured ``need`` in [0, 1]: 0 below ``rule.min_excess``, else the K whose share
+    of the grown sub-keys, K / (n + K), equals the need — max(1, round(n·e / (1 − e))) — at most ``rule.max_factor``·n."""
+    rule = rule or GrowthRule()
+    if need < rule.min_excess:
         return 0
-    n = layer.num_subkeys
     cap = max(1, int(rule.max_factor * n))
-    return min(cap, max(1, round(n * e / (1 - e))) if e < 1 else cap)
+    return min(cap, max(1, round(n * need / (1 - need))) if need < 1 else cap)
+
+
+def loss_need(model, new_windows: Tensor, old_windows: dict[str, Tensor], bytes_per_token: dict[str, float]) -> dict:
+    """How poorly the model serves a new slice, from its loss (issue 24: growth on demand): the new slice's bits
+    per byte against the old slices' (token-weighted over them), need = max(0, 1 − old / new). A slice that
+    repeats old data scores like the old slices (need ≈ 0, no growth); text the model never saw scores far
+    worse. ``new_windows`` (n, T+1) are keyed ``"new"`` in ``bytes_per_token``. Returns {new_bpb, old_bpb, need}
+    (need None without old slices)."""
+    bpb = lambda name, w: model.nll(w)[0] / (w[:, 1:].numel() * bytes_per_token.get(name, 1.0) * math.log(2))  # noqa: E731
+    new = bpb("new", new_windows)
+    if not old_windows:
+        return {"new_bpb": new, "old_bpb": None, "need": None}
+    weights = {name: w[:, 1:].numel() for name, w in old_windows.items()}
+    old = sum(bpb(name, w) * weights[name] for name, w in old_windows.items()) / max(sum(weights.values()), 1)
+    return {"new_bpb": new, "old_bpb": old, "need": max(0.0, 1 - old / new) if new > 0 else 0.0}
+
+
+def decide_growth(layer: PEER, new_x: Tensor, old_x: Tensor | None, rule: GrowthRule | None = None) -> int:
+    """K for ``--grow auto``: sub-keys per half, from ``growth_need`` (0: the slice is served)."""
+    return growth_need(layer, new_x, old_x, rule)["k"]
+
+
+def budget_subkeys(n: int, k: int, max_experts: int | None) -> int:
+    """``k`` sub-keys per half, cut so that the pool (n + K)² stays within ``max_experts`` per layer
+    (None or 0: no budget). The budget is a hard cap (issue 24): growth that does not fit is cut, to 0."""
+    if not max_experts:
+        return k
+    room = math.isqrt(max_experts) - n  # largest K with (n + K)² ≤ max_experts
+    return max(0, min(k, room))
 
 
 def place_subkeys(
@@ -199,6 +235,8 @@ def grow_model(
     mode: str = "budget",
     generation_topk: int | None = None,
     generation_gate: str = "own",
+    max_experts: int | None = None,
+    need: float | None = None,
 ) -> list[dict]:
     """Grow every PEER layer (or the ``layer``-th) of ``model``; returns one report per layer.
 
@@ -206,7 +244,9 @@ def grow_model(
     retrieves in mode ``exact`` (default: the layer's topk; fewer cost less, see ``PEERConfig.slots``);
     ``generation_gate``: how they are weighted (``PEERConfig.generation_gate``).
 
-    ``k``: sub-keys per half, or ``"auto"`` (``decide_growth`` per layer, needs both inputs).
+    ``k``: sub-keys per half, or ``"auto"``: from ``need`` (a slice-level figure such as ``loss_need``'s) by
+    ``subkeys_for_need``, or, without it, from each layer's query coverage (``growth_need``, needs both inputs).
+    ``max_experts``: the memory budget, experts per layer (all generations); K is cut to fit it.
     ``new_inputs`` / ``old_inputs``: per layer position, sampled layer inputs of the new slice and
     of the old slices (``collect_usage(..., sample_inputs=m)["inputs"]``). With ``placement``
     ``kmeans`` and new inputs, new sub-keys go to centroids of the poorly served new halves,
@@ -227,13 +267,29 @@ def grow_model(
         peer = layers[pos]
         new_x = (new_inputs or {}).get(pos)
         old_x = (old_inputs or {}).get(pos)
-        if k == "auto":
+        decision = {"need": None, "min_excess": None, "k": None if k == "auto" else int(k)}
+        if k == "auto" and need is not None:
+            decision = {
+                "need": need,
+                "min_excess": rule.min_excess,
+                "k": subkeys_for_need(peer.num_subkeys, need, rule),
+            }
+        elif k == "auto":
             if new_x is None:
                 raise UserError(f"--grow auto needs a sample of the new slice's inputs for PEER layer {pos}")
-            num = decide_growth(peer, new_x, old_x, rule)
-        else:
-            num = int(k)
-        report = {"layer": pos, "k": num, "subkeys_before": peer.num_subkeys, "experts_before": peer.num_experts}
+            decision = growth_need(peer, new_x, old_x, rule)
+        wanted = decision["k"]
+        num = budget_subkeys(peer.num_subkeys, wanted, max_experts)
+        report = {
+            "layer": pos,
+            "k": num,
+            "subkeys_before": peer.num_subkeys,
+            "experts_before": peer.num_experts,
+            "need": decision["need"],
+            "min_excess": decision["min_excess"],
+            "budget": max_experts or None,
+            "reason": _growth_reason(k, wanted, num, decision, max_experts, peer.num_experts),
+        }
         poor = None
         if new_x is not None:
             poor, _ = poorly_served(peer, new_x, old_x, rule.quantile)
@@ -268,6 +324,22 @@ def grow_model(
         }
         reports.append(report)
     return reports
+
+
+def _growth_reason(k, wanted: int, num: int, need: dict, max_experts: int | None, experts: int) -> str:
+    """Why one layer grows ``num`` sub-keys per half: the measured figure and its threshold, the budget."""
+    if k == "auto":
+        if need["need"] is None:
+            why = "no old slices to compare with: no growth"
+        else:
+            cmp = "<" if need["need"] < need["min_excess"] else "≥"
+            why = f"need {need['need']:.3f} {cmp} {need['min_excess']:g}"
+            why += f" → {wanted} sub-keys per half" if wanted else ": served, no growth"
+    else:
+        why = f"{wanted} sub-keys per half asked for"
+    if num < wanted:
+        why += f"; budget {max_experts:,} experts per layer ({experts:,} now) allows {num}"
+    return why
 
 
 def growth_shock(
