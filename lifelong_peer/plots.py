@@ -233,3 +233,38 @@ def forgetting_scatter_figure(rows: list[dict], title: str) -> Figure:
     if strategies:
         ax.legend(title="strategy", fontsize=8)
     return fig
+
+
+def cost_curves(path: str | Path, summaries: list[dict], title: str) -> Path:
+    """What each phase costs beside what it scores (issue 24), one line per run, x = phase: the average bits
+    per byte over the slices trained so far, experts (all PEER layers), active parameters per token and the
+    median ms per training step. ``summaries``: ``metrics.summarize`` dicts with ``ms_per_step`` per phase."""
+    fig = Figure(figsize=(12.0, 7.0))
+    axes = fig.subplots(2, 2).flatten()
+    panels = (
+        ("avg_seen", "bits per byte, slices trained so far"),
+        ("num_experts", "experts (all PEER layers)"),
+        ("active_params", "active parameters per token"),
+        ("ms_per_step", "ms per training step (median)"),
+    )
+    for s in summaries:
+        L, w = np.array(s["matrix_bpb"], dtype=float), np.array(s["eval_bytes"], dtype=float)
+        seen = []
+        for i in range(len(L)):
+            ok = ~np.isnan(L[i, : i + 1]) & (w[: i + 1] > 0)
+            seen.append(
+                float((L[i, : i + 1][ok] * w[: i + 1][ok]).sum() / w[: i + 1][ok].sum()) if ok.any() else np.nan
+            )
+        values = {**s, "avg_seen": seen}
+        for ax, (key, _) in zip(axes, panels, strict=True):
+            ys = [np.nan if v is None else v for v in values.get(key) or []]
+            ax.plot(range(len(ys)), ys, marker="o", markersize=3, label=s["run"], color=strategy_colour(s["strategy"]))
+    for i, (ax, (_, label)) in enumerate(zip(axes, panels, strict=True)):
+        ax.set_xlabel("after phase")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        if i:  # costs from zero, so that a 2% change does not look like a verdict
+            ax.set_ylim(bottom=0)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title)
+    return _save(fig, path)

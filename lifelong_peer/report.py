@@ -276,7 +276,8 @@ def markdown(comparison: dict) -> str:
 def write_report(out_dir: str | Path, comparison: dict, runs: list[RunResults] | None = None) -> dict[str, Path]:
     """Write report.json, report.md and report.png (forgetting against newest-slice bpb) into ``out_dir``,
     and with ``runs`` (those compared) ``heatmaps/RUN.png``: every run's heatmap on one colour scale,
-    so that the colours of two runs can be compared (issue 17)."""
+    so that the colours of two runs can be compared (issue 17), and ``cost.png``: per phase, the average
+    over the slices trained so far beside the pool size, active parameters and ms per step (issue 24)."""
     from . import plots
 
     out = Path(out_dir)
@@ -291,6 +292,7 @@ def write_report(out_dir: str | Path, comparison: dict, runs: list[RunResults] |
     if runs:
         split = comparison["split"]
         shown = [summarize(r, split) for r in runs]
+        paths["cost"] = plots.cost_curves(out / "cost.png", shown, f"quality and cost per phase ({split} split)")
         scale = plots.shared_scale([(s["matrix_bpb"], s["before_bpb"]) for s in shown])
         paths["heatmaps"] = out / "heatmaps"
         paths["heatmaps"].mkdir(parents=True, exist_ok=True)

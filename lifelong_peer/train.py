@@ -19,6 +19,7 @@ import copy
 import json
 import math
 import signal
+import statistics
 import threading
 import time
 from collections.abc import Callable
@@ -120,9 +121,11 @@ def train_phase(run: Run, ctx: PhaseContext, opt_state: dict | None) -> int:
     ctx.emit(
         {"event": "phase_start", "phase": ctx.phase, "slice": ctx.slice_name, "steps": steps, "start": ctx.start_step}
     )
-    train_steps(
+    seconds = train_steps(
         run, ctx.phase, tc, range(ctx.start_step, steps), opt, (ctx.pools, ctx.replay_pools), run.hooks, ctx.emit
     )
+    if seconds:  # issue 24: the cost per step of each phase, beside its pool size and active parameters
+        run.phase_log["ms_per_step"] = 1000 * statistics.median(seconds)
     return (steps - ctx.start_step) * tc.batch_size * run.config.context
 
 
@@ -156,8 +159,9 @@ def make_optimizer(model: torch.nn.Module, tc: TrainConfig) -> PEEROptimizer:
 
 def train_steps(
     run: Run, phase: int, tc: TrainConfig, steps: range, opt: PEEROptimizer, sources: tuple, hooks, emit: Progress
-) -> None:
-    """``steps`` of ``phase`` (-1: base training), batches drawn from ``sources`` = (pools, replay pools).
+) -> list[float]:
+    """``steps`` of ``phase`` (-1: base training), batches drawn from ``sources`` = (pools, replay pools); returns
+    the seconds each step took.
 
     Ctrl-C saves exactly after the current step and stops (``Interrupted``), and ``checkpoint_every``
     applies — in base training too (issue 17: it was neither, and Ctrl-C there lost everything).
@@ -168,6 +172,7 @@ def train_steps(
         regularize.freeze_norm_statistics(run.model)
     # the module to call: DDP for the dense weights (+ BatchNorm over the global batch) when distributed
     replica = distributed.data_parallel(run.model)
+    seconds = []
     with _interrupt_at_step_boundary() as interrupted:
         for n in steps:
             gen = torch.Generator().manual_seed(seed_for(tc.seed, phase, n))
@@ -178,6 +183,7 @@ def train_steps(
             for group in opt.param_groups:
                 group["lr"] = group.setdefault("peak_lr", group["lr"]) * lr_scale
             loss, elapsed = step(run.model, replica, opt, local, hooks, tc, run.device)
+            seconds.append(elapsed)
             _log_step(run, phase, n, loss, opt, batch, elapsed, emit)
             # Ctrl-C: save exactly after this step, then stop; decided together so every rank stops at once
             if distributed.mean(float(interrupted())) > 0:
@@ -189,6 +195,7 @@ def train_steps(
                 )
             if n + 1 < total and tc.checkpoint_every and (n + 1) % tc.checkpoint_every == 0:
                 run.save_checkpoint(phase, n + 1, opt, completed=max(phase, 0))
+    return seconds
 
 
 def step(

@@ -96,11 +96,12 @@ def ingest_default(
 ) -> dict:
     """Ingest the State of the Union stream (six eras) into ``workspace`` as ``name`` (``lpeer ingest --default``).
 
-    ``options``: ``IngestOptions`` fields other than the source's (e.g. ``replace``, ``block_size``).
+    ``options``: ``IngestOptions`` fields other than the source's (e.g. ``replace``, ``block_size``, or ``slice``:
+    another slicing than the six eras, such as ``quantiles:48`` for a long stream, issue 24).
     """
     from .store import IngestOptions, ingest_source, workspace_of
 
     ws = workspace_of(workspace)
     check_name("stream name", name)
-    opts = IngestOptions(**{**options, "slice": SLICE, "id_field": "id", "text_field": "text", "time_field": "time"})
+    opts = IngestOptions(**{"slice": SLICE, **options, "id_field": "id", "text_field": "text", "time_field": "time"})
     return ingest_source(ws, source(), name, opts, progress)

@@ -136,7 +136,7 @@ def test_different_slices_are_refused():
 def test_report_writes_files(runs, tmp_path):
     out = tmp_path / "out"
     c = report([str(d) for d in runs.values()], out)
-    assert {p.name for p in out.iterdir()} == {"report.json", "report.md", "report.png", "heatmaps"}
+    assert {p.name for p in out.iterdir()} == {"report.json", "report.md", "report.png", "heatmaps", "cost.png"}
     assert sorted(p.name for p in (out / "heatmaps").iterdir()) == ["lifelong-s0.png", "naive-s0.png"]
     assert json.loads((out / "report.json").read_text())["runs"][2]["run"] == "lifelong-s0"
     assert (out / "report.png").read_bytes().startswith(b"\x89PNG") and (out / "report.png").stat().st_size > 5000

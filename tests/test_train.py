@@ -44,6 +44,7 @@ def test_every_strategy_runs_and_writes_its_files(tmp_path, memory_stream, strat
     assert len(lines) == 3 * 6
     row = results.eval["validation"].after[-1]
     assert all(v > 0 for v in row.bpb)
+    assert all(p.extra["ms_per_step"] > 0 for p in results.phases)  # issue 24: each phase's cost per step
 
 
 def test_base_data_first_never_reads_later_slices(tmp_path, memory_stream):

@@ -1,0 +1,232 @@
+"""Issue 24: strategies at equal memory, and the cost of a long stream.
+
+Every strategy is compared at the same memory budget — experts per PEER layer at the end of the stream:
+16,384 (n = 128 sub-keys per half), what the earlier ``lifelong`` preset grew to on the six SOTU eras.
+naive, replay, replay at 40% (``replay-40``, "start big") and joint continue ONE base of that size
+(``scripts/train_base.py --num-subkeys 128``: the shipped base's recipe, 800 steps on the first era);
+``lifelong`` continues the same base. The small-pool rows (the shipped 1,024-expert base) stay for
+reference: replay at 40% and the earlier preset that grows 16 sub-keys per half at every slice.
+
+Two protocols:
+
+* ``eras``: the six SOTU eras, 80 steps × 16 × 256 bytes per era, 3 seeds (as ``continual.py``);
+* ``long``: SOTU cut into 48 slices of equal text (``quantiles:48``), a fixed budget of 10 steps per
+  slice (TiC-LM's protocol), 2 seeds: per phase ms per step, experts, parameters, active parameters per
+  token and the run directory's bytes (``sweep.phase_cost``).
+
+    python benchmarks/equal_memory.py                       # the eras protocol (2 workers)
+    python benchmarks/equal_memory.py --protocol long
+    python benchmarks/equal_memory.py --protocol long --table   # only rebuild the tables from the JSON
+
+The bases are built once into ``--bases`` (or given with ``--small-base`` / ``--big-base``) and each
+record names the base file and its sha256. Results: ``benchmarks/results/equal-memory-<protocol>-results.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sweep import read_json
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks/results"
+BUDGET_SUBKEYS = 128
+PROTOCOLS = {
+    "eras": {"slice": None, "seeds": 3, "steps": 80, "overrides": {}},
+    "long": {
+        "slice": "quantiles:48",
+        "seeds": 2,
+        "steps": 10,
+        "overrides": {"eval_tokens": 2048, "usage_tokens": 2048},
+    },
+}
+#: label → (preset, overrides, base): the rows, in order. "big": the budget-sized base; "small": the shipped one
+ROWS = {
+    "joint": ("joint", {}, "big"),
+    "naive": ("naive", {}, "big"),
+    "replay": ("replay", {}, "big"),
+    "replay-40": ("replay", {"replay": 0.4}, "big"),  # start big: the fixed pool of the budget's size
+    "lifelong": ("lifelong", {}, "big"),
+    "small-replay-40": ("replay", {"replay": 0.4}, "small"),
+    # the earlier preset: a new generation of 16 sub-keys per half at every slice, from the small base;
+    # capped by the budget, so that on a long stream it stops growing where the fixed pool's size is
+    "small-grow16": (
+        "naive",
+        {
+            "grow": "16",
+            "grow_gate": "nested",
+            "grow_topk": 4,
+            "freeze": "all-old",
+            "freeze_subkeys": True,
+            "expert_lr": 1e-2,
+            "replay": 0.4,
+            "max_experts": BUDGET_SUBKEYS**2,
+        },
+        "small",
+    ),
+}
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def big_base(args) -> Path:
+    """The budget-sized base: given, or built once with the shipped base's recipe at n = 128."""
+    if args.big_base:
+        return Path(args.big_base)
+    path = Path(args.bases).expanduser() / f"sotu-base-{BUDGET_SUBKEYS}.safetensors"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        script = ROOT / "scripts/train_base.py"
+        subprocess.run(
+            [sys.executable, str(script), "--num-subkeys", str(BUDGET_SUBKEYS), "--out", str(path)], check=True
+        )
+    return path
+
+
+def machine(workers: int) -> dict:
+    """The CPU, threads and kernel build every result is recorded with (the science rules)."""
+    import torch
+
+    from lifelong_peer.system import native_kernels_info
+
+    cpu = platform.processor()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        cpu = next((ln.split(":", 1)[1].strip() for ln in cpuinfo.read_text().splitlines() if "model name" in ln), cpu)
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "threads_per_run": 1,
+        "runs_at_once": workers,
+        "torch": torch.__version__,
+        "native_kernels": native_kernels_info(),
+    }
+
+
+def plan(labels: list[str], protocol: dict, bases: dict[str, Path]) -> list[dict]:
+    entries = []
+    for label in labels:
+        strategy, overrides, pool = ROWS[label]
+        entry = {
+            "name": label,
+            "strategy": strategy,
+            "overrides": {**protocol["overrides"], **overrides},
+            "seeds": list(range(protocol["seeds"])),
+            "base": str(bases[pool]),
+        }
+        if protocol["slice"]:
+            entry |= {"stream": "sotu-" + protocol["slice"].replace(":", ""), "slice": protocol["slice"]}
+        entries.append(entry)
+    return entries
+
+
+def cost_rows(records: list[dict]) -> list[dict]:
+    """Per label (mean over seeds): experts per layer, parameters, active parameters per token and ms per step
+    at the first and last phase, the run directory's bytes at the end."""
+    out = []
+    for label in ROWS:
+        runs = [r for r in records if r["name"] == label and r.get("phase_cost")]
+        if not runs:
+            continue
+        at = lambda i, key: float(np.mean([r["phase_cost"][i][key] for r in runs]))  # noqa: E731, B023
+        out.append(
+            {
+                "run": label,
+                "experts_per_layer": at(-1, "experts_per_layer"),
+                "params": at(-1, "params"),
+                "active_first": at(0, "active_params"),
+                "active_last": at(-1, "active_params"),
+                "ms_first": at(0, "ms_per_step"),
+                "ms_last": at(-1, "ms_per_step"),
+                "mb_last": at(-1, "run_bytes") / 1e6,
+            }
+        )
+    return out
+
+
+def table(out: Path, title: str) -> str:
+    from lifelong_peer.metrics import RunResults
+    from lifelong_peer.report import compare_runs, markdown
+
+    records = [r for r in read_json(out, []) if r["name"] in ROWS]
+    order = {label: i for i, label in enumerate(ROWS)}
+    records.sort(key=lambda r: (order[r["name"]], r["seed"]))
+    runs = []
+    for r in records:
+        results = RunResults.from_dict(r["results"], f"{out}: {r['name']} seed {r['seed']}")
+        results.strategy, results.run = r["name"], f"{r['name']}-s{r['seed']}"
+        runs.append(results)
+    comparison = compare_runs(runs, "test")
+    out.with_name(out.name.replace("-results", "-table")).write_text(json.dumps(comparison, indent=1))
+    lines = [f"## {title}", "", markdown(comparison), "", "Cost (mean over seeds; experts per PEER layer):", ""]
+    lines += [
+        "| run | experts / layer | params | active / token, first → last | ms / step, first → last | run dir MB |",
+        "|---|---|---|---|---|---|",
+    ]
+    for c in cost_rows(records):
+        lines.append(
+            f"| {c['run']} | {c['experts_per_layer']:,.0f} | {c['params']:,.0f} | {c['active_first']:,.0f} → "
+            f"{c['active_last']:,.0f} (×{c['active_last'] / c['active_first']:.2f}) | {c['ms_first']:.0f} → "
+            f"{c['ms_last']:.0f} (×{c['ms_last'] / c['ms_first']:.2f}) | {c['mb_last']:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--protocol", choices=tuple(PROTOCOLS), default="eras")
+    parser.add_argument("--rows", default=",".join(ROWS), help=f"labels among {', '.join(ROWS)}")
+    parser.add_argument("--seeds", type=int, default=None, help="default: the protocol's (eras 3, long 2)")
+    parser.add_argument("--workers", type=int, default=2, help="runs at once (one thread each)")
+    parser.add_argument("--small-base", default=str(ROOT / "lifelong_peer/assets/sotu-base.safetensors"))
+    parser.add_argument("--big-base", default=None, help="the budget-sized base (default: built into --bases)")
+    parser.add_argument("--bases", default="~/.cache/lifelong_peer/bases")
+    parser.add_argument("--table", action="store_true", help="only rebuild the tables from the results file")
+    parser.add_argument("--work", default="/tmp/lpeer-equal-memory")
+    args = parser.parse_args()
+    protocol = dict(PROTOCOLS[args.protocol])
+    if args.seeds:
+        protocol["seeds"] = args.seeds
+    out = RESULTS / f"equal-memory-{args.protocol}-results.json"
+    if not args.table:
+        bases = {"small": Path(args.small_base), "big": big_base(args)}
+        entries = plan(args.rows.split(","), protocol, bases)
+        plan_file = out.with_name(out.name.replace("-results", "-plan"))
+        plan_file.write_text(json.dumps(entries, indent=1))
+        started = time.time()
+        command = [sys.executable, str(ROOT / "benchmarks/sweep.py"), "--plan", str(plan_file), "--out", str(out)]
+        command += ["--steps", str(protocol["steps"]), "--work", args.work]
+        subprocess.run([*command, "--release"], check=True)
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        workers = [subprocess.Popen(command, env=env) for _ in range(args.workers)]
+        if any(w.wait() for w in workers):
+            sys.exit("a worker failed; run the same command again to resume")
+        meta = {
+            "command": "python benchmarks/equal_memory.py " + " ".join(sys.argv[1:]),
+            "machine": machine(args.workers),
+            "bases": {pool: {"path": str(p), "sha256": sha256(p)} for pool, p in bases.items()},
+            "seconds": time.time() - started,
+        }
+        out.with_name(out.name.replace("-results", "-meta")).write_text(json.dumps(meta, indent=1))
+    print(table(out, f"Equal memory: {args.protocol} protocol"))
+
+
+if __name__ == "__main__":
+    main()
