@@ -90,6 +90,9 @@ class TrainConfig:
     """Weight of distillation: KL to the previous phase's model on the current batch."""
     distill_temperature: float = 2.0
     """Softmax temperature of distillation."""
+    distill_on: str = "all"
+    """Rows distillation applies to: all (the whole batch) or replay (the replayed rows only: old slices' outputs
+    are held, the new slice learns freely)."""
     replay: float = 0.0
     """Fraction of each batch drawn from earlier slices' train splits."""
     joint: bool = False
@@ -129,6 +132,8 @@ class TrainConfig:
         for name in ("lr", "base_lr"):
             if not getattr(self, name) > 0:
                 raise UserError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.distill_on not in ("all", "replay"):
+            raise UserError(f"distill_on must be all or replay, got {self.distill_on!r}")
         if self.keep_checkpoints not in ("latest", "all"):
             raise UserError(f"keep_checkpoints must be latest or all, got {self.keep_checkpoints!r}")
         for name in (

@@ -119,7 +119,12 @@ def recompute_results(run: Run) -> RunResults:
     run.model = run.read_model(base).to(run.device)
     # wall times are unknown (0) in a recomputed file
     results = new_results(run, evaluate_all(run, lambda event: None), recomputed_from_checkpoints=True)
-    paths = [run.phase_checkpoint(phase) for phase in range(state["completed_phases"])]  # all there, or say so
+    paths = [run.checkpoints / f"phase-{phase:03d}.safetensors" for phase in range(done)]
+    if missing := [p.name for p in paths if not p.exists()]:
+        raise UserError(
+            f"run {run.config.run!r}: results.json is lost and cannot be rebuilt: {', '.join(missing)} were pruned "
+            '(keep_checkpoints = "latest") and the latest checkpoint keeps no copy of it'
+        )
     for phase, path in enumerate(paths):
         run.model = run.read_model(path).to(run.device)
         tokens = phase_steps(run.config.train, run.config.context) * run.config.train.batch_size

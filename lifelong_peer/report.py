@@ -5,6 +5,7 @@ Everything here is computed from each run's ``results.json`` (metrics.py); nothi
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
@@ -14,7 +15,7 @@ import numpy as np
 from .checkpoint import atomic_write_json, atomic_write_text
 from .errors import UserError
 from .metrics import RESULTS_FILE, RunResults, load_results, summarize
-from .run import edits_since_evaluation
+from .run import checkpoint_order
 
 #: the columns of the side-by-side table, in order: (key, header, format)
 COLUMNS = (
@@ -53,6 +54,31 @@ AGGREGATED = (*QUALITY[2:], "train_tokens", "wall_time_s")
 REFERENCE = "joint"
 #: the strategy name of the frozen base's row ("no training"), one per distinct base
 BASE = "base"
+
+
+def edits_since_evaluation(run_dir: Path) -> list[dict]:
+    """The edits by hand (edits.jsonl records) that came after the run's last evaluation: the model the
+    run continues from is an edit of the evaluated one, so results.json describes the model before
+    them (issue 17). Empty when the latest checkpoint is not an edit."""
+    try:
+        checkpoint = json.loads((run_dir / "state.json").read_text(encoding="utf-8"))["checkpoint"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    order = checkpoint_order(checkpoint) if isinstance(checkpoint, str) else None
+    if not order or not order[2]:
+        return []
+    path = run_dir / "edits.jsonl"
+    lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
+    records = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+            edit = checkpoint_order(f"checkpoints/{record['checkpoint']}")
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by a crash
+        if edit and edit[0] == order[0] and 0 < edit[2] <= order[2]:
+            records.append(record)
+    return records
 
 
 def find_run_dir(run: str, workspace: str | Path | None = None) -> Path:

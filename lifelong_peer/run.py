@@ -149,13 +149,7 @@ class Run:
 
     # checkpoints --------------------------------------------------------------------------------
     def save_checkpoint(
-        self,
-        phase: int,
-        step: int | None,
-        opt: PEEROptimizer | None,
-        completed: int,
-        edit: int | None = None,
-        results: dict | None = None,
+        self, phase: int, step: int | None, opt: PEEROptimizer | None, completed: int, edit=None, results=None
     ) -> Path:
         """Everything needed to continue; then the state pointer moves to it (both writes atomic).
         ``phase`` -1: base training; ``edit``: an edit by hand of the model after ``phase`` (``save_edit``);
@@ -210,34 +204,21 @@ class Run:
             old.unlink(missing_ok=True)
 
     def prune_checkpoints(self) -> list[str]:
-        """Delete the phase-end checkpoints older than the latest one (``keep_checkpoints = "latest"``, issue 24):
-        a long stream's disk use then grows with the pool, not with slices × pool. The base (phase 0's start,
-        reports' base row) and edits by hand (history) stay. state.json stops listing them first, so a crash in
-        between leaves at most an unlisted file. Returns the deleted paths (relative to the run directory)."""
+        """Delete the phase-end checkpoints older than the latest (``keep_checkpoints = "latest"``, issue 24): disk
+        use grows with the pool, not with slices × pool. The base and edits by hand stay. state.json stops listing
+        them first (a crash in between leaves an unlisted file). Returns the deleted paths, run-relative."""
         state = self.state()
-        latest = checkpoint_order(state["checkpoint"]) if state["checkpoint"] else None
-        stale = [
-            k
-            for k in state["files"]
-            if (o := checkpoint_order(k)) and latest and o < latest and o[1] == math.inf and o[2] == 0
-        ]
-        if not stale or not distributed.is_main():
-            return stale
-        files = {k: r for k, r in state["files"].items() if k not in stale}
-        atomic_write_json(self.dir / "state.json", state | {"files": files})
-        for rel in stale:
-            (self.dir / rel).unlink(missing_ok=True)
-        return stale
-
-    def phase_checkpoint(self, phase: int) -> Path:
-        """The model after ``phase`` (-1: the base); a UserError when ``keep_checkpoints = "latest"`` pruned it."""
-        path = self.checkpoints / ("base.safetensors" if phase < 0 else checkpoint_name(phase))
-        if not path.exists():
-            raise UserError(
-                f"run {self.config.run!r}: the model after phase {phase} was not kept ({path.name} pruned: "
-                'keep_checkpoints = "latest"); runs that need every phase\'s model use --keep-checkpoints all'
+        latest = checkpoint_order(state["checkpoint"] or "")
+        old = lambda o: o and latest and o < latest and o[1] == math.inf and not o[2]  # noqa: E731
+        stale = [k for k in state["files"] if old(checkpoint_order(k))]
+        if stale and distributed.is_main():
+            atomic_write_json(
+                self.dir / "state.json",
+                state | {"files": {k: state["files"][k] for k in state["files"] if k not in stale}},
             )
-        return path
+            for rel in stale:
+                (self.dir / rel).unlink(missing_ok=True)
+        return stale
 
     def save_base(self, key: dict | None = None, source: Path | None = None) -> None:
         """Publish base.safetensors, the model phase 0 starts from: ``self.model``, or a copy of the base
@@ -371,31 +352,6 @@ class Run:
 
             self._base = load_base(self.config.attach.base_model)
         return copy.deepcopy(self._base)
-
-
-def edits_since_evaluation(run_dir: Path) -> list[dict]:
-    """The edits by hand (edits.jsonl records) that came after the run's last evaluation: the model the
-    run continues from is an edit of the evaluated one, so results.json describes the model before
-    them (issue 17). Empty when the latest checkpoint is not an edit."""
-    try:
-        checkpoint = json.loads((run_dir / "state.json").read_text(encoding="utf-8"))["checkpoint"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return []
-    order = checkpoint_order(checkpoint) if isinstance(checkpoint, str) else None
-    if not order or not order[2]:
-        return []
-    path = run_dir / "edits.jsonl"
-    lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
-    records = []
-    for line in lines:
-        try:
-            record = json.loads(line)
-            edit = checkpoint_order(f"checkpoints/{record['checkpoint']}")
-        except (ValueError, KeyError, TypeError):
-            continue  # a line cut short by a crash
-        if edit and edit[0] == order[0] and 0 < edit[2] <= order[2]:
-            records.append(record)
-    return records
 
 
 def _model_record(model) -> tuple[dict, dict]:

@@ -112,6 +112,37 @@ def test_distillation_penalty_and_gradient_match_the_formula():
     assert torch.allclose(grad, w * T * (F.softmax(student / T, -1) - p_t) / rows, rtol=1e-4, atol=1e-9)
 
 
+def test_distillation_on_replay_rows_is_the_kl_of_the_replayed_rows_only(tmp_path, memory_stream):
+    """distill_on = replay: begin_phase takes the replayed rows' count from the run (rows [0, r·B) of a batch,
+    none in phase 0); the penalty is the KL over those rows' tokens alone, the new rows get no gradient."""
+    from test_train import make_run
+
+    from lifelong_peer.hooks.base import PhaseContext as Ctx
+
+    T, w = 2.0, 0.5
+    _, run = make_run(
+        tmp_path, memory_stream, "replay", base_steps=2, replay=0.5, batch_size=4, distill=w, distill_on="replay"
+    )
+    run_phases(run, phases=[0])
+    hook = next(h for h in run.hooks if isinstance(h, Distillation))
+    hooks = [h for h in run.hooks if isinstance(h, (Replay, Distillation))]
+    for phase, rows in ((0, 0), (1, 2)):  # phase 0 has nothing to replay
+        ctx = Ctx(run=run, phase=phase, start_step=0, emit=lambda e: None, pools=[], existed=[])
+        for h in hooks:
+            h.begin_phase(ctx)
+        assert hook.replay_rows == rows
+    batch = _batch(rows=4)
+    student = torch.randn(4, TINY.context, 256, requires_grad=True)
+    value = hook.penalty(None, batch, student)
+    with torch.no_grad():
+        t_logits, _ = hook.teacher(batch[:2, :-1])
+    p_t = F.softmax(t_logits / T, -1)
+    want = w * T * T * (p_t * (p_t.log() - F.log_softmax(student[:2] / T, -1))).sum() / (2 * TINY.context)
+    assert torch.allclose(value, want, rtol=1e-4)
+    (grad,) = torch.autograd.grad(value, student)
+    assert grad[2:].abs().max() == 0 and grad[:2].abs().max() > 0
+
+
 class Bigram(torch.nn.Module):
     """logits = W · emb(x): small enough for ∂‖f(x)‖²/∂W by hand."""
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .. import regularize
+from .. import distributed, regularize
 from ..data import sample_batch, seed_for
 from .base import PhaseContext, PhaseHook
 
@@ -90,23 +90,40 @@ class EWC(ImportanceWeighted):
 
 
 class Distillation(PhaseHook):
-    """``distill`` · KL(previous model ‖ model) on the current batch, at ``distill_temperature``."""
+    """``distill`` · KL(previous model ‖ model) at ``distill_temperature``, on the current batch, or with
+    ``distill_on = "replay"`` on its replayed rows only: the old slices' behaviour is held where it was
+    learnt, and the new slice's rows learn freely (issue 24)."""
 
-    def __init__(self, weight: float, temperature: float):
-        self.weight, self.temperature = weight, temperature
+    def __init__(self, weight: float, temperature: float, on: str = "all"):
+        self.weight, self.temperature, self.on = weight, temperature, on
         self.teacher: nn.Module | None = None
+        self.replay_rows = 0  # rows [0, replay_rows) of each global batch are replayed (``data.sample_batch``)
 
     @classmethod
     def from_config(cls, tc) -> Distillation | None:
-        return cls(tc.distill, tc.distill_temperature) if tc.distill else None
+        return cls(tc.distill, tc.distill_temperature, tc.distill_on) if tc.distill else None
 
     def begin_phase(self, ctx: PhaseContext) -> None:
         self.teacher = ctx.previous()
+        tc = ctx.run.config.train
+        self.replay_rows = round(tc.replay * tc.batch_size) if ctx.replay_pools else 0
 
-    def penalty(self, model: nn.Module, batch: Tensor, logits: Tensor) -> Tensor:
+    def penalty(self, model: nn.Module, batch: Tensor, logits: Tensor) -> Tensor | None:
+        if self.on == "all":
+            with torch.no_grad():
+                teacher_logits, _ = self.teacher(batch[:, :-1])
+            return self.weight * regularize.distillation(logits, teacher_logits, self.temperature)
+        # this rank's rows of the global batch that were replayed; scaled so that the ranks' mean gradient is
+        # the single process's: the KL summed over the global batch's replayed tokens, divided by their number
+        if not self.replay_rows:
+            return None
+        world = distributed.world_size()
+        rows = distributed.shard(torch.arange(batch.shape[0] * world)) < self.replay_rows
         with torch.no_grad():
-            teacher_logits, _ = self.teacher(batch[:, :-1])
-        return self.weight * regularize.distillation(logits, teacher_logits, self.temperature)
+            teacher_logits, _ = self.teacher(batch[rows, :-1])
+        tokens = int(rows.sum()) * logits.shape[1]
+        kl = regularize.distillation(logits[rows], teacher_logits, self.temperature) * tokens if tokens else 0.0
+        return self.weight * kl * world / (self.replay_rows * logits.shape[1])
 
 
 def importance_batches(ctx: PhaseContext, n: int, salt: int) -> list[Tensor]:
