@@ -299,9 +299,9 @@ def _row(data, num_slices: int, where: str) -> EvalRow:
     for key in ("nll", "bpb"):
         values[key] = []
         for j, x in enumerate(lists[key]):
-            if not empty[j]:
+            if not empty[j] and x is not None:
                 values[key].append(_number(x, f"{where}.{key}[{j}]"))
-            elif x is None or (isinstance(x, float) and math.isnan(x)):
+            elif x is None or (isinstance(x, float) and math.isnan(x)):  # empty split, or not scored (add_slice)
                 values[key].append(math.nan)
             else:
                 raise UserError(f"{where}.{key}[{j}]: slice {j} was scored on 0 tokens or bytes but has loss {x!r}")

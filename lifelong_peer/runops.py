@@ -11,6 +11,7 @@ module knows runs.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -21,7 +22,7 @@ from .errors import UserError
 from .evaluate import append_eval
 from .hooks import freeze_run_model, grow_run_model
 from .index import frozen_report, inspect_expert, inspect_model, inspect_text, parse_policy, set_frozen
-from .metrics import EvalRow, load_results, save_results
+from .metrics import load_results, save_results
 from .peer import PEER
 from .run import Run
 
@@ -251,10 +252,9 @@ def add_slice(run: Run, slice_name: str) -> int:
             for row, path in zip([evals.before, *evals.after], models, strict=True):
                 if path.exists():
                     append_eval(row, run, run.read_model(path).to(run.device), slice_name, split)
-                else:  # pruned (keep_checkpoints = "latest"): unknown, left out of averages like an empty split
-                    unknown = EvalRow.from_totals([0.0], [0], [0])
-                    for name in ("nll", "bpb", "tokens", "bytes"):
-                        getattr(row, name).append(getattr(unknown, name)[0])
+                else:  # pruned (keep_checkpoints = "latest"): the same held-out set (the base's), scores unknown
+                    row.nll.append(math.nan), row.bpb.append(math.nan)
+                    row.tokens.append(evals.before.tokens[-1]), row.bytes.append(evals.before.bytes[-1])
         save_results(run.dir, results)
     atomic_write_json(run.dir / "config.json", run.config.to_dict())
     return len(run.config.slices) - 1

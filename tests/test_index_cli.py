@@ -263,7 +263,12 @@ def test_an_edit_writes_a_new_checkpoint_and_eval_says_the_results_predate_it(ws
     after = load(ws)
     assert after.model.peer_layers()[0].num_experts == 100  # phase 2 started from the edited model
     assert cli("eval", "r", "-w", ws)["edits_since_evaluation"] == []
-    assert (run_dir / "checkpoints" / "phase-001.safetensors").read_bytes() == evaluated
+    # issue 24: after phase 2 the older phase checkpoints are pruned (keep_checkpoints latest); edits are history
+    assert not (run_dir / "checkpoints" / "phase-001.safetensors").exists()
+    assert (run_dir / "checkpoints" / "phase-001-edit-2.safetensors").exists()
+    # the new slice was scored by the base and the models still kept when it arrived; phase 0's was pruned
+    rows = json.loads((run_dir / "results.json").read_text())["eval"]["validation"]
+    assert rows["before"]["bpb"][2] > 0 and rows["after"][1]["bpb"][2] > 0 and rows["after"][0]["bpb"][2] is None
 
 
 # --- freeze -----------------------------------------------------------------------------------------------
