@@ -2,17 +2,19 @@
 
 Every strategy is compared at the same memory budget — experts per PEER layer at the end of the stream:
 16,384 (n = 128 sub-keys per half), what the earlier ``lifelong`` preset grew to on the six SOTU eras.
-naive, replay, replay at 40% (``replay-40``, "start big") and joint continue ONE base of that size
+naive, replay, replay at lifelong's share (``replay-50``, "start big") and joint continue ONE base of that size
 (``scripts/train_base.py --num-subkeys 128``: the shipped base's recipe, 800 steps on the first era);
 ``lifelong`` continues the same base. The small-pool rows (the shipped 1,024-expert base) stay for
-reference: replay at 40% and the earlier preset that grows 16 sub-keys per half at every slice.
+reference: replay at 40% and the earlier preset that grows 16 sub-keys per half at every slice
+(``lifelong-grow``).
 
 Two protocols:
 
 * ``eras``: the six SOTU eras, 80 steps × 16 × 256 bytes per era, 3 seeds (as ``continual.py``);
-* ``long``: SOTU cut into 48 slices of equal text (``quantiles:48``), a fixed budget of 10 steps per
-  slice (TiC-LM's protocol), 2 seeds: per phase ms per step, experts, parameters, active parameters per
-  token and the run directory's bytes (``sweep.phase_cost``).
+* ``long``: SOTU cut into 59 four-year slices (1790–1793, …, 2022–2026: each has ≥ 3 addresses, so held-out
+  text; ``quantiles:48`` leaves some slices without any), a fixed budget of 10 steps per slice (TiC-LM's
+  protocol), 2 seeds: per phase ms per step, experts, parameters, active parameters per token and the run
+  directory's bytes (``sweep.phase_cost``).
 
     python benchmarks/equal_memory.py                       # the eras protocol (2 workers)
     python benchmarks/equal_memory.py --protocol long
@@ -45,7 +47,7 @@ BUDGET_SUBKEYS = 128
 PROTOCOLS = {
     "eras": {"slice": None, "seeds": 3, "steps": 80, "overrides": {}},
     "long": {
-        "slice": "quantiles:48",
+        "slice": "eras:" + ",".join(str(year) for year in range(1790, 2023, 4)),  # 59 four-year slices
         "seeds": 2,
         "steps": 10,
         "overrides": {"eval_tokens": 2048, "usage_tokens": 2048},
@@ -56,25 +58,12 @@ ROWS = {
     "joint": ("joint", {}, "big"),
     "naive": ("naive", {}, "big"),
     "replay": ("replay", {}, "big"),
-    "replay-40": ("replay", {"replay": 0.4}, "big"),  # start big: the fixed pool of the budget's size
+    "replay-50": ("replay", {"replay": 0.5}, "big"),  # start big, replay at lifelong's share
     "lifelong": ("lifelong", {}, "big"),
     "small-replay-40": ("replay", {"replay": 0.4}, "small"),
-    # the earlier preset: a new generation of 16 sub-keys per half at every slice, from the small base;
-    # capped by the budget, so that on a long stream it stops growing where the fixed pool's size is
-    "small-grow16": (
-        "naive",
-        {
-            "grow": "16",
-            "grow_gate": "nested",
-            "grow_topk": 4,
-            "freeze": "all-old",
-            "freeze_subkeys": True,
-            "expert_lr": 1e-2,
-            "replay": 0.4,
-            "max_experts": BUDGET_SUBKEYS**2,
-        },
-        "small",
-    ),
+    # the earlier preset: a new generation of 16 sub-keys per half at every slice from the small base, capped
+    # by the budget, so that on a long stream it stops growing where the fixed pool's size is
+    "small-grow16": ("lifelong-grow", {}, "small"),
 }
 
 
@@ -132,7 +121,7 @@ def plan(labels: list[str], protocol: dict, bases: dict[str, Path]) -> list[dict
             "base": str(bases[pool]),
         }
         if protocol["slice"]:
-            entry |= {"stream": "sotu-" + protocol["slice"].replace(":", ""), "slice": protocol["slice"]}
+            entry |= {"stream": "sotu-long", "slice": protocol["slice"]}
         entries.append(entry)
     return entries
 
@@ -189,6 +178,22 @@ def table(out: Path, title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def import_records(spec: str, out: Path) -> None:
+    """``FILE:LABEL=NAME,...``: the records named NAME in results file FILE count as this protocol's LABEL rows
+    (runs made with the same settings and base elsewhere: the sweep that chose the preset, continual.py's small
+    pool); each keeps ``reused_from``. Rows already present are left alone."""
+    source, _, pairs = spec.rpartition(":")
+    have = read_json(out, [])
+    done = {(r["name"], r["seed"]) for r in have}
+    for pair in pairs.split(","):
+        label, _, name = pair.partition("=")
+        for r in read_json(Path(source), []):
+            if r["name"] == name and (label, r["seed"]) not in done:
+                have.append(r | {"name": label, "reused_from": f"{Path(source).name}: {name}"})
+                done.add((label, r["seed"]))
+    out.write_text(json.dumps(have, indent=1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--protocol", choices=tuple(PROTOCOLS), default="eras")
@@ -198,6 +203,9 @@ def main() -> None:
     parser.add_argument("--small-base", default=str(ROOT / "lifelong_peer/assets/sotu-base.safetensors"))
     parser.add_argument("--big-base", default=None, help="the budget-sized base (default: built into --bases)")
     parser.add_argument("--bases", default="~/.cache/lifelong_peer/bases")
+    parser.add_argument(
+        "--import", dest="imports", action="append", default=[], help="FILE:LABEL=NAME,... (reuse runs)"
+    )
     parser.add_argument("--table", action="store_true", help="only rebuild the tables from the results file")
     parser.add_argument("--work", default="/tmp/lpeer-equal-memory")
     args = parser.parse_args()
@@ -205,6 +213,8 @@ def main() -> None:
     if args.seeds:
         protocol["seeds"] = args.seeds
     out = RESULTS / f"equal-memory-{args.protocol}-results.json"
+    for spec in args.imports:
+        import_records(spec, out)
     if not args.table:
         bases = {"small": Path(args.small_base), "big": big_base(args)}
         entries = plan(args.rows.split(","), protocol, bases)
