@@ -218,7 +218,7 @@ class RunResults:
                 raise UserError(f"{w}.after has {len(after)} rows but there are {len(phases)} phases")
             parsed[name] = SplitEval(
                 before=_row(_key(e, "before", w), len(slices), f"{w}.before"),
-                after=[_row(r, len(slices), f"{w}.after[{i}]") for i, r in enumerate(after)],
+                after=[_row(r, len(slices), f"{w}.after[{i}]", unscored=True) for i, r in enumerate(after)],
             )
             for i, r in enumerate(parsed[name].after):
                 if (r.tokens, r.bytes) != (parsed[name].before.tokens, parsed[name].before.bytes):
@@ -287,7 +287,9 @@ def _phase(data, where: str) -> PhaseRecord:
     )
 
 
-def _row(data, num_slices: int, where: str) -> EvalRow:
+def _row(data, num_slices: int, where: str, unscored: bool = False) -> EvalRow:
+    """One row; ``unscored``: a null loss on a non-empty split is allowed (an after-phase row whose model was
+    pruned before a slice was added, ``runops.add_slice``)."""
     d = _typed(data, dict, where)
     lists = {}
     for key in ("nll", "bpb", "tokens", "bytes"):
@@ -299,9 +301,9 @@ def _row(data, num_slices: int, where: str) -> EvalRow:
     for key in ("nll", "bpb"):
         values[key] = []
         for j, x in enumerate(lists[key]):
-            if not empty[j] and x is not None:
+            if not empty[j] and not (unscored and x is None):
                 values[key].append(_number(x, f"{where}.{key}[{j}]"))
-            elif x is None or (isinstance(x, float) and math.isnan(x)):  # empty split, or not scored (add_slice)
+            elif x is None or (isinstance(x, float) and math.isnan(x)):
                 values[key].append(math.nan)
             else:
                 raise UserError(f"{where}.{key}[{j}]: slice {j} was scored on 0 tokens or bytes but has loss {x!r}")
