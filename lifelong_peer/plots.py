@@ -14,6 +14,7 @@ import matplotlib
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from .checkpoint import atomic_write
 
@@ -260,6 +261,10 @@ def cost_curves(path: str | Path, summaries: list[dict], title: str) -> Path:
             ys = [np.nan if v is None else v for v in values.get(key) or []]
             ax.plot(range(len(ys)), ys, marker="o", markersize=3, label=s["run"], color=strategy_colour(s["strategy"]))
     for i, (ax, (_, label)) in enumerate(zip(axes, panels, strict=True)):
+        if not ax.lines or all(np.isnan(line.get_ydata()).all() for line in ax.lines):
+            ax.text(0.5, 0.5, "not recorded (runs before issue 24)", ha="center", va="center", transform=ax.transAxes)
+            ax.set_xticks([]), ax.set_yticks([])
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("after phase")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
