@@ -27,7 +27,7 @@ class TrainConfig:
     """How a run trains. Strategy presets set some of these; every field can be overridden."""
 
     strategy: str = "naive"
-    """Preset this config started from: naive, lifelong, replay, ewc, mas, smf, smf-shared, dense, joint."""
+    """Preset this config started from: naive, lifelong, lifelong-grow, replay, ewc, mas, smf, smf-shared, dense, joint."""
     steps: int = 150
     """Optimizer steps per phase (ignored when `tokens` is set)."""
     tokens: int | None = None
