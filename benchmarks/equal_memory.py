@@ -50,7 +50,8 @@ PROTOCOLS = {
         "slice": "eras:" + ",".join(str(year) for year in range(1790, 2023, 4)),  # 59 four-year slices
         "seeds": 2,
         "steps": 10,
-        "overrides": {"eval_tokens": 2048, "usage_tokens": 2048},
+        # 59 slices scored after each of 59 phases: 512 held-out tokens per slice and split keep that affordable
+        "overrides": {"eval_tokens": 512, "usage_tokens": 1024},
     },
 }
 #: label → (preset, overrides, base): the rows, in order. "big": the budget-sized base; "small": the shipped one
@@ -207,6 +208,7 @@ def main() -> None:
         "--import", dest="imports", action="append", default=[], help="FILE:LABEL=NAME,... (reuse runs)"
     )
     parser.add_argument("--table", action="store_true", help="only rebuild the tables from the results file")
+    parser.add_argument("--results-md", action="store_true", help="also write the tables into RESULTS.md")
     parser.add_argument("--work", default="/tmp/lpeer-equal-memory")
     args = parser.parse_args()
     protocol = dict(PROTOCOLS[args.protocol])
@@ -235,7 +237,30 @@ def main() -> None:
             "seconds": time.time() - started,
         }
         out.with_name(out.name.replace("-results", "-meta")).write_text(json.dumps(meta, indent=1))
-    print(table(out, f"Equal memory: {args.protocol} protocol"))
+    section = table(out, TITLES[args.protocol])
+    print(section)
+    if args.results_md:
+        replace_section(section, ROOT / "RESULTS.md")
+
+
+TITLES = {
+    "eras": "Equal memory: the six SOTU eras at 16,384 experts per layer (issue 24)",
+    "long": "Equal memory over a long stream: 59 four-year SOTU slices (issue 24)",
+}
+
+
+def replace_section(section: str, path: Path) -> None:
+    """RESULTS.md: the generated part of this protocol's section (from its heading to the first ``### `` or
+    ``## `` after it) replaced in place, or appended; hand-written readings below it are kept."""
+    old = path.read_text()
+    heading = section.splitlines()[0] + "\n"
+    if heading not in old:
+        path.write_text(old.rstrip("\n") + "\n\n" + section)
+        return
+    start = old.index(heading)
+    ends = [i for i in (old.find("\n## ", start + 1), old.find("\n### ", start + 1)) if i != -1]
+    end = min(ends) if ends else len(old)
+    path.write_text(old[:start] + section + old[end:])
 
 
 if __name__ == "__main__":

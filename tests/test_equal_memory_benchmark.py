@@ -54,3 +54,12 @@ def test_phase_cost_and_the_cost_rows_by_hand(tmp_path):
     records = [{"name": "lifelong", "phase_cost": cost}, {"name": "lifelong", "phase_cost": cost}]
     (row,) = equal_memory.cost_rows(records)
     assert row["ms_first"] == 500.0 and row["ms_last"] == 6000.0 and row["active_last"] == 6 and row["mb_last"] == 0.003
+
+
+def test_the_section_is_replaced_in_place_and_its_reading_kept(tmp_path):
+    md = tmp_path / "RESULTS.md"
+    md.write_text("# R\n\n## Eq\n\nold table\n\n### Reading\n\nby hand\n\n## Other\n\nx\n")
+    equal_memory.replace_section("## Eq\n\nnew table\n", md)
+    assert md.read_text() == "# R\n\n## Eq\n\nnew table\n\n### Reading\n\nby hand\n\n## Other\n\nx\n"
+    equal_memory.replace_section("## Long\n\nlong table\n", md)
+    assert md.read_text().endswith("## Other\n\nx\n\n## Long\n\nlong table\n")
