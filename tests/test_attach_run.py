@@ -103,7 +103,7 @@ def test_ingest_with_the_models_tokenizer(env):
 
 
 def _run(env, run_id, **train):
-    return new_run(env["ws"], "news", "lifelong", {**TRAIN, **train}, None, None, run_id, None, None, dict(ATTACH, base_model=str(env["base"])))  # fmt: skip
+    return new_run(env["ws"], "news", "lifelong-grow", {**TRAIN, **train}, None, None, run_id, None, None, dict(ATTACH, base_model=str(env["base"])))  # fmt: skip
 
 
 def _base_state(env) -> dict[str, torch.Tensor]:
@@ -187,7 +187,16 @@ def test_cli_run_on_a_base_model(env):
         + "".join(f"{k} = {v}\n" for k, v in PEER.items())
     )
     args = ["run", "-w", ws, "--stream", "news", "--base-model", base, "--attach", "add", "--layers", "1"]
-    args += ["--trainable", "transformer.ln_f.*", "--context", "16", "--config", str(toml), "--strategy", "lifelong"]
+    args += [
+        "--trainable",
+        "transformer.ln_f.*",
+        "--context",
+        "16",
+        "--config",
+        str(toml),
+        "--strategy",
+        "lifelong-grow",
+    ]
     args += ["--steps", "2", "--batch-size", "2", "--grow", "2", "--name", "byom-cli", "--format", "json"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output

@@ -189,7 +189,7 @@ def test_single_process_is_untouched():
 def _make_run(root: Path, run_id: str):
     ws = Workspace.open(root) if root.exists() else Workspace.init(root)
     stream = MemoryStream(slices=SLICES)
-    model, train = resolve_config("lifelong", OPTIONS, TINY)
+    model, train = resolve_config("lifelong-grow", OPTIONS, TINY)
     cfg = RunConfig(run=run_id, stream=stream.name, slices=list(SLICES), model=model, train=train)
     return create_run(ws, cfg, stream=stream)
 
@@ -312,7 +312,7 @@ def test_lpeer_run_under_torchrun(tmp_path):
         "[model.peer]\nnum_subkeys = 8\nheads = 2\ntopk = 4\ndim_key = 16\n"
     )
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    command = [*torchrun, "-m", "lifelong_peer.cli", "run", "--stream", "toy", "--strategy", "lifelong"]
+    command = [*torchrun, "-m", "lifelong_peer.cli", "run", "--stream", "toy", "--strategy", "lifelong-grow"]
     command += ["--config", str(tmp_path / "tiny.toml"), "--steps", "2", "--batch-size", "4", "--name", "dp"]
     command += ["--workspace", ws, "--format", "json"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "LPEER_DIST_TIMEOUT_S": "60"}

@@ -212,7 +212,7 @@ def test_exact_growth_in_the_phase_loop_records_zero_shock_and_trains_the_new_ex
 
     from lifelong_peer.train import run_phases
 
-    _, run = make_run(tmp_path, memory_stream, "lifelong", base_steps=4, grow="8", grow_mode="exact", grow_topk=2)
+    _, run = make_run(tmp_path, memory_stream, "lifelong-grow", base_steps=4, grow="8", grow_mode="exact", grow_topk=2)
     results = run_phases(run)
     shocks = [p.growth_shock_bpb for p in results.phases]
     assert shocks[0] is None and shocks[1] == shocks[2] == 0.0  # phase 0 has no old slice to shock
@@ -241,9 +241,9 @@ def test_a_run_resumed_mid_phase_keeps_its_generations_and_growth_shock(tmp_path
     from lifelong_peer.workspace import Workspace
 
     kw = {"base_steps": 4, "checkpoint_every": 2, "grow": "8", "grow_mode": "exact", "grow_topk": 3}
-    _, straight = make_run(tmp_path, memory_stream, "lifelong", run_id="straight", **kw)
+    _, straight = make_run(tmp_path, memory_stream, "lifelong-grow", run_id="straight", **kw)
     run_phases(straight)
-    _, broken = make_run(tmp_path, memory_stream, "lifelong", run_id="broken", **kw)
+    _, broken = make_run(tmp_path, memory_stream, "lifelong-grow", run_id="broken", **kw)
 
     def crash(event):
         if event["event"] == "step" and event["phase"] == 2 and event["step"] == 3:
@@ -326,7 +326,7 @@ def test_auto_growth_grows_nothing_for_repeated_data_and_never_passes_the_budget
     stream = _repeat_and_novel_stream()
     budget = 11 * 11  # 8 sub-keys per half now: room for 3 more
     kw = {"base_steps": 20, "grow": "auto", "max_experts": budget, "usage_tokens": 2048, "grow_topk": 2}
-    _, run = make_run(tmp_path, stream, "lifelong", **kw)
+    _, run = make_run(tmp_path, stream, "lifelong-grow", **kw)
     results = run_phases(run)
     grown = [p.extra.get("grow") for p in results.phases]
     assert all(r["k"] == 0 and "no old slices" in r["reason"] for r in grown[0])  # nothing to compare with

@@ -244,7 +244,8 @@ def test_presets_name_their_hooks():
     assert preset_hooks("mas") == ["MAS"]
     assert preset_hooks("replay") == ["Replay"]
     assert preset_hooks("joint") == ["Joint"]
-    assert preset_hooks("lifelong") == ["Growth", "Freezing", "Replay"]
+    assert preset_hooks("lifelong") == ["Replay", "Distillation"]  # issue 24: start big, no growth
+    assert preset_hooks("lifelong-grow") == ["Growth", "Freezing", "Replay"]
     assert preset_hooks("smf") == ["Freezing"]
     assert preset_hooks("smf-shared") == ["Freezing"]
 

@@ -78,7 +78,7 @@ def _run(root, run_id: str, precision: str, progress=None):
     ws = Workspace.open(root) if root.exists() else Workspace.init(root)
     opts = {"steps": 4, "batch_size": 4, "eval_tokens": 256, "usage_tokens": 256, "warmup": 1, "base_steps": 2}
     opts |= {"checkpoint_every": 2, "precision": precision}
-    model, train = resolve_config("lifelong", opts, TINY)  # base training, growth and freezing included
+    model, train = resolve_config("lifelong-grow", opts, TINY)  # base training, growth and freezing included
     stream = MemoryStream(slices=SLICES)
     cfg = RunConfig(run=run_id, stream=stream.name, slices=list(SLICES), model=model, train=train)
     run = create_run(ws, cfg, stream=stream)

@@ -55,7 +55,7 @@ def runs(tmp_path_factory):
     step 3: its newest checkpoint is mid-phase at step 2). Tests work on copies of it."""
     root = tmp_path_factory.mktemp("runs")
     ws, stream = Workspace.init(root / "ws"), _stream()
-    model, train = resolve_config("lifelong", {**OPTIONS, "grow": "2"}, TINY)
+    model, train = resolve_config("lifelong-grow", {**OPTIONS, "grow": "2"}, TINY)
     for name in ("straight", "stopped"):
         cfg = RunConfig(run=name, stream=stream.name, slices=["a", "b"], model=model, train=train)
         run = create_run(ws, cfg, stream=stream)

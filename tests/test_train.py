@@ -73,7 +73,7 @@ def test_a_run_from_a_random_init_warns(tmp_path, memory_stream):
 
 
 def test_lifelong_grows_and_keeps_old_experts_bit_identical(tmp_path, memory_stream):
-    _, run = make_run(tmp_path, memory_stream, "lifelong", base_steps=4)
+    _, run = make_run(tmp_path, memory_stream, "lifelong-grow", base_steps=4)
     run_phases(run, phases=[0])
     layer = run.model.peer_layers()[0]
     n0 = layer.num_experts
@@ -89,9 +89,11 @@ def test_lifelong_grows_and_keeps_old_experts_bit_identical(tmp_path, memory_str
 def test_kill_and_resume_is_bit_identical(tmp_path, memory_stream):
     """A run stopped mid-phase (state as after SIGKILL: a mid-phase checkpoint, later work lost)
     and resumed ends with exactly the weights of an uninterrupted run."""
-    _, straight = make_run(tmp_path, memory_stream, "lifelong", run_id="straight", base_steps=4, checkpoint_every=2)
+    _, straight = make_run(
+        tmp_path, memory_stream, "lifelong-grow", run_id="straight", base_steps=4, checkpoint_every=2
+    )
     run_phases(straight)
-    _, broken = make_run(tmp_path, memory_stream, "lifelong", run_id="broken", base_steps=4, checkpoint_every=2)
+    _, broken = make_run(tmp_path, memory_stream, "lifelong-grow", run_id="broken", base_steps=4, checkpoint_every=2)
     run_phases(broken, phases=[0])
 
     def crash(event):
@@ -147,7 +149,7 @@ def test_lost_results_are_recomputed_from_checkpoints(tmp_path, memory_stream, k
     from lifelong_peer.evaluate import recompute_results
     from lifelong_peer.metrics import load_results
 
-    _, run = make_run(tmp_path, memory_stream, "lifelong", base_steps=4, keep_checkpoints=keep)
+    _, run = make_run(tmp_path, memory_stream, "lifelong-grow", base_steps=4, keep_checkpoints=keep)
     run_phases(run, phases=[0, 1])
     # issue 24: "latest" keeps the base and the newest phase's model only, on disk and in state.json
     kept = sorted(p.name for p in run.checkpoints.glob("*.safetensors"))
@@ -166,11 +168,11 @@ def test_lost_results_are_recomputed_from_checkpoints(tmp_path, memory_stream, k
 
 def test_pruned_run_resumes_like_one_that_keeps_every_checkpoint(tmp_path, memory_stream):
     """Pruning deletes files, never state the next phase needs: the final weights are bit-identical."""
-    _, pruned = make_run(tmp_path, memory_stream, "lifelong", run_id="pruned", base_steps=4)
+    _, pruned = make_run(tmp_path, memory_stream, "lifelong-grow", run_id="pruned", base_steps=4)
     run_phases(pruned, phases=[0, 1])
     pruned = open_run(Workspace.open(tmp_path / "ws"), "pruned", stream=memory_stream)
     run_phases(pruned)  # a new process continues after phase 1; L2-SP-like anchors read the kept phase-001
-    _, kept = make_run(tmp_path, memory_stream, "lifelong", run_id="kept", base_steps=4, keep_checkpoints="all")
+    _, kept = make_run(tmp_path, memory_stream, "lifelong-grow", run_id="kept", base_steps=4, keep_checkpoints="all")
     run_phases(kept)
     a, b = final_weights(pruned.dir), final_weights(kept.dir)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -259,9 +261,9 @@ def test_base_training_stopped_and_resumed_is_bit_identical(tmp_path, memory_str
     from lifelong_peer.errors import Interrupted
 
     opts = {"base_steps": 6, "checkpoint_every": 2}
-    _, straight = make_run(tmp_path / "a", memory_stream, "lifelong", run_id="straight", **opts)
+    _, straight = make_run(tmp_path / "a", memory_stream, "lifelong-grow", run_id="straight", **opts)
     run_phases(straight, phases=[0])
-    _, stopped = make_run(tmp_path / "b", memory_stream, "lifelong", run_id="stopped", **opts)
+    _, stopped = make_run(tmp_path / "b", memory_stream, "lifelong-grow", run_id="stopped", **opts)
 
     def press_ctrl_c(event):
         if event["event"] == "step" and event["phase"] == -1 and event["step"] == 2:
