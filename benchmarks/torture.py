@@ -1,6 +1,6 @@
 """Crash torture (issue 10): SIGKILL a real ``lpeer run`` again and again, resume it, compare bit for bit.
 
-A small multi-phase ``lifelong`` run (growth, freezing, L2-SP, mid-phase checkpoints) on an
+A small multi-phase ``lifelong-grow`` run (growth, freezing, L2-SP, mid-phase checkpoints) on an
 ingested JSONL stream is trained twice as real ``python -m lifelong_peer.cli`` processes:
 
 - **reference** — uninterrupted;
@@ -174,7 +174,7 @@ def lpeer(args: list[str], spec: str | None = None, kill_after: float | None = N
 
 
 def run_args(ws: Path, root: Path, name: str) -> list[str]:
-    return ["run", "-w", str(ws), "--stream", "toy", "--strategy", "lifelong", "--config", str(root / "tiny.toml"),
+    return ["run", "-w", str(ws), "--stream", "toy", "--strategy", "lifelong-grow", "--config", str(root / "tiny.toml"),
             "--checkpoint-every", "2", "--name", name, "-q", "--format", "json"]  # fmt: skip
 
 
