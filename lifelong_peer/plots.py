@@ -179,14 +179,15 @@ def _strategy_key(strategy: str) -> tuple[int, str]:
 
 def strategy_colour(strategy: str) -> tuple[float, float, float]:
     """A strategy's colour in every plot, whatever the order runs are given in (issue 17): the presets
-    take tab10's colours in their order; any other name one of the colours left, by a hash of it."""
+    take tab10's colours in their order, then tab20's lighter ones; any other name one of the colours left, by a hash."""
     from .strategies import STRATEGIES
 
     palette = matplotlib.colormaps["tab10"].colors
+    light = matplotlib.colormaps["tab20"].colors[1::2]  # tab10's colours, lighter: never a preset's
     names = list(STRATEGIES)
     if strategy in names:
-        return palette[names.index(strategy) % len(palette)]
-    spare = palette[len(names) :] or palette
+        return (palette + light)[names.index(strategy) % (2 * len(palette))]
+    spare = (palette + light)[len(names) :]
     return spare[int(hashlib.sha256(strategy.encode()).hexdigest()[:8], 16) % len(spare)]
 
 
