@@ -249,14 +249,11 @@ def cost_curves(path: str | Path, summaries: list[dict], title: str) -> Path:
         ("active_params", "active parameters per token"),
         ("ms_per_step", "ms per training step (median)"),
     )
+    from .metrics import matrix_metrics
+
     for s in summaries:
-        L, w = np.array(s["matrix_bpb"], dtype=float), np.array(s["eval_bytes"], dtype=float)
-        seen = []
-        for i in range(len(L)):
-            ok = ~np.isnan(L[i, : i + 1]) & (w[: i + 1] > 0)
-            seen.append(
-                float((L[i, : i + 1][ok] * w[: i + 1][ok]).sum() / w[: i + 1][ok].sum()) if ok.any() else np.nan
-            )
+        L = np.array(s["matrix_bpb"], dtype=float)
+        seen = [matrix_metrics(L[: i + 1], s["before_bpb"], s["eval_bytes"])["final_avg"] for i in range(len(L))]
         values = {**s, "avg_seen": seen}
         for ax, (key, _) in zip(axes, panels, strict=True):
             ys = [np.nan if v is None else v for v in values.get(key) or []]
@@ -264,7 +261,7 @@ def cost_curves(path: str | Path, summaries: list[dict], title: str) -> Path:
     for i, (ax, (_, label)) in enumerate(zip(axes, panels, strict=True)):
         if not ax.lines or all(np.isnan(line.get_ydata()).all() for line in ax.lines):
             ax.text(0.5, 0.5, "not recorded (runs before issue 24)", ha="center", va="center", transform=ax.transAxes)
-            ax.set_xticks([]), ax.set_yticks([])
+            ax.set_yticks([])
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("after phase")
         ax.set_ylabel(label)

@@ -171,7 +171,7 @@ def test_pruned_run_resumes_like_one_that_keeps_every_checkpoint(tmp_path, memor
     _, pruned = make_run(tmp_path, memory_stream, "lifelong-grow", run_id="pruned", base_steps=4)
     run_phases(pruned, phases=[0, 1])
     pruned = open_run(Workspace.open(tmp_path / "ws"), "pruned", stream=memory_stream)
-    run_phases(pruned)  # a new process continues after phase 1; L2-SP-like anchors read the kept phase-001
+    run_phases(pruned)  # a new process continues after phase 1 from the one phase checkpoint kept
     _, kept = make_run(tmp_path, memory_stream, "lifelong-grow", run_id="kept", base_steps=4, keep_checkpoints="all")
     run_phases(kept)
     a, b = final_weights(pruned.dir), final_weights(kept.dir)

@@ -68,24 +68,23 @@ def slice_need(run, new_slice: str, old_slices: Sequence[str]) -> dict:
     """``index.loss_need`` of ``new_slice`` (its train split: the data about to be learnt) against the old slices'
     validation splits, ``eval_tokens`` each: how poorly the model serves it, the figure ``--grow auto`` grows by."""
     budget = run.config.train.eval_tokens
-
-    def per_token(name: str, split: str) -> float:
-        data = run.slice_data(name)
-        return data.num_bytes(split) / max(1, len(data.tokens(split)))
-
     old = {s: run.windows(s, "validation", budget) for s in old_slices}
-    scale = {s: per_token(s, "validation") for s in old_slices} | {"new": per_token(new_slice, "train")}
+    scale = {s: bytes_per_token(run, s, "validation") for s in old_slices}
+    scale["new"] = bytes_per_token(run, new_slice, "train")
     return loss_need(run.model, run.windows(new_slice, "train", budget), old, scale)
+
+
+def bytes_per_token(run, name: str, split: str) -> float:
+    """Held-out bytes per token of one slice's split (1 for the byte tokenizer): bits per byte from nats per token."""
+    data = run.slice_data(name)
+    return data.num_bytes(split) / max(1, len(data.tokens(split)))
 
 
 def measured_growth(run, phase: int, k, new_slice: str, old_slices: Sequence[str]) -> tuple[list[dict], dict]:
     """``grow_run_model`` and its shock (``index.growth_shock``): the change of every old slice's
     validation bits per byte right after growth, before any step, on the evaluation's windows (issue 16)."""
     old_eval = {s: run.windows(s, "validation", run.config.train.eval_tokens) for s in old_slices}
-    per_token = {}
-    for s in old_slices:
-        data = run.slice_data(s)
-        per_token[s] = data.num_bytes("validation") / max(1, len(data.tokens("validation")))
+    per_token = {s: bytes_per_token(run, s, "validation") for s in old_slices}
     return growth_shock(run.model, lambda: grow_run_model(run, phase, k, new_slice, old_slices), old_eval, per_token)
 
 

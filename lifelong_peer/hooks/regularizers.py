@@ -115,15 +115,14 @@ class Distillation(PhaseHook):
             return self.weight * regularize.distillation(logits, teacher_logits, self.temperature)
         # this rank's rows of the global batch that were replayed; scaled so that the ranks' mean gradient is
         # the single process's: the KL summed over the global batch's replayed tokens, divided by their number
-        if not self.replay_rows:
-            return None
         world = distributed.world_size()
         rows = distributed.shard(torch.arange(batch.shape[0] * world)) < self.replay_rows
+        if not rows.any():  # nothing replayed (phase 0), or none of it on this rank: no teacher forward
+            return None
         with torch.no_grad():
             teacher_logits, _ = self.teacher(batch[rows, :-1])
-        tokens = int(rows.sum()) * logits.shape[1]
-        kl = regularize.distillation(logits[rows], teacher_logits, self.temperature) * tokens if tokens else 0.0
-        return self.weight * kl * world / (self.replay_rows * logits.shape[1])
+        kl = regularize.distillation(logits[rows], teacher_logits, self.temperature) * int(rows.sum())
+        return self.weight * kl * world / self.replay_rows  # batchmean over this rank's rows → over the global ones
 
 
 def importance_batches(ctx: PhaseContext, n: int, salt: int) -> list[Tensor]:
