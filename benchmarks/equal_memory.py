@@ -19,9 +19,16 @@ Two protocols:
     python benchmarks/equal_memory.py                       # the eras protocol (2 workers)
     python benchmarks/equal_memory.py --protocol long
     python benchmarks/equal_memory.py --protocol long --table   # only rebuild the tables from the JSON
+    python benchmarks/equal_memory.py --stream debian --source debian.jsonl \
+        --slice eras:1990,2019,2021,2022,2023,2024 --big-base debian-base-128.safetensors   # another corpus
+
+Another corpus (``--stream``, eras protocol) needs its own budget-sized base
+(``scripts/train_base.py --source FILE --slice SPEC --num-subkeys 128``); its small-pool rows need
+``--small-base`` or ``--import`` from ``continual.py``'s runs on the same stream.
 
 The bases are built once into ``--bases`` (or given with ``--small-base`` / ``--big-base``) and each
-record names the base file and its sha256. Results: ``benchmarks/results/equal-memory-<protocol>-results.json``.
+record names the base file and its sha256. Results: ``benchmarks/results/equal-memory-<protocol>-results.json``
+(``equal-memory-<stream>-results.json`` for another corpus).
 """
 
 from __future__ import annotations
@@ -110,7 +117,8 @@ def machine(workers: int) -> dict:
     }
 
 
-def plan(labels: list[str], protocol: dict, bases: dict[str, Path]) -> list[dict]:
+def plan(labels: list[str], protocol: dict, bases: dict[str, Path], stream: dict | None = None) -> list[dict]:
+    """One sweep entry per row label; ``stream`` ({"stream", "source", "slice"}) for a corpus other than SOTU."""
     entries = []
     for label in labels:
         strategy, overrides, pool = ROWS[label]
@@ -123,6 +131,8 @@ def plan(labels: list[str], protocol: dict, bases: dict[str, Path]) -> list[dict
         }
         if protocol["slice"]:
             entry |= {"stream": "sotu-long", "slice": protocol["slice"]}
+        if stream:
+            entry |= stream
         entries.append(entry)
     return entries
 
@@ -201,7 +211,7 @@ def main() -> None:
     parser.add_argument("--rows", default=",".join(ROWS), help=f"labels among {', '.join(ROWS)}")
     parser.add_argument("--seeds", type=int, default=None, help="default: the protocol's (eras 3, long 2)")
     parser.add_argument("--workers", type=int, default=2, help="runs at once (one thread each)")
-    parser.add_argument("--small-base", default=str(ROOT / "lifelong_peer/assets/sotu-base.safetensors"))
+    parser.add_argument("--small-base", default=None, help="the 1,024-expert base (default: the shipped SOTU one)")
     parser.add_argument("--big-base", default=None, help="the budget-sized base (default: built into --bases)")
     parser.add_argument("--bases", default="~/.cache/lifelong_peer/bases")
     parser.add_argument(
@@ -210,16 +220,29 @@ def main() -> None:
     parser.add_argument("--table", action="store_true", help="only rebuild the tables from the results file")
     parser.add_argument("--results-md", action="store_true", help="also write the tables into RESULTS.md")
     parser.add_argument("--work", default="/tmp/lpeer-equal-memory")
+    parser.add_argument("--stream", default="sotu", help="another corpus (eras protocol): its name")
+    parser.add_argument("--source", default=None, help="with --stream: a file lpeer ingest reads")
+    parser.add_argument("--slice", default=None, help="with --stream: its slicing (e.g. eras:2019,2021,2023)")
     args = parser.parse_args()
     protocol = dict(PROTOCOLS[args.protocol])
     if args.seeds:
         protocol["seeds"] = args.seeds
-    out = RESULTS / f"equal-memory-{args.protocol}-results.json"
+    stream, name, title = None, args.protocol, TITLES[args.protocol]
+    if args.stream != "sotu":
+        if args.protocol != "eras" or not (args.source and args.slice and (args.big_base or args.table)):
+            parser.error("--stream takes the eras protocol, --source, --slice and --big-base (its own base)")
+        stream = {"stream": args.stream, "source": str(Path(args.source).resolve()), "slice": args.slice}
+        name, title = args.stream, f"Equal memory on {args.stream}: 16,384 experts per layer (issue 24)"
+    out = RESULTS / f"equal-memory-{name}-results.json"
     for spec in args.imports:
         import_records(spec, out)
     if not args.table:
-        bases = {"small": Path(args.small_base), "big": big_base(args)}
-        entries = plan(args.rows.split(","), protocol, bases)
+        labels = args.rows.split(",")
+        if stream and not args.small_base and any(ROWS[label][2] == "small" for label in labels):
+            sys.exit("the small-pool rows on another corpus need its own --small-base (or --import them)")
+        small = args.small_base or ROOT / "lifelong_peer/assets/sotu-base.safetensors"
+        bases = {"small": Path(small), "big": big_base(args)}
+        entries = plan(labels, protocol, bases, stream)
         plan_file = out.with_name(out.name.replace("-results", "-plan"))
         plan_file.write_text(json.dumps(entries, indent=1))
         started = time.time()
@@ -237,7 +260,7 @@ def main() -> None:
             "seconds": time.time() - started,
         }
         out.with_name(out.name.replace("-results", "-meta")).write_text(json.dumps(meta, indent=1))
-    section = table(out, TITLES[args.protocol])
+    section = table(out, title)
     print(section)
     if args.results_md:
         replace_section(section, ROOT / "RESULTS.md")

@@ -27,6 +27,15 @@ def test_every_row_continues_its_pools_base_and_the_long_stream_has_48_slices_or
     assert len(slices) >= 48 and slices == sorted(slices)
 
 
+def test_another_corpus_rows_name_its_stream_source_and_slicing(tmp_path):
+    bases = {"small": tmp_path / "small.safetensors", "big": tmp_path / "debian-128.safetensors"}
+    stream = {"stream": "debian", "source": str(tmp_path / "d.jsonl"), "slice": "eras:2019,2021"}
+    entries = equal_memory.plan(["naive", "lifelong"], equal_memory.PROTOCOLS["eras"], bases, stream)
+    assert all(e["stream"] == "debian" and e["source"] == stream["source"] for e in entries)
+    assert all(e["slice"] == "eras:2019,2021" and e["base"] == str(bases["big"]) for e in entries)
+    assert [e["seeds"] for e in entries] == [[0, 1, 2]] * 2
+
+
 def test_imported_records_take_their_label_once(tmp_path):
     source = tmp_path / "sweep-results.json"
     source.write_text(json.dumps([{"name": "big-x", "seed": 0, "v": 1}, {"name": "other", "seed": 0}]))
