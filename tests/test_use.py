@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 import shutil
 
 import numpy as np
@@ -251,3 +252,39 @@ def test_export_round_trip_gives_the_same_logits(built, tmp_path):
     with torch.no_grad():
         assert torch.equal(load_exported(out)(idx)[0], load_model(_run(built))["model"].eval()(idx)[0])
     assert [p.name for p in tmp_path.iterdir()] == ["exported"]  # no temporary directory left behind
+
+
+# --- the README's examples --------------------------------------------------------------------------------
+
+
+def test_the_readme_examples_run(tmp_path, monkeypatch):
+    """The commands of the README's "Use what you trained", as written, on the walkthrough's generated stream:
+    run ``news-naive-1`` trained on 2025's quarters (every phase's model kept), 2026-Q4 arriving later."""
+    from test_walkthrough import README, write_news
+
+    text = README.read_text()
+    section = text.split("## Use what you trained", 1)[1].split("\n## ", 1)[0]
+    block = section.split("```bash", 1)[1].split("```", 1)[0]
+    commands = [c for line in block.splitlines() if (c := line.split("  #", 1)[0].strip())]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("LPEER_WORKSPACE", raising=False)
+    write_news(tmp_path / "news.jsonl")
+    with open(tmp_path / "news.jsonl", "a") as f:
+        for d in range(30):
+            f.write(
+                json.dumps({"id": f"late-{d}", "text": "the market of the storm " * 8, "date": "2026-11-02"}) + "\n"
+            )
+    ws = Workspace.init(tmp_path)
+    ingest(ws, "news.jsonl", "news", slice="quarter", time_field="date", split=(0.6, 0.2, 0.2))
+    quarters = [f"2025-Q{q}" for q in range(1, 5)]
+    run_phases(new_run(ws, "news", "naive", TRAIN | {"keep_checkpoints": "all"}, MODEL, run_id="news-naive-1", slices=quarters))  # fmt: skip
+    (tmp_path / "article.jsonl").write_text(json.dumps({"text": "markets rally on rates and the team wins"}) + "\n")
+    (tmp_path / "letter.txt").write_text("storm hits the coast of the new phone\n")
+    assert len(commands) == 7
+    for command in commands:
+        result = runner.invoke(app, shlex.split(command)[1:])
+        assert result.exit_code == 0, f"{command}\n{result.output}\n{result.exception!r}"
+    python = section.split("```python", 1)[1].split("```", 1)[0]
+    namespace: dict = {}
+    exec(python, namespace)  # the README's own snippet
+    assert isinstance(namespace["model"], LanguageModel)
