@@ -165,8 +165,8 @@ def score_run(
     ``phase``), under every phase's model (``all``), or the slices ranked by it (``date``, ``date_text``).
 
     Returns ``{"run", "source", "documents", "bytes", "tokens", "mode", ...}``: one adds ``phase``, ``checkpoint``
-    and ``score`` (``score_tokens``); all adds ``phases`` [{phase, slice, checkpoint, pruned, score}] and ``note``
-    (which were pruned; None when none); date adds ``date_text``'s ranking.
+    and ``score`` (``score_tokens``); all adds ``phases`` [{phase (-1: the base), slice, checkpoint, pruned, score}]
+    and ``note`` (which were pruned; None when none); date adds ``date_text``'s ranking.
     """
     if mode not in ("one", "all", "date"):
         raise ValueError(f"score mode must be one, all or date, got {mode!r}")
