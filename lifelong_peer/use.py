@@ -42,9 +42,9 @@ def read_documents(source: str, text_field: str = "text", encoding: str = "utf-8
         if "\n" not in source and source.lower().endswith(_FILE_SUFFIXES) and " " not in source.strip():
             raise UserError(f"{source}: no such file (to score this string as text, add a space or a line break)")
         return {"documents": [source], "source": "text"}
-    txt = path.suffix.lower() == ".txt" or (
-        path.is_dir() and not any(p.suffix.lower() in TABULAR for p in path.rglob("*") if p.is_file())
-    )
+    saved = path.is_dir() and any((path / f).exists() for f in ("dataset_info.json", "dataset_dict.json", "state.json"))
+    files = [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else [path]
+    txt = not saved and not any(p.suffix.lower() in TABULAR for p in files)  # .txt: one document per file, undated
     src = open_source(source, ReadOptions(encoding=encoding, time_from_name="" if txt else None))
     documents = []
     for where, fields, problem in src.records([text_field]):

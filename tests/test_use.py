@@ -129,6 +129,19 @@ def test_text_or_file_and_what_is_refused(built, tmp_path):
     assert string["source"] == "text" and string["bytes"] == 15 and string["phase"] == 1
     (tmp_path / "speech.txt").write_text("the peer expert")
     assert _cli(built, "score", "r", str(tmp_path / "speech.txt"))["score"] == string["score"]
+    # the same two documents in every format ingest reads score alike
+    docs = ["the peer expert", "time slice, and of"]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"body": d}) + "\n" for d in docs))
+    (tmp_path / "docs.csv").write_text("body\n" + "".join(f'"{d}"\n' for d in docs))
+    (tmp_path / "txt").mkdir()
+    for i, d in enumerate(docs):
+        (tmp_path / "txt" / f"{i}.txt").write_text(d)
+    import datasets
+
+    datasets.Dataset.from_dict({"body": docs}).save_to_disk(str(tmp_path / "saved"))
+    scores = [_cli(built, "score", "r", str(tmp_path / name), "--text-field", "body") for name in ("docs.jsonl", "docs.csv", "saved")]  # fmt: skip
+    scores.append(_cli(built, "score", "r", str(tmp_path / "txt")))
+    assert all(s["documents"] == 2 and s["score"] == scores[0]["score"] for s in scores)
     assert "no such file" in _fails(built, "score", "r", str(tmp_path / "missing.jsonl"))
     (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"text": 3}\n')
     assert "bad.jsonl:2" in _fails(built, "score", "r", str(tmp_path / "bad.jsonl"))
