@@ -125,7 +125,9 @@ def score(
         False,
         "--date",
         help="Rank the slices by how well the model of the phase that trained each fits the text (lowest bits per "
-        'byte first): a time-period guess. Needs every phase\'s model (keep_checkpoints = "all").',
+        "byte first): a time-period guess. It reads recency, so it suits runs whose models follow their era (naive "
+        "fine-tuning); a run that keeps improving on old slices (lifelong) ranks its newest slice first. Needs "
+        'every phase\'s model (keep_checkpoints = "all").',
     ),
     slice_: str | None = typer.Option(
         None,
