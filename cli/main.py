@@ -81,6 +81,10 @@ from .index_cmds import register as _register_index  # noqa: E402  (inspect, gro
 
 _register_index(app)
 
+from .use_cmds import register as _register_use  # noqa: E402  (score, generate, export)
+
+_register_use(app)
+
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """lifelong-peer's own warnings (a damaged checkpoint skipped, ...) as one line on stderr."""

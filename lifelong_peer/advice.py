@@ -13,5 +13,6 @@ RESUME = "lpeer run --resume {run}"
 BASE_MODEL = "lpeer run --base-model NAME_OR_PATH"
 EVAL = "lpeer eval {run} -w {workspace}"
 REEVALUATE = "lpeer eval {run} --reevaluate"
+KEEP_ALL = "lpeer run --stream STREAM --keep-checkpoints all"
 
-ADVICE = [INIT, INGEST_DEFAULT, INGEST, STREAMS, RESUME, BASE_MODEL, EVAL, REEVALUATE]
+ADVICE = [INIT, INGEST_DEFAULT, INGEST, STREAMS, RESUME, BASE_MODEL, EVAL, REEVALUATE, KEEP_ALL]

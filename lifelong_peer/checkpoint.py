@@ -21,6 +21,7 @@ import errno
 import hashlib
 import json
 import os
+import shutil
 import struct
 import tempfile
 from collections.abc import Callable
@@ -80,6 +81,39 @@ _RESOURCE_ERRORS = {
     errno.EPERM: "permission denied",
     errno.EROFS: "the file system is read-only",
 }
+
+
+def atomic_write_dir(path: str | os.PathLike, write: Callable[[Path], None], replace: bool = False) -> None:
+    """Build a directory with ``write(tmp_dir)`` beside ``path``, fsync it and rename it onto ``path``: a crash
+    leaves no half-written directory (issue 26: ``lpeer export``). A non-empty ``path`` is refused unless ``replace``;
+    then it is moved aside, the new one renamed in, and the old one deleted."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{path} exists and is not a directory")
+    if path.is_dir() and any(path.iterdir()) and not replace:
+        raise UserError(f"{path} is not empty; choose another directory or replace it (lpeer export --force)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes 0700; published directories get the usual permissions
+        write(tmp)
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                with open(f, "rb+") as fh:
+                    os.fsync(fh.fileno())
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno in _RESOURCE_ERRORS:
+            raise UserError(f"cannot write {path}: {_RESOURCE_ERRORS[e.errno]} ({e.strerror})") from None
+        raise
+    old = None
+    if path.is_dir():
+        old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+        os.replace(path, old / path.name)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

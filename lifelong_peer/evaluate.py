@@ -35,11 +35,16 @@ def evaluate_all(run: Run, emit: Progress) -> dict[str, EvalRow]:
             total, count = run.model.nll(run.windows(name, split, run.config.train.eval_tokens))
             sums.append(total)
             tokens.append(count)
-            # bytes behind the scored tokens, at the split's bytes-per-token ratio
-            num_bytes.append(max(1, round(count * data.num_bytes(split) / len(all_tokens))))
+            num_bytes.append(scored_bytes(count, data.num_bytes(split), len(all_tokens)))
         rows[split] = EvalRow.from_totals(sums, tokens, num_bytes)
     emit({"event": "evaluated", "rows": rows})
     return rows
+
+
+def scored_bytes(count: int, num_bytes: int, num_tokens: int) -> int:
+    """The bytes behind ``count`` scored tokens of a text of ``num_bytes`` bytes in ``num_tokens`` tokens, at the
+    text's bytes-per-token ratio: the denominator of every bits per byte the runs report."""
+    return max(1, round(count * num_bytes / max(1, num_tokens)))
 
 
 def phase_record(run: Run, slice_name: str, tokens: int, wall: float) -> PhaseRecord:
@@ -74,7 +79,7 @@ def new_results(run: Run, before: dict[str, EvalRow], **extra) -> RunResults:
 def append_eval(row: EvalRow, run: Run, model: PEERModel, slice_name: str, split: str) -> None:
     data = run.slice_data(slice_name)
     total, count = model.nll(run.windows(slice_name, split, run.config.train.eval_tokens))
-    num_bytes = max(1, round(count * data.num_bytes(split) / max(1, len(data.tokens(split)))))
+    num_bytes = scored_bytes(count, data.num_bytes(split), len(data.tokens(split)))
     new = EvalRow.from_totals([total], [count], [num_bytes])
     row.nll.append(new.nll[0])
     row.bpb.append(new.bpb[0])
@@ -143,4 +148,5 @@ __all__ = [
     "new_results",
     "phase_record",
     "recompute_results",
+    "scored_bytes",
 ]

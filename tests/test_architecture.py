@@ -23,6 +23,10 @@ RULES = {
     "lifelong_peer/evaluate.py": {"train", "runops"},
     "lifelong_peer/report.py": {"train", "runops"},
     "cli/eval_cmds.py": {"train", "runops"},
+    "cli/use_cmds.py": {"train", "runops"},
+    "lifelong_peer/use.py": {"train", "runops"},
+    "lifelong_peer/export.py": {"train", "runops"},
+    "lifelong_peer/generate.py": {"run", "train", "runops", "evaluate", "hooks", "config"},
     "lifelong_peer/model.py": {"attach", "train", "run"},
     "lifelong_peer/attach.py": {"model", "train", "run"},
 }

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ..data import seed_for
+from ..data import eval_windows, seed_for
 from ..index import collect_usage, grow_model, growth_shock, loss_need
 from .base import PhaseContext, PhaseHook
 
@@ -22,18 +22,41 @@ def growth_seed(seed: int, phase: int, experts: int) -> int:
     return (seed_for(seed, phase, -1) * 31 + experts) % 2**31
 
 
-def layer_inputs(run, slices: Sequence[str], split: str, sample: int, generator: torch.Generator) -> dict | None:
-    """Sampled PEER-layer inputs {position: (m, dim)} over ``split`` windows of ``slices`` (None if none)."""
+def _slice(run, s):
+    """A slice of the run's stream by name, or a slice object as it is: new data from another stream of the same
+    tokenizer, whose need ``lpeer score --stream S --slice NAME`` measures with these very functions (issue 26)."""
+    return run.slice_data(s) if isinstance(s, str) else s
+
+
+def _windows(run, s, split: str, max_tokens: int) -> Tensor:
+    """``Run.windows`` of a slice name or object (``_slice``)."""
+    return eval_windows(_slice(run, s).tokens(split), run.config.context, max_tokens)
+
+
+def layer_inputs(run, slices: Sequence, split: str, sample: int, generator: torch.Generator) -> dict | None:
+    """Sampled PEER-layer inputs {position: (m, dim)} over ``split`` windows of ``slices`` (names, or slice
+    objects: ``_slice``; None if none)."""
     if not slices:
         return None
     budget = run.config.train.usage_tokens
     parts: dict[int, list[Tensor]] = {}
     for name in slices:  # one pass per slice: a short split gives shorter windows than the others
-        windows = run.windows(name, split, max(budget // len(slices), 1))[:, :-1]
+        windows = _windows(run, name, split, max(budget // len(slices), 1))[:, :-1]
         got = collect_usage(run.model, windows, None, sample_inputs=max(sample // len(slices), 1), generator=generator)
         for pos, x in got["inputs"].items():
             parts.setdefault(pos, []).append(x)
     return {pos: torch.cat(xs) for pos, xs in parts.items()}
+
+
+def need_inputs(run, phase: int, new_slice, old_slices: Sequence[str]) -> tuple[int, dict | None, dict | None]:
+    """(seed, new inputs, old inputs): the PEER-layer inputs a growth before ``phase`` samples — ``new_slice``'s
+    train split (a name or a slice object, ``_slice``; None: none) and ``old_slices``' validation splits — what
+    places new sub-keys and measures each layer's coverage (``index.growth_need``; ``lpeer score --slice``)."""
+    experts = sum(p.num_experts for p in run.model.peer_layers())
+    seed = growth_seed(run.config.train.seed, phase, experts)
+    generator = torch.Generator().manual_seed(seed)
+    new_inputs = layer_inputs(run, [new_slice] if new_slice is not None else [], "train", SAMPLE_INPUTS, generator)
+    return seed, new_inputs, layer_inputs(run, old_slices, "validation", SAMPLE_INPUTS, generator)
 
 
 def grow_run_model(
@@ -42,11 +65,7 @@ def grow_run_model(
     """Grow ``run.model`` before ``phase`` by ``k`` sub-keys per half (or ``"auto"``): layer inputs of
     ``new_slice``'s train split place the new sub-keys (none: drawn at random), inputs of
     ``old_slices``' validation splits measure ``changed_old``. Returns ``grow_model``'s reports."""
-    experts = sum(p.num_experts for p in run.model.peer_layers())
-    seed = growth_seed(run.config.train.seed, phase, experts)
-    generator = torch.Generator().manual_seed(seed)
-    new_inputs = layer_inputs(run, [new_slice] if new_slice else [], "train", SAMPLE_INPUTS, generator)
-    old_inputs = layer_inputs(run, old_slices, "validation", SAMPLE_INPUTS, generator)
+    seed, new_inputs, old_inputs = need_inputs(run, phase, new_slice, old_slices)
     tc = run.config.train
     need = slice_need(run, new_slice, old_slices)["need"] if k == "auto" and new_slice else None
     return grow_model(
@@ -64,19 +83,20 @@ def grow_run_model(
     )
 
 
-def slice_need(run, new_slice: str, old_slices: Sequence[str]) -> dict:
-    """``index.loss_need`` of ``new_slice`` (its train split: the data about to be learnt) against the old slices'
-    validation splits, ``eval_tokens`` each: how poorly the model serves it, the figure ``--grow auto`` grows by."""
+def slice_need(run, new_slice, old_slices: Sequence[str]) -> dict:
+    """``index.loss_need`` of ``new_slice`` (its train split: the data about to be learnt; a name or a slice object,
+    ``_slice``) against the old slices' validation splits, ``eval_tokens`` each: how poorly the model serves it, the
+    figure ``--grow auto`` grows by, and the novelty ``lpeer score --slice`` reports (issue 26)."""
     budget = run.config.train.eval_tokens
     old = {s: run.windows(s, "validation", budget) for s in old_slices}
     scale = {s: bytes_per_token(run, s, "validation") for s in old_slices}
     scale["new"] = bytes_per_token(run, new_slice, "train")
-    return loss_need(run.model, run.windows(new_slice, "train", budget), old, scale)
+    return loss_need(run.model, _windows(run, new_slice, "train", budget), old, scale)
 
 
-def bytes_per_token(run, name: str, split: str) -> float:
+def bytes_per_token(run, name, split: str) -> float:
     """Held-out bytes per token of one slice's split (1 for the byte tokenizer): bits per byte from nats per token."""
-    data = run.slice_data(name)
+    data = _slice(run, name)
     return data.num_bytes(split) / max(1, len(data.tokens(split)))
 
 

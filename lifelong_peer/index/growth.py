@@ -101,15 +101,17 @@ def loss_need(model, new_windows: Tensor, old_windows: dict[str, Tensor], bytes_
     """How poorly the model serves a new slice, from its loss (issue 24: growth on demand): the new slice's bits
     per byte against the old slices' (token-weighted over them), need = max(0, 1 − old / new). A slice that
     repeats old data scores like the old slices (need ≈ 0, no growth); text the model never saw scores far
-    worse. ``new_windows`` (n, T+1) are keyed ``"new"`` in ``bytes_per_token``. Returns {new_bpb, old_bpb, need}
-    (need None without old slices)."""
+    worse. ``new_windows`` (n, T+1) are keyed ``"new"`` in ``bytes_per_token``. Returns {new_bpb, old_bpb, need,
+    old_per_slice: {name: bpb}} (need None without old slices)."""
     bpb = lambda name, w: model.nll(w)[0] / (w[:, 1:].numel() * bytes_per_token.get(name, 1.0) * math.log(2))  # noqa: E731
     new = bpb("new", new_windows)
     if not old_windows:
-        return {"new_bpb": new, "old_bpb": None, "need": None}
+        return {"new_bpb": new, "old_bpb": None, "need": None, "old_per_slice": {}}
     weights = {name: w[:, 1:].numel() for name, w in old_windows.items()}
-    old = sum(bpb(name, w) * weights[name] for name, w in old_windows.items()) / max(sum(weights.values()), 1)
-    return {"new_bpb": new, "old_bpb": old, "need": max(0.0, 1 - old / new) if new > 0 else 0.0}
+    per_slice = {name: bpb(name, w) for name, w in old_windows.items()}
+    old = sum(per_slice[name] * weights[name] for name in old_windows) / max(sum(weights.values()), 1)
+    need = max(0.0, 1 - old / new) if new > 0 else 0.0
+    return {"new_bpb": new, "old_bpb": old, "need": need, "old_per_slice": per_slice}
 
 
 def decide_growth(layer: PEER, new_x: Tensor, old_x: Tensor | None, rule: GrowthRule | None = None) -> int:
