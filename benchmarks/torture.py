@@ -180,7 +180,7 @@ def run_args(ws: Path, root: Path, name: str) -> list[str]:
 
 def check_consistent(ws: Path, run: str) -> None:
     """What must hold after any kill: a valid manifest, a valid state.json pointing at an intact checkpoint."""
-    from lifelong_peer.checkpoint import verify_file
+    from lifelong_peer.files import verify_file
     from lifelong_peer.workspace import Workspace
 
     Workspace(ws).manifest()  # raises on invalid JSON or schema

@@ -11,7 +11,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from lifelong_peer.index import POLICY_HELP
+from lifelong_peer.policies import POLICY_HELP
 
 from .options import FormatOpt, WorkspaceOpt
 from .output import Format, emit, key_value_table, message, stdout

@@ -84,7 +84,7 @@ _register_index(app)
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """lifelong-peer's own warnings (a damaged checkpoint skipped, ...) as one line on stderr."""
-    from lifelong_peer.checkpoint import IntegrityWarning
+    from lifelong_peer.files import IntegrityWarning
 
     if issubclass(category, IntegrityWarning):
         stderr.print(f"[yellow]warning:[/yellow] {message}", highlight=False)

@@ -183,7 +183,9 @@ def run(
             the_run = open_run(ws, resume)
         else:
             if not stream:
-                raise UserError(f"--stream is required (see `{advice.STREAMS}`), or --resume RUN")
+                raise UserError(
+                    f"--stream is required (see `{advice.command(advice.STREAMS, ws.root)}`), or --resume RUN"
+                )
             slice_names = [s.strip() for s in slices.split(",")] if slices else None
             run_id = distributed.decide_on_main(  # rank 0 creates the run, the others open it
                 lambda: (

@@ -120,9 +120,10 @@ def streams(workspace: Path | None = WorkspaceOpt, fmt: Format = FormatOpt) -> N
     Example: lpeer streams --format json
     """
     from lifelong_peer.streams import list_streams
+    from lifelong_peer.workspace import default_root
 
     data = list_streams(workspace)
-    emit(data, fmt, _render_streams)
+    emit(data, fmt, lambda d: _render_streams(d, default_root(workspace)))
 
 
 def _slice_table(title: str, slices: list[dict]) -> Table:
@@ -146,9 +147,10 @@ def _render_summary(summary: dict) -> None:
     stdout.print(_slice_table(title, summary["slices"]))
 
 
-def _render_streams(data: dict) -> None:
+def _render_streams(data: dict, ws: Path) -> None:
     if not data["streams"]:
-        stdout.print(f"no streams yet (run `{advice.INGEST_DEFAULT}` or `{advice.INGEST}`)")
+        hints = f"`{advice.command(advice.INGEST_DEFAULT, ws)}` or `{advice.command(advice.INGEST, ws)}`"
+        stdout.print(f"no streams yet (run {hints})")
     for s in data["streams"]:
         stdout.print(_slice_table(f"{s['name']} ← {s['source']}", s["slices"]))
 

@@ -12,10 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import atomic_write_json, atomic_write_text
 from .errors import UserError
+from .files import atomic_write_json, atomic_write_text, checkpoint_order
 from .metrics import RESULTS_FILE, RunResults, load_results, summarize
-from .run import checkpoint_order
 
 #: the columns of the side-by-side table, in order: (key, header, format)
 COLUMNS = (
@@ -140,7 +139,7 @@ def _edit_fields(run_dir: Path, edits: list[dict]) -> dict:
 
     return {
         "edits_since_evaluation": [_edit_line(e) for e in edits],
-        "reevaluate": advice.REEVALUATE.format(run=run_dir) if edits else None,
+        "reevaluate": advice.command(advice.REEVALUATE, run=run_dir) if edits else None,
     }
 
 

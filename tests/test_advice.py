@@ -1,10 +1,16 @@
-"""Every command the tool prints as advice runs (issue 17, item 12), and every command has the common
-options once defined (issue 15): ``--workspace/-w`` and ``--format``; no ``<bool>`` in help pages."""
+"""Every command the tool prints as advice runs (issue 17, item 12) — as printed, with ``lpeer`` not on
+the PATH too (issue 25) —, and every command has the common options once defined (issue 15):
+``--workspace/-w`` and ``--format``; no ``<bool>`` in help pages."""
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import shlex
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -48,9 +54,9 @@ def tiny(tmp_path_factory):
 
 def _args(template: str, root) -> list[str]:
     """The advice as a user would type it here: placeholders filled for the tiny workspace."""
-    filled = template.format(run="r", workspace=root / "ws")
+    filled = template.format(run="r", directory=root / "new-ws")
     filled = filled.replace("SOURCE", str(root / "docs.jsonl")).replace("NAME_OR_PATH", "gpt2")
-    filled = filled.replace("--name NAME", "--name toy2").replace("DIR", str(root / "new-ws"))
+    filled = filled.replace("--name NAME", "--name toy2")
     words = shlex.split(filled)
     assert words[0] == "lpeer"
     return words[1:]
@@ -78,10 +84,71 @@ def test_advice_runs_on_a_tiny_workspace(tiny, template, monkeypatch):
 
 
 def test_the_demo_prints_advice_from_the_list():
-    from pathlib import Path
-
     source = (Path(__file__).resolve().parents[1] / "cli" / "demo_cmds.py").read_text()
-    assert "advice.EVAL.format(" in source and "try: lpeer" not in source
+    assert "advice.command(advice.EVAL," in source and "try: lpeer" not in source
+
+
+# --- as printed (issue 25: `lpeer` is not on the PATH after `make demo`) -------------------------------
+
+SCRIPT = Path(sys.executable).parent / "lpeer"  # this installation's command, as pip wrote it
+needs_script = pytest.mark.skipif(not SCRIPT.is_file(), reason="no lpeer script beside this interpreter")
+
+
+def without_lpeer_on_path() -> dict:
+    """The environment of a user who has not activated the virtual environment."""
+    dirs = [d for d in os.environ["PATH"].split(os.pathsep) if not (Path(d) / "lpeer").exists()]
+    env = {k: v for k, v in os.environ.items() if k != "LPEER_WORKSPACE"}
+    return env | {"PATH": os.pathsep.join(dirs)}
+
+
+def hints(text: str) -> list[str]:
+    """The commands a message prints between backticks, or after "try:"."""
+    return re.findall(r"`([^`]+)`", text) + re.findall(r"\(try: (.+)\)$", text, re.MULTILINE)
+
+
+def run_as_printed(hint: str, cwd: Path, env: dict) -> subprocess.CompletedProcess:
+    """The hint typed into a shell, as the user would paste it."""
+    return subprocess.run(hint, shell=True, cwd=cwd, env=env, capture_output=True, text=True, check=False)
+
+
+@needs_script
+def test_hints_name_the_lpeer_this_shell_can_run(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert advice.lpeer_command() == str(SCRIPT)  # not on the PATH: its path
+    monkeypatch.setenv("PATH", str(SCRIPT.parent))
+    assert advice.lpeer_command() == "lpeer"
+    other = tmp_path / "bin" / "lpeer"  # another installation's lpeer comes first on the PATH
+    other.parent.mkdir()
+    other.write_text("#!/bin/sh\n")
+    other.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{other.parent}{os.pathsep}{SCRIPT.parent}")
+    assert advice.lpeer_command() == str(SCRIPT)
+    monkeypatch.chdir(SCRIPT.parent.parent)  # below the current directory: a relative path
+    assert advice.lpeer_command() == os.path.join(SCRIPT.parent.name, "lpeer")
+
+
+def test_hints_name_the_workspace_when_it_is_not_found_by_default(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("LPEER_WORKSPACE", raising=False)
+    monkeypatch.setattr(advice, "lpeer_command", lambda: "lpeer")
+    assert advice.command(advice.EVAL, tmp_path, run="r") == "lpeer eval r"
+    assert advice.command(advice.EVAL, tmp_path / "my ws", run="r") == "lpeer eval r -w 'my ws'"
+    monkeypatch.setenv("LPEER_WORKSPACE", str(tmp_path / "my ws"))
+    assert advice.command(advice.EVAL, tmp_path / "my ws", run="r") == "lpeer eval r"
+    assert advice.command(advice.INIT, directory=tmp_path / "new") == "lpeer init new"
+
+
+@needs_script
+def test_error_hints_run_as_printed_without_lpeer_on_the_path(tmp_path):
+    env = without_lpeer_on_path()
+    (tmp_path / "here").mkdir()
+    for args, cwd in ((["streams"], tmp_path / "here"), (["run", "-w", "here"], tmp_path)):
+        shown = subprocess.run([str(SCRIPT), *args], cwd=cwd, env=env, capture_output=True, text=True, check=False)
+        assert shown.returncode == 2, shown.stderr
+        [hint] = hints(shown.stderr)  # `lpeer init .`, then `lpeer streams -w here` in the workspace it made
+        done = run_as_printed(hint, cwd, env)
+        assert done.returncode == 0, (hint, done.stderr)
 
 
 def _commands():

@@ -24,8 +24,6 @@ from conftest import MemoryStream
 from lifelong_peer import PEERConfig
 from lifelong_peer.checkpoint import (
     MODEL_FORMAT,
-    IntegrityWarning,
-    file_record,
     load_model,
     load_tensors,
     read_meta,
@@ -34,6 +32,7 @@ from lifelong_peer.checkpoint import (
 )
 from lifelong_peer.config import RunConfig, resolve_config
 from lifelong_peer.errors import CheckpointError, UserError
+from lifelong_peer.files import IntegrityWarning, file_record
 from lifelong_peer.model import LanguageModel, ModelConfig
 from lifelong_peer.run import create_run, open_run
 from lifelong_peer.train import run_phases
