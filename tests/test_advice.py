@@ -12,44 +12,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
 import typer
 from typer.testing import CliRunner
 
 from lifelong_peer import advice
 from lifelong_peer.cli.main import app
-from lifelong_peer.run import new_run
-from lifelong_peer.streams import ingest
-from lifelong_peer.train import run_phases
 from lifelong_peer.workspace import Workspace
 
 runner = CliRunner()
-MODEL = {"dim": 32, "layers": 1, "heads": 2, "context": 32, "peer": {"num_subkeys": 4, "heads": 2, "topk": 2}}
-TRAIN = {"steps": 2, "batch_size": 2, "eval_tokens": 128, "usage_tokens": 128, "warmup": 1}
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """A workspace with stream ``toy`` (two yearly slices, from docs.jsonl) and run ``r`` trained on it."""
-    root = tmp_path_factory.mktemp("advice")
-    rng = np.random.default_rng(0)
-    lines = [
-        json.dumps(
-            {"text": " ".join(rng.choice(["peer", "expert", "time", "slice"], 40)), "time": f"{y}-0{1 + d % 9}-01"}
-        )
-        for y in (2001, 2002)
-        for d in range(30)
-    ]
-    (root / "docs.jsonl").write_text("\n".join(lines) + "\n")
-    ws = Workspace.init(root / "ws")
-    ingest(ws, str(root / "docs.jsonl"), "toy", split=(0.6, 0.2, 0.2))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    run_phases(new_run(ws, "toy", "naive", TRAIN, MODEL, run_id="r"))
-    torch.set_num_threads(threads)
-    return root
 
 
 def _args(template: str, root) -> list[str]:
@@ -72,14 +43,14 @@ def _parses(args: list[str]) -> None:
 
 
 @pytest.mark.parametrize("template", advice.ADVICE)
-def test_every_advice_parses(tiny, template):
-    _parses(_args(template, tiny))
+def test_every_advice_parses(tiny_workspace, template):
+    _parses(_args(template, tiny_workspace))
 
 
 @pytest.mark.parametrize("template", [advice.INIT, advice.INGEST, advice.STREAMS, advice.RESUME, advice.EVAL])
-def test_advice_runs_on_a_tiny_workspace(tiny, template, monkeypatch):
-    monkeypatch.setenv("LPEER_WORKSPACE", str(tiny / "ws"))
-    result = runner.invoke(app, _args(template, tiny))
+def test_advice_runs_on_a_tiny_workspace(tiny_workspace, template, monkeypatch):
+    monkeypatch.setenv("LPEER_WORKSPACE", str(tiny_workspace / "ws"))
+    result = runner.invoke(app, _args(template, tiny_workspace))
     assert result.exit_code == 0, (template, result.output, result.exception)
 
 
