@@ -10,11 +10,12 @@ from pathlib import Path
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from lifelong_peer.policies import POLICY_HELP
 
 from .options import FormatOpt, WorkspaceOpt
-from .output import Format, emit, key_value_table, message, stdout
+from .output import Format, emit, key_value_table, labelled, message, stdout
 
 RunArg = typer.Argument(..., help="Run id in the workspace, or a run directory.")
 LayerOpt = typer.Option(None, "--layer", help="Only this PEER layer (its position among the PEER layers, from 0).")
@@ -38,9 +39,10 @@ def _num(value, fmt: str = "{:.2f}") -> str:
 def _render_layers(d: dict) -> None:
     for lay in d["layers"]:
         stdout.print(
-            f"[bold]PEER layer {lay['layer']}[/bold]: {lay['num_experts']:,} experts "
+            Text(f"PEER layer {lay['layer']}", style="bold"),
+            f": {lay['num_experts']:,} experts "
             f"({lay['num_subkeys']} sub-keys per half), {lay['frozen']:,} frozen ({lay['frozen_pct']:.1f}%, "
-            f"sub-keys {lay['frozen_subkeys_pct']:.1f}%), {lay['dead']:,} dead"
+            f"sub-keys {lay['frozen_subkeys_pct']:.1f}%), {lay['dead']:,} dead",
         )
         names = list(lay["slices"])
         when = f"after phase {d['phase']}" if d["phase"] is not None else "of the starting model"
@@ -238,7 +240,7 @@ def freeze(
             replace=replace,
         )
     if result["note"]:
-        message(f"[yellow]note:[/yellow] {result['note']}")
+        message(labelled("note:", "yellow", result["note"]))
     emit(result, fmt, _render_freeze)
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.text import Text
 
 from lifelong_peer import advice
 from lifelong_peer.errors import UserError
@@ -26,13 +27,15 @@ def _progress_display(quiet: bool, run: str | None = None):
         yield None
         return
     if not stderr.is_terminal:
-        yield PlainProgress(lambda line: stderr.print(line, markup=False, highlight=False), run)
+        yield PlainProgress(lambda line: stderr.print(line, highlight=False), run)
         return
     columns = (
-        TextColumn("[bold]{task.description}"),
+        TextColumn("{task.description}", style="bold", markup=False),  # a slice name is text, not markup
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.3f}  {task.fields[tok_s]:,.0f} tok/s  {task.fields[experts]}"),
+        TextColumn(
+            "loss {task.fields[loss]:.3f}  {task.fields[tok_s]:,.0f} tok/s  {task.fields[experts]}", markup=False
+        ),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
     )
@@ -78,7 +81,7 @@ def _progress_display(quiet: bool, run: str | None = None):
                 where = "base training" if event["phase"] < 0 else f"phase {event['phase']}"
                 progress.console.print(f"resuming {where} at step {event['step']}")
             elif kind == "run_start":  # the demo's runs, one after the other
-                progress.console.print(f"run [bold]{event['run']}[/bold]")
+                progress.console.print(Text.assemble("run ", (event["run"], "bold")))
             elif kind == "phase_end":
                 row = event["rows"]["validation"]
                 progress.console.print(
@@ -98,7 +101,6 @@ def _with_notices(on_event):
             stderr.print(
                 f"reusing {whose} base model (same stream data, model and base settings; not retrained): "
                 f"{event['path']}",
-                markup=False,
                 highlight=False,
             )
         if on_event is not None:
@@ -118,7 +120,7 @@ def _finish(run, results, fmt: Format) -> None:
         from .eval_cmds import _render_eval
 
         _render_eval(s)
-        stdout.print(f"run [bold]{s['run']}[/bold]: files in {s['run_dir']}")
+        stdout.print(Text.assemble("run ", (s["run"], "bold"), f": files in {s['run_dir']}"))
 
     emit(summary, fmt, human)
 
@@ -205,7 +207,7 @@ def run(
             )
             the_run = open_run(ws, run_id)
             if main:
-                stderr.print(f"run [bold]{the_run.config.run}[/bold] in {the_run.dir}")
+                stderr.print(Text.assemble("run ", (the_run.config.run, "bold"), f" in {the_run.dir}"))
         with _progress_display(quiet or fmt == Format.json or not main, the_run.config.run) as on_event:
             results = run_phases(the_run, progress=_with_notices(on_event) if main else None)
     if main:

@@ -5,14 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
 from lifelong_peer import advice
 from lifelong_peer.errors import UserError
 
 from .options import FormatOpt, WorkspaceOpt
-from .output import Format, emit, stderr, stdout
+from .output import Format, emit, labelled, stderr, stdout
 from .progress import PlainIngestProgress
 
 
@@ -107,10 +106,10 @@ def ingest(
                 **common,
             )
     for line in summary["warnings"]:
-        stderr.print(f"[yellow]warning:[/yellow] {escape(line)}", highlight=False)
+        stderr.print(labelled("warning:", "yellow", line), highlight=False)
     if summary["bad_records"]:  # each file's path once, one record per line (issue 17)
         skipped = summary["skipped"]["bad"]
-        stderr.print("\n".join(bad_record_lines(summary["bad_records"], skipped)), highlight=False, markup=False)
+        stderr.print("\n".join(bad_record_lines(summary["bad_records"], skipped)), highlight=False)
     emit(summary, fmt, _render_summary)
 
 
@@ -127,15 +126,15 @@ def streams(workspace: Path | None = WorkspaceOpt, fmt: Format = FormatOpt) -> N
 
 
 def _slice_table(title: str, slices: list[dict]) -> Table:
-    """Slice names and sources are data (a ``field:`` value can be "[/b]"): escaped, not rich markup."""
-    table = Table(title=escape(title))
+    """Slice names and sources are data (a ``field:`` value can be "[/b]"): the consoles print them as text."""
+    table = Table(title=title)
     # the split columns count tokens (not documents or bytes): say so in their headers (issue 17)
     for col in ("slice", "start", "end", "documents", "bytes", "train tokens", "validation tokens", "test tokens"):
         table.add_column(col, justify="left" if col in ("slice", "start", "end") else "right")
     for s in slices:
         t = s["tokens"]
         table.add_row(
-            escape(s["name"]), s["start"], s["end"], f"{s['documents']:,}", f"{s['bytes']:,}",
+            s["name"], s["start"], s["end"], f"{s['documents']:,}", f"{s['bytes']:,}",
             f"{t['train']:,}", f"{t['validation']:,}", f"{t['test']:,}",
         )  # fmt: skip
     return table
@@ -168,7 +167,7 @@ class _progress:
 
     def __enter__(self):
         if not self.enabled:
-            write = lambda line: stderr.print(line, markup=False, highlight=False)  # noqa: E731
+            write = lambda line: stderr.print(line, highlight=False)  # noqa: E731
             return PlainIngestProgress(write, self.stream) if self.plain else None
         from rich.progress import Progress
 
