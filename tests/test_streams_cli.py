@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 
 import pytest
@@ -176,3 +178,25 @@ def test_progress_bar_renders_both_passes():
         update("pack", 10, 20)
     assert set(bar.tasks) == {"scan", "pack"}
     assert _progress(Format.json).__enter__() is None
+
+
+@pytest.mark.parametrize("offline", [{"HF_ENDPOINT": "http://127.0.0.1:9"}, {"HF_HUB_OFFLINE": "1"}])
+def test_a_hub_source_offline_fails_at_once_saying_how_to_work_offline(tmp_path, offline):
+    """Issue 25: offline, `lpeer ingest hf:NAME` printed six retry lines over 30 s before its error. Now one
+    line, no retries, with the way to work offline: the hub unreachable (nothing listens on port 9), or
+    offline mode with nothing in the cache."""
+    ws = tmp_path / "ws"
+    runner.invoke(app, ["init", str(ws)])
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")} | {"HF_HOME": str(tmp_path / "hf")}
+    done = subprocess.run(
+        [sys.executable, "-m", "lifelong_peer.cli", "ingest", "hf:some/dataset", "--name", "x", "-w", str(ws)],
+        env=env | offline, capture_output=True, text=True, check=False, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2
+    err = done.stderr.strip()
+    assert err.startswith("error:") and "\n" not in err and "Retry" not in err, err
+    assert "'some/dataset'" in err and "datasets.load_dataset('some/dataset').save_to_disk(DIR)" in err
+    assert "ingest DIR, or ingest a local JSONL, CSV or Parquet file" in err
+    if "HF_ENDPOINT" in offline:
+        assert "cannot reach the Hugging Face Hub at http://127.0.0.1:9" in err
+    assert json.loads((ws / "workspace.json").read_text())["streams"] == {}  # nothing changed
