@@ -18,6 +18,8 @@ from .options import FormatOpt, QuietOpt, WorkspaceOpt, with_train_options
 from .output import Format, emit, stderr, stdout
 from .progress import PlainProgress
 
+ATTACH_PANEL = "Your own model (a Hugging Face causal LM)"
+
 
 @contextlib.contextmanager
 def _progress_display(quiet: bool, run: str | None = None):
@@ -143,19 +145,34 @@ def run(
         help="Start from this model checkpoint (.safetensors), or from the base model of this run of the workspace.",
     ),
     base_model: str | None = typer.Option(
-        None, "--base-model", help="Attach PEER to this Hugging Face causal LM (name or local directory) and train it."
+        None,
+        "--base-model",
+        rich_help_panel=ATTACH_PANEL,
+        help="Attach PEER to this Hugging Face causal LM (name or local directory) and train it.",
     ),
     attach: str | None = typer.Option(
-        None, "--attach", help="With --base-model: add (PEER beside the MLP, default) | replace (PEER instead)."
+        None,
+        "--attach",
+        rich_help_panel=ATTACH_PANEL,
+        help="With --base-model: add (PEER beside the MLP, default) | replace (PEER instead).",
     ),
     layers: str | None = typer.Option(
-        None, "--layers", help="With --base-model: blocks that get PEER, e.g. 6 or 4,8 (default: the middle one)."
+        None,
+        "--layers",
+        rich_help_panel=ATTACH_PANEL,
+        help="With --base-model: blocks that get PEER, e.g. 6 or 4,8 (default: the middle one).",
     ),
     trainable: list[str] | None = typer.Option(
-        None, "--trainable", help="With --base-model: base weights left trainable (fnmatch pattern, repeatable)."
+        None,
+        "--trainable",
+        rich_help_panel=ATTACH_PANEL,
+        help="With --base-model: base weights left trainable (fnmatch pattern, repeatable).",
     ),
     context: int | None = typer.Option(
-        None, "--context", help="With --base-model: tokens per window (default: the base's maximum, at most 1024)."
+        None,
+        "--context",
+        rich_help_panel=ATTACH_PANEL,
+        help="With --base-model: tokens per window (default: the base's maximum, at most 1024).",
     ),
     slices: str | None = typer.Option(None, "--slices", help="Comma-separated slice names (default: all, in order)."),
     workspace: Path | None = WorkspaceOpt,

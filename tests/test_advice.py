@@ -143,3 +143,27 @@ def test_init_reports_json(tmp_path):
     assert json.loads(result.stdout) == {"workspace": str(tmp_path / "w")}
     assert runner.invoke(app, ["init", "-w", str(tmp_path / "v")]).exit_code == 0
     Workspace.open(tmp_path / "v")  # a workspace now
+
+
+@pytest.mark.parametrize("name", [None] + [name for name, _ in _commands()])
+def test_help_is_whole_at_80_columns(name):
+    """Issue 25: at 80 columns `lpeer run --help` cut option names (`--expert-weight-d…`) and left an
+    18-column description; its options now come in panels, each a table sized by its own names."""
+    command = typer.main.get_command(app) if name is None else dict(_commands())[name]
+    result = runner.invoke(app, [name, "--help"] if name else ["--help"], env={"COLUMNS": "80"})
+    assert result.exit_code == 0
+    assert "…" not in result.output
+    assert max(len(line) for line in result.output.splitlines()) <= 80
+    words = set(re.findall(r"-[-\w]+", result.output))
+    for param in command.params:  # every option's names whole (arguments have none)
+        assert {o for o in (*param.opts, *param.secondary_opts) if o.startswith("-")} <= words, param.name
+
+
+def test_run_options_come_in_panels():
+    from lifelong_peer.cli.options import PANELS, TRAIN_OPTIONS
+    from lifelong_peer.cli.run_cmds import ATTACH_PANEL
+
+    assert sorted(n for names in PANELS.values() for n in names) == sorted(TRAIN_OPTIONS)  # each once
+    result = runner.invoke(app, ["run", "--help"], env={"COLUMNS": "80"})
+    for panel in [*PANELS, ATTACH_PANEL]:
+        assert f"─ {panel} ─" in result.output
