@@ -68,7 +68,17 @@ def _render_eval(s: dict) -> None:
     stdout.print(metrics)
 
     growth = Table(title="phases")
-    for col in ("phase", "slice", "experts", "frozen", "params", "active params", "train tokens", "wall s"):
+    # issue 25: a count of experts says whose: all layers' here, a layer's in `lpeer grow` / `inspect`
+    for col in (
+        "phase",
+        "slice",
+        "experts (all layers)",
+        "frozen",
+        "params",
+        "active params",
+        "train tokens",
+        "wall s",
+    ):
         growth.add_column(col, justify="left" if col == "slice" else "right")
     for i in range(s["phases_done"]):
         growth.add_row(
@@ -84,7 +94,8 @@ def _render_eval(s: dict) -> None:
     stdout.print(growth)
     if edited:
         message(
-            f"edited: the model after the edits ({edited['checkpoint']}): {edited['num_experts']:,} experts, "
+            f"edited: the model after the edits ({edited['checkpoint']}): {edited['num_experts']:,} experts in all "
+            "layers, "
             f"{edited['frozen_fraction']:.1%} frozen, {edited['params']:,} params"
         )
     _note_edits(s, bool(edited))

@@ -130,7 +130,7 @@ def inspect(
 
 def _render_grow(d: dict) -> None:
     table = Table(title=f"growth of run {d['run']}" + (f" for slice {d['slice']}" if d["slice"] else ""))
-    for col in ("layer", "K", "sub-keys", "experts", "placed", "poor new", "old changed", "new hit"):
+    for col in ("layer", "K", "sub-keys", "experts in the layer", "placed", "poor new", "old changed", "new hit"):
         table.add_column(col, justify="left" if col == "placed" else "right")
     for r in d["layers"]:
         table.add_row(
@@ -182,7 +182,7 @@ def grow(
 def _render_freeze(d: dict) -> None:
     title = {"add": "added to the frozen set", "replace": "replaced the frozen set", "unfreeze": ""}[d["mode"]]
     table = Table(title=f"run {d['run']}: {d['action']}" + (f" ({title})" if title else ""))
-    for col in ("layer", "frozen before → after", "newly frozen", "unfrozen", "frozen %", "sub-keys frozen %"):
+    for col in ("layer", "frozen experts before → after", "newly frozen", "unfrozen", "frozen %", "sub-keys frozen %"):
         table.add_column(col, justify="right")
     for r in d["layers"]:
         table.add_row(

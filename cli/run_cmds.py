@@ -16,7 +16,7 @@ from lifelong_peer.strategies import STRATEGIES
 
 from .options import FormatOpt, QuietOpt, WorkspaceOpt, with_train_options
 from .output import Format, emit, stderr, stdout
-from .progress import PlainProgress
+from .progress import PlainProgress, event_lines, experts_text
 
 ATTACH_PANEL = "Your own model (a Hugging Face causal LM)"
 
@@ -53,7 +53,7 @@ def _progress_display(quiet: bool, run: str | None = None):
                 )
             elif kind == "step" and event["phase"] in tasks:
                 experts = (
-                    f"{event['experts']:,} experts, {100 * event['frozen_fraction']:.0f}% frozen"
+                    experts_text(event["experts"], event.get("peer_layers"), event["frozen_fraction"])
                     if "experts" in event
                     else ""
                 )
@@ -64,32 +64,11 @@ def _progress_display(quiet: bool, run: str | None = None):
                     tok_s=event.get("tok_s", 0.0),
                     experts=experts,
                 )
-            elif kind == "grow":
-                for r in event["layers"]:
-                    progress.console.print(
-                        f"  grow layer {r['layer']}: +{r['k']} sub-keys, {r['experts_before']:,} → {r['experts_after']:,} experts"
-                        + (
-                            f", old tokens re-routed {100 * r['changed_old']:.1f}%"
-                            if r.get("changed_old") is not None
-                            else ""
-                        )
-                    )
-            elif kind == "freeze":
-                for r in event["layers"]:
-                    progress.console.print(
-                        f"  freeze layer {r['layer']} ({r['policy']}): {r['frozen_pct']:.1f}% frozen"
-                    )
-            elif kind == "resume":
-                where = "base training" if event["phase"] < 0 else f"phase {event['phase']}"
-                progress.console.print(f"resuming {where} at step {event['step']}")
             elif kind == "run_start":  # the demo's runs, one after the other
                 progress.console.print(Text.assemble("run ", (event["run"], "bold")))
-            elif kind == "phase_end":
-                row = event["rows"]["validation"]
-                progress.console.print(
-                    f"  after phase {event['phase']} ({event['slice']}): validation bits/byte "
-                    + ", ".join("—" if b != b else f"{b:.3f}" for b in row.bpb)
-                )
+            else:  # growth and freezing indented under their phase's bar
+                for line in event_lines(event):
+                    progress.console.print(line if kind == "resume" else f"  {line}")
 
         yield on_event
 

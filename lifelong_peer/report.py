@@ -28,7 +28,7 @@ COLUMNS = (
     ("bwt_bpb", "BWT", "{:+.4f}"),
     ("fwt_bpb", "FWT", "{:+.4f}"),
     ("phases_done", "phases", "{}"),
-    ("num_experts", "experts", "{:,.0f}"),
+    ("num_experts", "experts (all layers)", "{:,.0f}"),
     ("params", "params", "{:,.0f}"),
     ("active_params", "active params", "{:,.0f}"),
     ("train_tokens", "train tokens", "{:,.0f}"),

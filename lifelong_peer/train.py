@@ -302,7 +302,7 @@ def _log_step(run: Run, phase: int, step: int, loss: float, opt, batch, elapsed:
     if distributed.is_main() and phase >= 0:  # base training is not part of the run's metrics
         with open(run.dir / "metrics.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
-    emit({"event": "step", **record})
+    emit({"event": "step", **record, "peer_layers": len(layers)})  # `experts` counts all of them (issue 25)
 
 
 def _results(run: Run, emit: Progress) -> RunResults:
