@@ -118,6 +118,8 @@ def event_lines(event: dict) -> list[str]:
             for r in event["layers"]
         ]
     if kind == "resume":
+        if event["step"] is None:  # from the end of a phase (a kill left no checkpoint inside the next one)
+            return [f"resuming after phase {event['phase']} ({event['slice']})"]
         where = "base training" if event["phase"] < 0 else f"phase {event['phase']}"
         return [f"resuming {where} at step {event['step']}"]
     return []

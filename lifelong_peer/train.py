@@ -382,6 +382,9 @@ def _restore(run: Run, state: dict, emit: Progress) -> dict | None:
             save_results(run.dir, results)
     _truncate_metrics(run, meta["phase"], meta["step"], meta["completed_phases"])
     if loaded is None or meta["step"] is None:
+        done = meta["completed_phases"]
+        if loaded is not None and 0 < done < len(run.config.slices):  # issue 25: after kill -9 it said nothing
+            emit({"event": "resume", "phase": done - 1, "step": None, "slice": run.config.slices[done - 1]})
         return None
     opt = {k.split("::", 1)[1]: v for k, v in tensors.items() if k.startswith("opt::")}
     emit({"event": "resume", "phase": meta["phase"], "step": meta["step"]})
