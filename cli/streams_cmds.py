@@ -44,8 +44,8 @@ def ingest(
     time_field: str = typer.Option("time", help="Field holding the time: ISO date/datetime, YYYY-MM, year, epoch s."),
     time_unit: str = typer.Option(
         "auto",
-        help="A bare number in the time field is: auto (a year 1000-2100 or epoch s 1973-2100; dates too must lie in "
-        "1000-2100) | year | s | ms (any of the three: dates of any year).",
+        help="How times are read: auto (a bare number is a year 1000-2100 or epoch s 1973-2100; a date lies in "
+        "1000-2100) | year | s | ms (bare numbers in that unit; dates of any year).",
     ),
     id_field: str = typer.Option("id", help="Field with a stable document id (split hash); else the text's hash."),
     slice_: str = typer.Option(

@@ -114,10 +114,15 @@ def test_hints_name_the_workspace_when_it_is_not_found_by_default(monkeypatch, t
 def test_error_hints_run_as_printed_without_lpeer_on_the_path(tmp_path):
     env = without_lpeer_on_path()
     (tmp_path / "here").mkdir()
-    for args, cwd in ((["streams"], tmp_path / "here"), (["run", "-w", "here"], tmp_path)):
+    # `lpeer init .`, then in the workspace it made `lpeer streams -w here` and `lpeer ingest --default -w here`
+    for args, cwd in (
+        (["streams"], tmp_path / "here"),
+        (["run", "-w", "here"], tmp_path),
+        (["run", "-s", "news", "-w", "here"], tmp_path),
+    ):
         shown = subprocess.run([str(SCRIPT), *args], cwd=cwd, env=env, capture_output=True, text=True, check=False)
         assert shown.returncode == 2, shown.stderr
-        [hint] = hints(shown.stderr)  # `lpeer init .`, then `lpeer streams -w here` in the workspace it made
+        [hint] = hints(shown.stderr)
         done = run_as_printed(hint, cwd, env)
         assert done.returncode == 0, (hint, done.stderr)
 
