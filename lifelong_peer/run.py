@@ -48,7 +48,7 @@ from .checkpoint import (
 from .config import AttachOptions, RunConfig, load_config_file, resolve_config
 from .data import eval_windows
 from .errors import CheckpointError, UserError
-from .files import atomic_write, atomic_write_json, checkpoint_name, checkpoint_order, file_record, verify_file
+from .files import atomic_write_json, checkpoint_name, checkpoint_order, file_record, verify_file
 from .hooks import build_hooks
 from .model import ModelConfig
 from .optim import PEEROptimizer
@@ -204,6 +204,8 @@ class Run:
         file ``source`` (reused, issue 17). ``key``: the settings a trained base was trained under
         (``train.base_key``), kept in base.json with the file's record so that a later run can reuse it.
         Mid-base checkpoints are superseded by it and deleted."""
+        from .files import atomic_write  # at call time: benchmarks/torture.py wraps it to kill mid-write
+
         path = self.checkpoints / "base.safetensors"
         if distributed.is_main():
             self.checkpoints.mkdir(parents=True, exist_ok=True)
