@@ -116,7 +116,7 @@ def load_rows(path: Path) -> list[dict]:
 
 def append_row(path: Path, row: dict) -> None:
     """Add one finished run to the JSON file (temp file + rename: a kill never leaves half a file)."""
-    from lifelong_peer.checkpoint import atomic_write_json
+    from lifelong_peer.files import atomic_write_json
 
     with locked(path):  # parallel workers append one at a time
         atomic_write_json(path, {"runs": [*load_rows(path), row]})
@@ -258,7 +258,7 @@ def claim(out: Path, make_todo: Callable[[], list[dict]]) -> tuple[dict | None, 
     """The first run still to do that no live worker has claimed, now claimed by this process (None if
     none), and how many are still to do. The plan is made under the lock: a run another worker has just
     finished is in the results file, or still claimed, never neither."""
-    from lifelong_peer.checkpoint import atomic_write_json
+    from lifelong_peer.files import atomic_write_json
 
     with locked(out):
         claims, todo = live_claims(out), make_todo()
@@ -271,7 +271,7 @@ def claim(out: Path, make_todo: Callable[[], list[dict]]) -> tuple[dict | None, 
 
 def release(out: Path, j: dict) -> None:
     """This worker is done with ``j`` (finished or failed)."""
-    from lifelong_peer.checkpoint import atomic_write_json
+    from lifelong_peer.files import atomic_write_json
 
     with locked(out):
         claims = live_claims(out)
@@ -534,7 +534,7 @@ def plot(agg: dict, path: Path) -> Path | None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from lifelong_peer.checkpoint import atomic_write
+    from lifelong_peer.files import atomic_write
 
     peer = [m for m in agg["models"] if m["model"] == "peer"]
     if not peer:
@@ -736,7 +736,7 @@ def write_report(out: Path, agg: dict, rows: list[dict]) -> None:
     kept = ""
     if md.exists() and READING_MARK in md.read_text():
         kept = md.read_text().split(READING_MARK, 1)[1]
-    from lifelong_peer.checkpoint import atomic_write_text
+    from lifelong_peer.files import atomic_write_text
 
     atomic_write_text(md, markdown(agg, png, minutes) + "\n" + READING_MARK + (kept or "\n"))
     print(f"wrote {md}" + (f" and {png}" if png else ""), file=sys.stderr)

@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {row['run']}: its run folder is gone; skipped", file=sys.stderr)
             continue
         results.append(measure(Path(pargs.work), row))
-    from lifelong_peer.checkpoint import atomic_write_json
+    from lifelong_peer.files import atomic_write_json
 
     atomic_write_json(Path(args.json), {"setup": setup, "budgets": BUDGETS, "runs": results})
     print(f"wrote {args.json} ({time.time() - start:.0f} s)", file=sys.stderr)

@@ -68,7 +68,7 @@ def child(spec: str, argv: list[str]) -> None:
     """Run ``lpeer argv`` with hooks counting every event of ``KINDS``; SPEC ``kind:N`` SIGKILLs this
     process at the N-th event ``kind`` (``write:N:NAME`` / ``publish:N:NAME``: of files named NAME);
     SPEC ``count:PATH`` only writes the counts to PATH at the end."""
-    from lifelong_peer import checkpoint, optim, train
+    from lifelong_peer import files, optim, train
     from lifelong_peer.hooks import growth
     from lifelong_peer.model import LanguageModel
 
@@ -101,7 +101,7 @@ def child(spec: str, argv: list[str]) -> None:
 
         setattr(owner, name, hooked)
 
-    original_write = checkpoint.atomic_write
+    original_write = files.atomic_write  # every durable write goes through it (looked up when called)
 
     def atomic_write(path, write):
         def torn(tmp):  # the kill comes half-way through the file
@@ -115,7 +115,7 @@ def child(spec: str, argv: list[str]) -> None:
         with open(run.dir / "metrics.jsonl", "a", encoding="utf-8") as f:
             f.write('{"phase": 0, "step": 99, "lo')
 
-    checkpoint.atomic_write = atomic_write
+    files.atomic_write = atomic_write
     wrap(optim.PEEROptimizer, "step", "step")
     wrap(LanguageModel, "forward", "forward")
     wrap(growth, "grow_model", "grow", after=True)  # the loop's growth planner calls it
@@ -180,7 +180,7 @@ def run_args(ws: Path, root: Path, name: str) -> list[str]:
 
 def check_consistent(ws: Path, run: str) -> None:
     """What must hold after any kill: a valid manifest, a valid state.json pointing at an intact checkpoint."""
-    from lifelong_peer.checkpoint import verify_file
+    from lifelong_peer.files import verify_file
     from lifelong_peer.workspace import Workspace
 
     Workspace(ws).manifest()  # raises on invalid JSON or schema

@@ -43,7 +43,7 @@ def demo(
         c = {**c, "files": c["files"]["report"]}
         _render_report(c)
         stdout.print(f"heatmaps: {', '.join(comparison['files']['heatmaps'])}")
-        try_next = advice.EVAL.format(run=f"demo-lifelong-s{seed}", workspace=out)
+        try_next = advice.command(advice.EVAL, out, run=f"demo-lifelong-s{seed}")
         stdout.print(f"workspace: {comparison['files']['workspace']} (try: {try_next})")
 
     emit(comparison, fmt, human)

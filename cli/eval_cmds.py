@@ -6,11 +6,11 @@ from enum import Enum
 from pathlib import Path
 
 import typer
-from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from .options import FormatOpt, WorkspaceOpt
-from .output import Format, emit, message, stdout
+from .output import Format, emit, labelled, message, stdout
 
 
 class Split(str, Enum):
@@ -42,12 +42,12 @@ def _render_eval(s: dict) -> None:
             trained = s["matrix_bpb"][j][j] if j < i else None
             if v is not None and trained is not None:
                 delta = v - trained
-                cells.append(f"{v:.4f} [{'red' if delta > 0 else 'green'}]{delta:+.4f}[/]")
+                cells.append(Text.assemble(f"{v:.4f} ", (f"{delta:+.4f}", "red" if delta > 0 else "green")))
             else:
-                cells.append(f"[bold]{_num(v)}[/]" if i == j else f"[dim]{_num(v)}[/]")
+                cells.append(Text(_num(v), style="bold" if i == j else "dim"))
         matrix.add_row(f"{i}: {s['slices'][i]}", *cells)
     if edited:
-        matrix.add_row("[bold]edited[/]", *(_num(v) for v in edited["bpb"]))
+        matrix.add_row(Text("edited", style="bold"), *(_num(v) for v in edited["bpb"]))
     stdout.print(matrix)
 
     metrics = Table(title=f"metrics over the {s['phases_done']} finished phase(s) of {len(s['slices'])}")
@@ -68,7 +68,17 @@ def _render_eval(s: dict) -> None:
     stdout.print(metrics)
 
     growth = Table(title="phases")
-    for col in ("phase", "slice", "experts", "frozen", "params", "active params", "train tokens", "wall s"):
+    # issue 25: a count of experts says whose: all layers' here, a layer's in `lpeer grow` / `inspect`
+    for col in (
+        "phase",
+        "slice",
+        "experts (all layers)",
+        "frozen",
+        "params",
+        "active params",
+        "train tokens",
+        "wall s",
+    ):
         growth.add_column(col, justify="left" if col == "slice" else "right")
     for i in range(s["phases_done"]):
         growth.add_row(
@@ -84,7 +94,8 @@ def _render_eval(s: dict) -> None:
     stdout.print(growth)
     if edited:
         message(
-            f"edited: the model after the edits ({edited['checkpoint']}): {edited['num_experts']:,} experts, "
+            f"edited: the model after the edits ({edited['checkpoint']}): {edited['num_experts']:,} experts in all "
+            "layers, "
             f"{edited['frozen_fraction']:.1%} frozen, {edited['params']:,} params"
         )
     _note_edits(s, bool(edited))
@@ -97,10 +108,14 @@ def _note_edits(s: dict, reevaluated: bool = False) -> None:
     how = (
         "the 'edited' row scores the edited model" if reevaluated else f"score the edited model with {s['reevaluate']}"
     )
-    edits = escape("; ".join(s["edits_since_evaluation"]))
+    edits = "; ".join(s["edits_since_evaluation"])
     message(
-        f"[yellow]note:[/yellow] run {escape(s['run'])}'s results predate its edits by hand ({edits}): the matrix "
-        f"and expert counts describe the model before them; {escape(how)}"
+        labelled(
+            "note:",
+            "yellow",
+            f"run {s['run']}'s results predate its edits by hand ({edits}): the matrix "
+            f"and expert counts describe the model before them; {how}",
+        )
     )
 
 

@@ -10,11 +10,12 @@ from pathlib import Path
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
-from lifelong_peer.index import POLICY_HELP
+from lifelong_peer.policies import POLICY_HELP
 
 from .options import FormatOpt, WorkspaceOpt
-from .output import Format, emit, key_value_table, message, stdout
+from .output import Format, emit, key_value_table, labelled, message, stdout
 
 RunArg = typer.Argument(..., help="Run id in the workspace, or a run directory.")
 LayerOpt = typer.Option(None, "--layer", help="Only this PEER layer (its position among the PEER layers, from 0).")
@@ -38,9 +39,10 @@ def _num(value, fmt: str = "{:.2f}") -> str:
 def _render_layers(d: dict) -> None:
     for lay in d["layers"]:
         stdout.print(
-            f"[bold]PEER layer {lay['layer']}[/bold]: {lay['num_experts']:,} experts "
+            Text(f"PEER layer {lay['layer']}", style="bold"),
+            f": {lay['num_experts']:,} experts "
             f"({lay['num_subkeys']} sub-keys per half), {lay['frozen']:,} frozen ({lay['frozen_pct']:.1f}%, "
-            f"sub-keys {lay['frozen_subkeys_pct']:.1f}%), {lay['dead']:,} dead"
+            f"sub-keys {lay['frozen_subkeys_pct']:.1f}%), {lay['dead']:,} dead",
         )
         names = list(lay["slices"])
         when = f"after phase {d['phase']}" if d["phase"] is not None else "of the starting model"
@@ -128,7 +130,7 @@ def inspect(
 
 def _render_grow(d: dict) -> None:
     table = Table(title=f"growth of run {d['run']}" + (f" for slice {d['slice']}" if d["slice"] else ""))
-    for col in ("layer", "K", "sub-keys", "experts", "placed", "poor new", "old changed", "new hit"):
+    for col in ("layer", "K", "sub-keys", "experts in the layer", "placed", "poor new", "old changed", "new hit"):
         table.add_column(col, justify="left" if col == "placed" else "right")
     for r in d["layers"]:
         table.add_row(
@@ -180,7 +182,7 @@ def grow(
 def _render_freeze(d: dict) -> None:
     title = {"add": "added to the frozen set", "replace": "replaced the frozen set", "unfreeze": ""}[d["mode"]]
     table = Table(title=f"run {d['run']}: {d['action']}" + (f" ({title})" if title else ""))
-    for col in ("layer", "frozen before → after", "newly frozen", "unfrozen", "frozen %", "sub-keys frozen %"):
+    for col in ("layer", "frozen experts before → after", "newly frozen", "unfrozen", "frozen %", "sub-keys frozen %"):
         table.add_column(col, justify="right")
     for r in d["layers"]:
         table.add_row(
@@ -238,7 +240,7 @@ def freeze(
             replace=replace,
         )
     if result["note"]:
-        message(f"[yellow]note:[/yellow] {result['note']}")
+        message(labelled("note:", "yellow", result["note"]))
     emit(result, fmt, _render_freeze)
 
 

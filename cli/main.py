@@ -9,13 +9,12 @@ import warnings
 from pathlib import Path
 
 import typer
-from rich.markup import escape
 
 from lifelong_peer import __version__
 from lifelong_peer.errors import Interrupted, UserError
 
 from .options import FormatOpt, WorkspaceOpt
-from .output import Format, emit, key_value_table, stderr, stdout
+from .output import Format, emit, key_value_table, labelled, stderr, stdout
 
 app = typer.Typer(
     name="lpeer",
@@ -88,10 +87,10 @@ _register_use(app)
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """lifelong-peer's own warnings (a damaged checkpoint skipped, ...) as one line on stderr."""
-    from lifelong_peer.checkpoint import IntegrityWarning
+    from lifelong_peer.files import IntegrityWarning
 
     if issubclass(category, IntegrityWarning):
-        stderr.print(f"[yellow]warning:[/yellow] {message}", highlight=False)
+        stderr.print(labelled("warning:", "yellow", str(message)), highlight=False)
     else:
         _default_showwarning(message, category, filename, lineno, file, line)
 
@@ -106,14 +105,14 @@ def main() -> None:
     try:
         code = app(standalone_mode=False)  # typer returns the exit code of a typer.Exit, or of Ctrl-C (130)
     except Interrupted as e:
-        stderr.print(escape(str(e)), highlight=False)
+        stderr.print(str(e), highlight=False)
         sys.exit(130)
     except UserError as e:
-        stderr.print(f"[red]error:[/red] {escape(str(e))}", highlight=False)  # a record's "[/a]" is text
+        stderr.print(labelled("error:", "red", str(e)), highlight=False)
         sys.exit(2)
     except OSError as e:
         where = f": {e.filename}" if e.filename else ""
-        stderr.print(f"[red]error:[/red] {e.strerror or e}{where}", highlight=False)
+        stderr.print(labelled("error:", "red", f"{e.strerror or e}{where}"), highlight=False)
         sys.exit(2)
     except typer.Exit as e:
         sys.exit(e.exit_code)
@@ -132,7 +131,8 @@ def main() -> None:
         if os.environ.get("LPEER_DEBUG") == "1":
             traceback.print_exc()
         else:
-            stderr.print(f"[red]internal error:[/red] {type(e).__name__}: {e} (set LPEER_DEBUG=1 for a traceback)")
+            text = f"{type(e).__name__}: {e} (set LPEER_DEBUG=1 for a traceback)"
+            stderr.print(labelled("internal error:", "red", text), highlight=False)
         sys.exit(1)
     if isinstance(code, int) and not isinstance(code, bool) and code:
         if code == 130:  # Ctrl-C outside the library's own handling (typer turned it into Exit(130))

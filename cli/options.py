@@ -37,6 +37,23 @@ _TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 TRAIN_OPTIONS = [f.name for f in dataclasses.fields(TrainConfig) if f.name != "strategy"]
 """TrainConfig fields that are ``lpeer run`` options (``--strategy`` chooses the preset they override)."""
 
+#: ``lpeer run --help`` shows its ~60 options in these panels, each a table of its own: one table of all
+#: of them, sized by the longest names, cut names and left 18 columns for the descriptions at 80 (issue 25)
+PANELS = {
+    "Training": (
+        "steps", "tokens", "batch_size", "lr", "expert_lr", "weight_decay", "expert_moments", "warmup",
+        "min_lr_ratio", "grad_clip", "base_steps", "base_lr", "seed", "device", "precision",
+    ),
+    "Data": ("joint", "replay", "base_data", "eval_tokens", "usage_tokens"),
+    "Growth": ("grow", "max_experts", "grow_mode", "grow_topk", "grow_gate"),
+    "Protection: freezing": ("freeze", "freeze_subkeys", "train_shared", "train_subkeys", "tfidf_background"),
+    "Protection: distillation and regularisers": (
+        "distill", "distill_temperature", "distill_on", "l2sp", "ewc", "ewc_batches", "mas", "expert_weight_decay",
+    ),
+    "Checkpoints": ("keep_checkpoints", "checkpoint_every"),
+}  # fmt: skip
+_PANEL_OF = {name: panel for panel, names in PANELS.items() for name in names}
+
 
 def _train_parameter(name: str, doc: str) -> inspect.Parameter:
     """``--field-name`` (a flag pair ``--x/--no-x`` for booleans); None when not given."""
@@ -44,7 +61,7 @@ def _train_parameter(name: str, doc: str) -> inspect.Parameter:
     kind = _TYPES[str(field.type).split("|")[0].strip()]
     flag = name.replace("_", "-")
     names = f"--{flag}/--no-{flag}" if kind is bool else f"--{flag}"
-    option = typer.Option(None, names, help=escape(doc))
+    option = typer.Option(None, names, help=escape(doc), rich_help_panel=_PANEL_OF[name])
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind | None)
 
 
@@ -53,7 +70,7 @@ def with_train_options(command):
     docs = field_docs(TrainConfig)
     hints = typing.get_type_hints(command)
     own = [p.replace(annotation=hints[p.name]) for p in inspect.signature(command).parameters.values()]
-    extra = [_train_parameter(name, docs[name]) for name in TRAIN_OPTIONS]
+    extra = [_train_parameter(name, docs[name]) for names in PANELS.values() for name in names]  # panel by panel
 
     @functools.wraps(command)
     def wrapper(**kwargs):

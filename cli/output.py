@@ -1,6 +1,9 @@
 """One output path for every command: rich tables for people, ``--format json`` for scripts.
 
-Data goes to stdout; progress, warnings and errors to stderr.
+Data goes to stdout; progress, warnings and errors to stderr. Neither console reads markup or emoji
+codes in strings: what is printed is text, whatever it holds — a path, a field name or a slice spec like
+``eras:abc:`` once came out as ``eras🔤`` (issue 25). Styles are given as ``rich.text.Text`` parts
+(``labelled``, ``Text.assemble``).
 """
 
 from __future__ import annotations
@@ -11,11 +14,12 @@ from enum import Enum
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 # Piped output has no terminal width; rich would assume 80 columns and cut numbers with "…".
 _WIDTH = None if sys.stdout.isatty() else 200
-stdout = Console(soft_wrap=True, width=_WIDTH)
-stderr = Console(stderr=True, soft_wrap=True)
+stdout = Console(soft_wrap=True, width=_WIDTH, markup=False, emoji=False)
+stderr = Console(stderr=True, soft_wrap=True, markup=False, emoji=False)
 
 
 class Format(str, Enum):
@@ -41,6 +45,11 @@ def key_value_table(data: dict, title: str | None = None) -> Table:
     return table
 
 
-def message(text: str, quiet: bool = False) -> None:
+def labelled(label: str, style: str, text: str) -> Text:
+    """``label`` in ``style``, then ``text`` as it is: ``error: ...``, ``warning: ...``, ``note: ...``."""
+    return Text.assemble((label, style), " ", text)
+
+
+def message(text: str | Text, quiet: bool = False) -> None:
     if not quiet:
-        stderr.print(text)
+        stderr.print(text, highlight=False)

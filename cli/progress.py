@@ -8,6 +8,8 @@ lines instead, each naming the run it belongs to:
     demo-naive-s0 | phase 0: 1790-1839 | step 120/300 | loss 1.189 | 8,278 tok/s | ETA 0:01:05
 
 A phase's first and last steps are always printed; the steps between at most once per interval.
+The lines both displays print (growth, freezing, resuming, a phase's end) are written here once, and
+every expert count says what it counts: a layer's experts or all layers' together (issue 25).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ class PlainProgress:
         self.loss: float | None = None
         self.tok_s: float | None = None
         self.experts: int | None = None
+        self.layers: int | None = None
         self.frozen = 0.0
         self.started = self.last = 0.0
 
@@ -55,34 +58,14 @@ class PlainProgress:
         elif kind == "step":
             self.done, self.loss, self.tok_s = event["step"] + 1, event["loss"], event.get("tok_s")
             self.experts, self.frozen = event.get("experts"), event.get("frozen_fraction", 0.0)
+            self.layers = event.get("peer_layers")
             now = self.clock()
             if now - self.last >= self.interval or self.done in (self.first + 1, self.total):
                 self.last = now
                 self._line(self._status(now))
-        elif kind == "phase_end":
-            row = event["rows"]["validation"]
-            bpb = ", ".join("—" if b != b else f"{b:.3f}" for b in row.bpb)
-            self._line(f"after phase {event['phase']} ({event['slice']}): validation bits/byte {bpb}")
-        elif kind == "grow":
-            for r in event["layers"]:
-                moved = r.get("changed_old")
-                self._line(
-                    f"grow layer {r['layer']}: +{r['k']} sub-keys per half, {r['experts_before']:,} → "
-                    f"{r['experts_after']:,} experts in the layer"
-                    + (f", old tokens re-routed {100 * moved:.1f}%" if moved is not None else "")
-                    + (f" ({r['reason']})" if r.get("reason") else "")
-                )
-        elif kind == "freeze":
-            for r in event["layers"]:
-                claim = (
-                    f"; the slice retrieves {r['retrieved']:,}, claims {r['claimed']:,}; {r['unused']:,} unused"
-                    if r.get("claimed") is not None
-                    else ""
-                )
-                self._line(f"freeze layer {r['layer']} ({r['policy']}): {r['frozen_pct']:.1f}% frozen{claim}")
-        elif kind == "resume":
-            where = "base training" if event["phase"] < 0 else f"phase {event['phase']}"
-            self._line(f"resuming {where} at step {event['step']}")
+        elif kind in ("phase_end", "grow", "freeze", "resume"):
+            for line in event_lines(event):
+                self._line(line)
 
     def _status(self, now: float) -> str:
         parts = [self.label, f"step {self.done:,}/{self.total:,}"]
@@ -91,7 +74,7 @@ class PlainProgress:
         if self.tok_s:
             parts.append(f"{self.tok_s:,.0f} tok/s")
         if self.experts is not None:
-            parts.append(f"{self.experts:,} experts, {100 * self.frozen:.0f}% frozen")
+            parts.append(experts_text(self.experts, self.layers, self.frozen))
         steps = self.done - self.first
         if steps > 0 and self.done < self.total:
             parts.append(f"ETA {_clock_time((now - self.started) / steps * (self.total - self.done))}")
@@ -101,6 +84,45 @@ class PlainProgress:
 
     def _line(self, text: str) -> None:
         self.write(f"{self.run} | {text}" if self.run else text)
+
+
+def experts_text(experts: int, layers: int | None, frozen: float) -> str:
+    """A step's expert count, all PEER layers together: ``9,216 experts in all 9 layers, 12% frozen``."""
+    where = "in all layers" if layers is None else f"in all {layers} layers" if layers > 1 else "in 1 layer"
+    return f"{experts:,} experts {where}, {100 * frozen:.0f}% frozen"
+
+
+def event_lines(event: dict) -> list[str]:
+    """The lines of a trainer event that both displays print as text: growth and freezing (a line per
+    layer), resuming, and a phase's end."""
+    kind = event["event"]
+    if kind == "phase_end":
+        bpb = ", ".join("—" if b != b else f"{b:.3f}" for b in event["rows"]["validation"].bpb)
+        return [f"after phase {event['phase']} ({event['slice']}): validation bits/byte {bpb}"]
+    if kind == "grow":
+        return [
+            f"grow layer {r['layer']}: +{r['k']} sub-keys per half, {r['experts_before']:,} → "
+            f"{r['experts_after']:,} experts in this layer"
+            + (f", old tokens re-routed {100 * r['changed_old']:.1f}%" if r.get("changed_old") is not None else "")
+            + (f" ({r['reason']})" if r.get("reason") else "")
+            for r in event["layers"]
+        ]
+    if kind == "freeze":
+        return [
+            f"freeze layer {r['layer']} ({r['policy']}): {r['frozen_pct']:.1f}% of its experts frozen"
+            + (
+                f"; the slice retrieves {r['retrieved']:,}, claims {r['claimed']:,}; {r['unused']:,} unused"
+                if r.get("claimed") is not None
+                else ""
+            )
+            for r in event["layers"]
+        ]
+    if kind == "resume":
+        if event["step"] is None:  # from the end of a phase (a kill left no checkpoint inside the next one)
+            return [f"resuming after phase {event['phase']} ({event['slice']})"]
+        where = "base training" if event["phase"] < 0 else f"phase {event['phase']}"
+        return [f"resuming {where} at step {event['step']}"]
+    return []
 
 
 def _clock_time(seconds: float) -> str:

@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.text import Text
 
 from lifelong_peer import advice
 from lifelong_peer.errors import UserError
@@ -15,7 +16,9 @@ from lifelong_peer.strategies import STRATEGIES
 
 from .options import FormatOpt, QuietOpt, WorkspaceOpt, with_train_options
 from .output import Format, emit, stderr, stdout
-from .progress import PlainProgress
+from .progress import PlainProgress, event_lines, experts_text
+
+ATTACH_PANEL = "Your own model (a Hugging Face causal LM)"
 
 
 @contextlib.contextmanager
@@ -26,13 +29,15 @@ def _progress_display(quiet: bool, run: str | None = None):
         yield None
         return
     if not stderr.is_terminal:
-        yield PlainProgress(lambda line: stderr.print(line, markup=False, highlight=False), run)
+        yield PlainProgress(lambda line: stderr.print(line, highlight=False), run)
         return
     columns = (
-        TextColumn("[bold]{task.description}"),
+        TextColumn("{task.description}", style="bold", markup=False),  # a slice name is text, not markup
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.3f}  {task.fields[tok_s]:,.0f} tok/s  {task.fields[experts]}"),
+        TextColumn(
+            "loss {task.fields[loss]:.3f}  {task.fields[tok_s]:,.0f} tok/s  {task.fields[experts]}", markup=False
+        ),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
     )
@@ -48,7 +53,7 @@ def _progress_display(quiet: bool, run: str | None = None):
                 )
             elif kind == "step" and event["phase"] in tasks:
                 experts = (
-                    f"{event['experts']:,} experts, {100 * event['frozen_fraction']:.0f}% frozen"
+                    experts_text(event["experts"], event.get("peer_layers"), event["frozen_fraction"])
                     if "experts" in event
                     else ""
                 )
@@ -59,32 +64,11 @@ def _progress_display(quiet: bool, run: str | None = None):
                     tok_s=event.get("tok_s", 0.0),
                     experts=experts,
                 )
-            elif kind == "grow":
-                for r in event["layers"]:
-                    progress.console.print(
-                        f"  grow layer {r['layer']}: +{r['k']} sub-keys, {r['experts_before']:,} → {r['experts_after']:,} experts"
-                        + (
-                            f", old tokens re-routed {100 * r['changed_old']:.1f}%"
-                            if r.get("changed_old") is not None
-                            else ""
-                        )
-                    )
-            elif kind == "freeze":
-                for r in event["layers"]:
-                    progress.console.print(
-                        f"  freeze layer {r['layer']} ({r['policy']}): {r['frozen_pct']:.1f}% frozen"
-                    )
-            elif kind == "resume":
-                where = "base training" if event["phase"] < 0 else f"phase {event['phase']}"
-                progress.console.print(f"resuming {where} at step {event['step']}")
             elif kind == "run_start":  # the demo's runs, one after the other
-                progress.console.print(f"run [bold]{event['run']}[/bold]")
-            elif kind == "phase_end":
-                row = event["rows"]["validation"]
-                progress.console.print(
-                    f"  after phase {event['phase']} ({event['slice']}): validation bits/byte "
-                    + ", ".join("—" if b != b else f"{b:.3f}" for b in row.bpb)
-                )
+                progress.console.print(Text.assemble("run ", (event["run"], "bold")))
+            else:  # growth and freezing indented under their phase's bar
+                for line in event_lines(event):
+                    progress.console.print(line if kind == "resume" else f"  {line}")
 
         yield on_event
 
@@ -98,7 +82,6 @@ def _with_notices(on_event):
             stderr.print(
                 f"reusing {whose} base model (same stream data, model and base settings; not retrained): "
                 f"{event['path']}",
-                markup=False,
                 highlight=False,
             )
         if on_event is not None:
@@ -118,7 +101,7 @@ def _finish(run, results, fmt: Format) -> None:
         from .eval_cmds import _render_eval
 
         _render_eval(s)
-        stdout.print(f"run [bold]{s['run']}[/bold]: files in {s['run_dir']}")
+        stdout.print(Text.assemble("run ", (s["run"], "bold"), f": files in {s['run_dir']}"))
 
     emit(summary, fmt, human)
 
@@ -141,19 +124,34 @@ def run(
         help="Start from this model checkpoint (.safetensors), or from the base model of this run of the workspace.",
     ),
     base_model: str | None = typer.Option(
-        None, "--base-model", help="Attach PEER to this Hugging Face causal LM (name or local directory) and train it."
+        None,
+        "--base-model",
+        rich_help_panel=ATTACH_PANEL,
+        help="Attach PEER to this Hugging Face causal LM (name or local directory) and train it.",
     ),
     attach: str | None = typer.Option(
-        None, "--attach", help="With --base-model: add (PEER beside the MLP, default) | replace (PEER instead)."
+        None,
+        "--attach",
+        rich_help_panel=ATTACH_PANEL,
+        help="With --base-model: add (PEER beside the MLP, default) | replace (PEER instead).",
     ),
     layers: str | None = typer.Option(
-        None, "--layers", help="With --base-model: blocks that get PEER, e.g. 6 or 4,8 (default: the middle one)."
+        None,
+        "--layers",
+        rich_help_panel=ATTACH_PANEL,
+        help="With --base-model: blocks that get PEER, e.g. 6 or 4,8 (default: the middle one).",
     ),
     trainable: list[str] | None = typer.Option(
-        None, "--trainable", help="With --base-model: base weights left trainable (fnmatch pattern, repeatable)."
+        None,
+        "--trainable",
+        rich_help_panel=ATTACH_PANEL,
+        help="With --base-model: base weights left trainable (fnmatch pattern, repeatable).",
     ),
     context: int | None = typer.Option(
-        None, "--context", help="With --base-model: tokens per window (default: the base's maximum, at most 1024)."
+        None,
+        "--context",
+        rich_help_panel=ATTACH_PANEL,
+        help="With --base-model: tokens per window (default: the base's maximum, at most 1024).",
     ),
     slices: str | None = typer.Option(None, "--slices", help="Comma-separated slice names (default: all, in order)."),
     workspace: Path | None = WorkspaceOpt,
@@ -183,7 +181,9 @@ def run(
             the_run = open_run(ws, resume)
         else:
             if not stream:
-                raise UserError(f"--stream is required (see `{advice.STREAMS}`), or --resume RUN")
+                raise UserError(
+                    f"--stream is required (see `{advice.command(advice.STREAMS, ws.root)}`), or --resume RUN"
+                )
             slice_names = [s.strip() for s in slices.split(",")] if slices else None
             run_id = distributed.decide_on_main(  # rank 0 creates the run, the others open it
                 lambda: (
@@ -203,7 +203,7 @@ def run(
             )
             the_run = open_run(ws, run_id)
             if main:
-                stderr.print(f"run [bold]{the_run.config.run}[/bold] in {the_run.dir}")
+                stderr.print(Text.assemble("run ", (the_run.config.run, "bold"), f" in {the_run.dir}"))
         with _progress_display(quiet or fmt == Format.json or not main, the_run.config.run) as on_event:
             results = run_phases(the_run, progress=_with_notices(on_event) if main else None)
     if main:

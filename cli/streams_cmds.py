@@ -5,14 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
 from lifelong_peer import advice
 from lifelong_peer.errors import UserError
 
 from .options import FormatOpt, WorkspaceOpt
-from .output import Format, emit, stderr, stdout
+from .output import Format, emit, labelled, stderr, stdout
 from .progress import PlainIngestProgress
 
 
@@ -44,7 +43,9 @@ def ingest(
     text_field: str = typer.Option("text", help="Field holding the document text."),
     time_field: str = typer.Option("time", help="Field holding the time: ISO date/datetime, YYYY-MM, year, epoch s."),
     time_unit: str = typer.Option(
-        "auto", help="A bare number in the time field is: auto (a year 1000-2100 or epoch s 1973-2100) | year | s | ms."
+        "auto",
+        help="How times are read: auto (a bare number is a year 1000-2100 or epoch s 1973-2100; a date lies in "
+        "1000-2100) | year | s | ms (bare numbers in that unit; dates of any year).",
     ),
     id_field: str = typer.Option("id", help="Field with a stable document id (split hash); else the text's hash."),
     slice_: str = typer.Option(
@@ -107,10 +108,10 @@ def ingest(
                 **common,
             )
     for line in summary["warnings"]:
-        stderr.print(f"[yellow]warning:[/yellow] {escape(line)}", highlight=False)
+        stderr.print(labelled("warning:", "yellow", line), highlight=False)
     if summary["bad_records"]:  # each file's path once, one record per line (issue 17)
         skipped = summary["skipped"]["bad"]
-        stderr.print("\n".join(bad_record_lines(summary["bad_records"], skipped)), highlight=False, markup=False)
+        stderr.print("\n".join(bad_record_lines(summary["bad_records"], skipped)), highlight=False)
     emit(summary, fmt, _render_summary)
 
 
@@ -120,21 +121,22 @@ def streams(workspace: Path | None = WorkspaceOpt, fmt: Format = FormatOpt) -> N
     Example: lpeer streams --format json
     """
     from lifelong_peer.streams import list_streams
+    from lifelong_peer.workspace import default_root
 
     data = list_streams(workspace)
-    emit(data, fmt, _render_streams)
+    emit(data, fmt, lambda d: _render_streams(d, default_root(workspace)))
 
 
 def _slice_table(title: str, slices: list[dict]) -> Table:
-    """Slice names and sources are data (a ``field:`` value can be "[/b]"): escaped, not rich markup."""
-    table = Table(title=escape(title))
+    """Slice names and sources are data (a ``field:`` value can be "[/b]"): the consoles print them as text."""
+    table = Table(title=title)
     # the split columns count tokens (not documents or bytes): say so in their headers (issue 17)
     for col in ("slice", "start", "end", "documents", "bytes", "train tokens", "validation tokens", "test tokens"):
         table.add_column(col, justify="left" if col in ("slice", "start", "end") else "right")
     for s in slices:
         t = s["tokens"]
         table.add_row(
-            escape(s["name"]), s["start"], s["end"], f"{s['documents']:,}", f"{s['bytes']:,}",
+            s["name"], s["start"], s["end"], f"{s['documents']:,}", f"{s['bytes']:,}",
             f"{t['train']:,}", f"{t['validation']:,}", f"{t['test']:,}",
         )  # fmt: skip
     return table
@@ -146,9 +148,10 @@ def _render_summary(summary: dict) -> None:
     stdout.print(_slice_table(title, summary["slices"]))
 
 
-def _render_streams(data: dict) -> None:
+def _render_streams(data: dict, ws: Path) -> None:
     if not data["streams"]:
-        stdout.print(f"no streams yet (run `{advice.INGEST_DEFAULT}` or `{advice.INGEST}`)")
+        hints = f"`{advice.command(advice.INGEST_DEFAULT, ws)}` or `{advice.command(advice.INGEST, ws)}`"
+        stdout.print(f"no streams yet (run {hints})")
     for s in data["streams"]:
         stdout.print(_slice_table(f"{s['name']} ← {s['source']}", s["slices"]))
 
@@ -166,7 +169,7 @@ class _progress:
 
     def __enter__(self):
         if not self.enabled:
-            write = lambda line: stderr.print(line, markup=False, highlight=False)  # noqa: E731
+            write = lambda line: stderr.print(line, highlight=False)  # noqa: E731
             return PlainIngestProgress(write, self.stream) if self.plain else None
         from rich.progress import Progress
 

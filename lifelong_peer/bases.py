@@ -15,9 +15,9 @@ import json
 from pathlib import Path
 
 from . import advice, distributed
-from .checkpoint import verify_file
 from .config import base_train_config
 from .errors import CheckpointError, UserError
+from .files import verify_file
 
 _BASE = "checkpoints/base.safetensors"
 
@@ -81,7 +81,9 @@ def base_of_run(workspace, name: str) -> Path:
     directory = workspace.resolve_run(name)
     path = directory / "checkpoints" / "base.safetensors"
     if not path.exists():
-        raise UserError(f"run {name!r} has no base model yet; start it first ({advice.RESUME.format(run=name)})")
+        raise UserError(
+            f"run {name!r} has no base model yet; start it first ({advice.command(advice.RESUME, workspace.root, run=name)})"
+        )
     record = None
     for listing, get in (("base.json", lambda d: d["file"]), ("state.json", lambda d: d["files"][_BASE])):
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError):

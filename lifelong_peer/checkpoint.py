@@ -9,7 +9,7 @@ file is refused by its magic bytes with a message.
 Integrity (issue 10): every file carries a sha256 of its content (metadata JSON + every tensor's
 name, dtype, shape and bytes) in its header, checked on every load, so a flipped byte is an error
 naming the file wherever the file travels; runs also record each file's size and sha256
-(``file_record`` / ``verify_file``) to tell a truncated file from an altered one. Before any tensor
+(``files.file_record`` / ``verify_file``) to tell a truncated file from an altered one. Before any tensor
 is allocated, shapes are derived from the config on PyTorch's ``meta`` device, so a hostile header
 announcing 10^12 parameters costs nothing. Writes that fail for lack of space or permission are
 one-line ``UserError``s naming the path; the temp file + rename leaves the previous file intact.
@@ -17,21 +17,18 @@ one-line ``UserError``s naming the path; the temp file + rename leaves the previ
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
-import shutil
 import struct
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .errors import CheckpointError, UserError
+from . import files
+from .errors import CheckpointError
 from .model import LanguageModel, ModelConfig
 
 MODEL_FORMAT = "lifelong-peer/model/1"
@@ -40,101 +37,6 @@ META_KEY = "lifelong_peer"
 DIGEST_KEY = "lifelong_peer_sha256"
 #: a safetensors header larger than this is not one of ours (guards against absurd allocations)
 MAX_HEADER_BYTES = 100 * 1024 * 1024
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-
-class IntegrityWarning(UserWarning):
-    """A damaged file was skipped or rebuilt (the command line prints it as one line on stderr)."""
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)``, fsync, and rename onto ``path``: readers see the old or the new file, never half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; published files get the usual permissions
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError) and e.errno in _RESOURCE_ERRORS:
-            raise UserError(
-                f"cannot write {path}: {_RESOURCE_ERRORS[e.errno]} ({e.strerror}); the previous version is intact"
-            ) from None
-        raise
-    _fsync_dir(path.parent)
-
-
-#: write failures a user fixes (free space, permissions), not bugs
-_RESOURCE_ERRORS = {
-    errno.ENOSPC: "the disk is full",
-    errno.EDQUOT: "the disk quota is exceeded",
-    errno.EACCES: "permission denied",
-    errno.EPERM: "permission denied",
-    errno.EROFS: "the file system is read-only",
-}
-
-
-def atomic_write_dir(path: str | os.PathLike, write: Callable[[Path], None], replace: bool = False) -> None:
-    """Build a directory with ``write(tmp_dir)`` beside ``path``, fsync it and rename it onto ``path``: a crash
-    leaves no half-written directory (issue 26: ``lpeer export``). A non-empty ``path`` is refused unless ``replace``;
-    then it is moved aside, the new one renamed in, and the old one deleted."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise UserError(f"{path} exists and is not a directory")
-    if path.is_dir() and any(path.iterdir()) and not replace:
-        raise UserError(f"{path} is not empty; choose another directory or replace it (lpeer export --force)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
-        os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes 0700; published directories get the usual permissions
-        write(tmp)
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                with open(f, "rb+") as fh:
-                    os.fsync(fh.fileno())
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError) and e.errno in _RESOURCE_ERRORS:
-            raise UserError(f"cannot write {path}: {_RESOURCE_ERRORS[e.errno]} ({e.strerror})") from None
-        raise
-    old = None
-    if path.is_dir():
-        old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-        os.replace(path, old / path.name)
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-
-
-def atomic_write_json(path: str | os.PathLike, data: object) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
 
 
 def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict) -> None:
@@ -142,7 +44,7 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     meta_json = json.dumps(meta, sort_keys=True)
     header = {META_KEY: meta_json, DIGEST_KEY: content_sha256(meta_json, tensors)}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
+    files.atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))  # looked up when called (torture.py)
 
 
 def content_sha256(meta_json: str, tensors: dict[str, torch.Tensor]) -> str:
@@ -194,28 +96,6 @@ def load_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
     if digest is not None and content_sha256(meta_json, tensors) != digest:
         raise CheckpointError(f"{path}: corrupted or altered (its content does not match the checksum in its header)")
     return tensors, meta
-
-
-def file_record(path: str | os.PathLike) -> dict:
-    """``{"size": bytes, "sha256": hex}`` of a file, for a run's integrity listing (state.json)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return {"size": Path(path).stat().st_size, "sha256": h.hexdigest()}
-
-
-def verify_file(path: str | os.PathLike, record: dict) -> None:
-    """Raise ``CheckpointError`` naming ``path`` when it is missing, truncated or altered since ``record``."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: missing (recorded with {record['size']:,} bytes)")
-    size = path.stat().st_size
-    if size != record["size"]:
-        what = "truncated" if size < record["size"] else "altered"
-        raise CheckpointError(f"{path}: {what} ({size:,} bytes, recorded {record['size']:,})")
-    if file_record(path)["sha256"] != record["sha256"]:
-        raise CheckpointError(f"{path}: altered (its sha256 differs from the one recorded when it was written)")
 
 
 def _refuse_foreign(path: Path, head: bytes) -> None:

@@ -11,13 +11,16 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import advice
 from .errors import UserError
-from .model import ModelConfig
-from .optim import MOMENTS
-from .peer import PEERConfig
+from .policies import parse_policy
 from .strategies import strategy_overrides
+
+if TYPE_CHECKING:  # imported where used: `lpeer` reads TrainConfig's fields at start-up, without torch (issue 25)
+    from .model import ModelConfig
+    from .peer import PEERConfig
 
 PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -151,8 +154,6 @@ class TrainConfig:
                 raise UserError(f"{name} must be ≥ 0, got {getattr(self, name)}")
         if not 0 <= self.replay < 1:
             raise UserError(f"replay must lie in [0, 1), got {self.replay}")
-        from .index import parse_policy
-
         parse_policy(self.freeze)  # a bad policy is refused before any work, not at the first phase
         from .index import GROW_MODES
 
@@ -166,6 +167,8 @@ class TrainConfig:
             raise UserError(f"grow_topk must be ≥ 0, got {self.grow_topk}")
         if self.base_data not in ("mix", "first"):
             raise UserError(f"base_data must be mix or first, got {self.base_data!r}")
+        from .optim import MOMENTS
+
         if self.expert_moments not in MOMENTS:
             raise UserError(f"expert_moments must be one of {', '.join(MOMENTS)}, got {self.expert_moments!r}")
         if self.precision not in PRECISIONS:
@@ -195,6 +198,12 @@ def _check_types(config) -> None:
             raise UserError(f"{f.name} must be {want}, got {value!r}")
 
 
+def _peer_config(**fields) -> PEERConfig:
+    from .peer import PEERConfig
+
+    return PEERConfig(**fields)
+
+
 @dataclass
 class AttachOptions:
     """Bring your own model (issue 11): start from a Hugging Face causal LM with PEER layers attached."""
@@ -205,7 +214,7 @@ class AttachOptions:
     """Decoder blocks (0-based, negative from the end) that get a PEER layer; None: the middle block (§3)."""
     mode: str = "add"
     """add: PEER beside the block's MLP (the base's own logits until trained); replace: PEER instead of it."""
-    peer: PEERConfig = field(default_factory=PEERConfig)
+    peer: PEERConfig = field(default_factory=_peer_config)
     """PEER layer template; its dim is set to the base's hidden size."""
     trainable: list[str] = field(default_factory=list)
     """fnmatch patterns of base parameters left trainable (e.g. "*.ln_2.*"); every other base weight is frozen."""
@@ -215,7 +224,7 @@ class AttachOptions:
     def __post_init__(self) -> None:
         if isinstance(self.peer, dict):
             try:
-                self.peer = PEERConfig(**self.peer)
+                self.peer = _peer_config(**self.peer)
             except (TypeError, ValueError) as e:
                 raise UserError(f"invalid [attach.peer] settings: {e}") from None
         if not isinstance(self.base_model, str) or not self.base_model:
@@ -238,7 +247,7 @@ class AttachOptions:
         if unknown:
             raise UserError(f"unknown attach option(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         if "base_model" not in data:
-            raise UserError(f"attach: base_model is required ({advice.BASE_MODEL})")
+            raise UserError(f"attach: base_model is required ({advice.command(advice.BASE_MODEL)})")
         return cls(**data)
 
 
@@ -290,6 +299,8 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> RunConfig:
+        from .model import ModelConfig
+
         return cls(
             run=data["run"],
             stream=data["stream"],
@@ -305,6 +316,8 @@ class RunConfig:
 def resolve_config(strategy: str, overrides: dict | None = None, model: ModelConfig | None = None) -> tuple:
     """Strategy preset, then user overrides (a flat dict of TrainConfig fields; ``model`` a dict of
     ModelConfig fields) → (ModelConfig, TrainConfig). Unknown keys are a UserError."""
+    from .model import ModelConfig
+
     preset = strategy_overrides(strategy)
     overrides = dict(overrides or {})
     model_over = {**preset.pop("model", {}), **overrides.pop("model", {})}

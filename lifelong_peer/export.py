@@ -6,7 +6,7 @@ model: ``base/`` — the plain base's ``save_pretrained`` folder, with its token
 ``AutoModelForCausalLM.from_pretrained(DIR / "base")`` loads the base as it was — and ``peer.safetensors``, the
 PEER delta (PEER layers and the trainable base weights, the ``AttachConfig`` and the base's weights fingerprint,
 checked on load). ``load_exported(DIR)`` rebuilds either model, ``README.md`` in DIR says how. The directory is
-built beside DIR and renamed onto it (``checkpoint.atomic_write_dir``).
+built beside DIR and renamed onto it (``files.atomic_write_dir``).
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 
 from .attach import AttachedLM, load_attached, load_base, save_attached
-from .checkpoint import atomic_write_dir, atomic_write_json, atomic_write_text, load_model, save_model
+from .checkpoint import load_model, save_model
 from .errors import UserError
+from .files import atomic_write_dir, atomic_write_json, atomic_write_text
 
 EXPORT_FORMAT = "lifelong-peer/export/1"
 

@@ -31,8 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import atomic_write_json
 from .errors import UserError
+from .files import atomic_write_json
 
 RESULTS_FILE = "results.json"
 RESULTS_FORMAT = "lifelong-peer/results/1"

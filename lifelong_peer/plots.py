@@ -16,7 +16,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from .checkpoint import atomic_write
+from .files import atomic_write
 
 
 def _save(fig: Figure, path: str | Path) -> Path:

@@ -12,10 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import atomic_write_json, atomic_write_text
 from .errors import UserError
+from .files import atomic_write_json, atomic_write_text, checkpoint_order
 from .metrics import RESULTS_FILE, RunResults, load_results, summarize
-from .run import checkpoint_order
 
 #: the columns of the side-by-side table, in order: (key, header, format)
 COLUMNS = (
@@ -29,7 +28,7 @@ COLUMNS = (
     ("bwt_bpb", "BWT", "{:+.4f}"),
     ("fwt_bpb", "FWT", "{:+.4f}"),
     ("phases_done", "phases", "{}"),
-    ("num_experts", "experts", "{:,.0f}"),
+    ("num_experts", "experts (all layers)", "{:,.0f}"),
     ("params", "params", "{:,.0f}"),
     ("active_params", "active params", "{:,.0f}"),
     ("train_tokens", "train tokens", "{:,.0f}"),
@@ -140,7 +139,7 @@ def _edit_fields(run_dir: Path, edits: list[dict]) -> dict:
 
     return {
         "edits_since_evaluation": [_edit_line(e) for e in edits],
-        "reevaluate": advice.REEVALUATE.format(run=run_dir) if edits else None,
+        "reevaluate": advice.command(advice.REEVALUATE, run=run_dir) if edits else None,
     }
 
 

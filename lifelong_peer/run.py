@@ -40,16 +40,15 @@ from .attach import ATTACHED_FORMAT, AttachedLM, attached_from_tensors, save_att
 from .bases import base_of_run, key_hash
 from .checkpoint import (
     MODEL_FORMAT,
-    atomic_write_json,
     load_tensors,
     model_from_tensors,
     save_model,
     save_tensors,
-    verify_file,
 )
 from .config import AttachOptions, RunConfig, load_config_file, resolve_config
 from .data import eval_windows
 from .errors import CheckpointError, UserError
+from .files import atomic_write_json, checkpoint_name, checkpoint_order, file_record, verify_file
 from .hooks import build_hooks
 from .model import ModelConfig
 from .optim import PEEROptimizer
@@ -57,29 +56,6 @@ from .peer_model import PEERModel
 from .strategies import strategy_overrides
 
 RUN_CHECKPOINT_FORMAT = "lifelong-peer/run-checkpoint/1"
-_CHECKPOINT = re.compile(r"checkpoints/(?:base|phase-(\d{3,}))(?:-step-(\d{6,})|-edit-(\d+))?\.safetensors")
-
-
-def checkpoint_name(phase: int, step: int | None = None, edit: int | None = None) -> str:
-    """The file name of a run checkpoint: after ``phase`` (-1: base training), at ``step`` of it when
-    mid-phase, or the ``edit``-th edit by hand of the model after it."""
-    stem = "base" if phase < 0 else f"phase-{phase:03d}"
-    if step is not None:
-        return f"{stem}-step-{step:06d}.safetensors"
-    if edit is not None:
-        return f"{stem}-edit-{edit}.safetensors"
-    if phase < 0:
-        raise ValueError("base.safetensors is the base model, not a run checkpoint")
-    return f"{stem}.safetensors"
-
-
-def checkpoint_order(rel: str) -> tuple | None:
-    """Where the run checkpoint ``rel`` (relative to the run directory) lies in the run's history:
-    (phase, step — inf when the phase is done —, edit); None for anything else (base.safetensors)."""
-    m = _CHECKPOINT.fullmatch(rel)
-    if m is None or (m[1] is None and m[2] is None and m[3] is None):
-        return None
-    return (int(m[1]) if m[1] else -1, int(m[2]) if m[2] else math.inf, int(m[3]) if m[3] else 0)
 
 
 class Run:
@@ -104,6 +80,11 @@ class Run:
     @property
     def checkpoints(self) -> Path:
         return self.dir / "checkpoints"
+
+    def resume_command(self) -> str:
+        """The command that continues this run, as the user can type it here (``advice.command``)."""
+        workspace = self.workspace.root if self.workspace is not None else self.dir.parent.parent
+        return advice.command(advice.RESUME, workspace, run=self.config.run)
 
     def state(self) -> dict:
         """state.json, validated: ``completed_phases``, ``checkpoint`` (the latest, relative to the run
@@ -189,8 +170,6 @@ class Run:
     ) -> None:
         """Point state.json at ``checkpoint`` with the integrity listing (issue 10): size + sha256 of every
         checkpoint kept; mid-phase checkpoints it supersedes are then deleted. Rank 0 only."""
-        from .checkpoint import file_record
-
         stale = [p for p in self.checkpoints.glob("*-step-*.safetensors") if f"checkpoints/{p.name}" != checkpoint]
         files = {k: r for k, r in self.state()["files"].items() if self.dir / k not in stale}
         base = self.checkpoints / "base.safetensors"
@@ -225,7 +204,7 @@ class Run:
         file ``source`` (reused, issue 17). ``key``: the settings a trained base was trained under
         (``train.base_key``), kept in base.json with the file's record so that a later run can reuse it.
         Mid-base checkpoints are superseded by it and deleted."""
-        from .checkpoint import atomic_write, file_record
+        from .files import atomic_write  # at call time: benchmarks/torture.py wraps it to kill mid-write
 
         path = self.checkpoints / "base.safetensors"
         if distributed.is_main():
@@ -290,16 +269,14 @@ class Run:
         if state["checkpoint"] is None:
             base = self.checkpoints / "base.safetensors"
             if not base.exists():
-                raise UserError(
-                    f"run {self.config.run!r} has no model yet; start it with {advice.RESUME.format(run=self.config.run)}"
-                )
+                raise UserError(f"run {self.config.run!r} has no model yet; start it with {self.resume_command()}")
             self.model = self.read_model(base).to(self.device)
             return {"phase": None, "checkpoint": base}
         if state.get("step") is not None:
             where = "base training" if state["phase"] < 0 else f"phase {state['phase']}"
             raise UserError(
                 f"run {self.config.run!r} stopped in the middle of {where}; "
-                f"finish it first with {advice.RESUME.format(run=self.config.run)}"
+                f"finish it first with {self.resume_command()}"
             )
         self.load_checkpoint(self.dir / state["checkpoint"])
         phase = state["phase"] if state["phase"] >= 0 else None

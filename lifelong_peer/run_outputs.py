@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import atomic_write_json, atomic_write_text
+from .files import atomic_write_json, atomic_write_text
 from .metrics import DEFINITIONS, UNITS, RunResults, forgetting_table, summarize
 
 METRICS_COLUMNS = (

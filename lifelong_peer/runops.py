@@ -17,9 +17,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .checkpoint import atomic_write_json
 from .errors import UserError
 from .evaluate import append_eval
+from .files import atomic_write_json
 from .hooks import freeze_run_model, grow_run_model
 from .index import frozen_report, inspect_expert, inspect_model, inspect_text, parse_policy, set_frozen
 from .metrics import load_results, save_results

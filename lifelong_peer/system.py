@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import platform
 
-import torch
-
 
 def faiss_info() -> dict:
     try:
@@ -31,14 +29,19 @@ def native_kernels_info() -> str:
 
 
 def info() -> dict:
-    """Versions and hardware: what a bug report needs."""
+    """Versions and hardware: what a bug report needs.
+
+    torch is imported (threads, CUDA), datasets is not: its version is read from the installed
+    package's metadata, as importing it takes longer than the rest of ``lpeer info`` (issue 25)."""
+    from importlib import metadata
+
+    import torch
+
     from . import __version__
 
     try:
-        import datasets
-
-        datasets_version = datasets.__version__
-    except ImportError:  # pragma: no cover - a hard dependency, but info must never crash
+        datasets_version = metadata.version("datasets")
+    except metadata.PackageNotFoundError:  # pragma: no cover - a hard dependency, but info must never crash
         datasets_version = None
     cuda = torch.cuda.is_available()
     return {

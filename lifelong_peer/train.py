@@ -26,18 +26,19 @@ from collections.abc import Callable
 
 import torch
 
-from . import advice, distributed, regularize
+from . import distributed, regularize
 from .bases import base_key, find_base
 from .checkpoint import load_model
 from .config import TrainConfig, base_train_config, phase_steps
 from .data import sample_batch, seed_for
 from .errors import Interrupted, UserError
 from .evaluate import evaluate_all, new_results, phase_record, recompute_results
+from .files import checkpoint_order
 from .hooks import PhaseContext, PhaseHook
 from .metrics import RunResults, load_results, save_results
 from .model import LanguageModel
 from .optim import PEEROptimizer, build_optimizer
-from .run import Run, checkpoint_order
+from .run import Run
 from .run_outputs import write_run_outputs
 
 Progress = Callable[[dict], None]
@@ -64,7 +65,7 @@ def _interrupted_message(run: Run) -> str:
         kept = "the run is kept as of checkpoints/base.safetensors"
     else:
         kept = "nothing was saved yet"
-    return f"interrupted; {kept} — continue with {advice.RESUME.format(run=run.config.run)}"
+    return f"interrupted; {kept} — continue with {run.resume_command()}"
 
 
 def _run_phases(run: Run, phases: list[int] | None, emit: Progress) -> RunResults:
@@ -189,7 +190,7 @@ def train_steps(
             if distributed.mean(float(interrupted())) > 0:
                 path = run.save_checkpoint(phase, n + 1, opt, completed=max(phase, 0))
                 where = "base training" if phase < 0 else f"phase {phase}"
-                resume = advice.RESUME.format(run=run.config.run)
+                resume = run.resume_command()
                 raise Interrupted(
                     f"interrupted at {where}, step {n + 1} of {total}; saved checkpoints/{path.name} — continue with {resume}"
                 )
@@ -301,7 +302,7 @@ def _log_step(run: Run, phase: int, step: int, loss: float, opt, batch, elapsed:
     if distributed.is_main() and phase >= 0:  # base training is not part of the run's metrics
         with open(run.dir / "metrics.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
-    emit({"event": "step", **record})
+    emit({"event": "step", **record, "peer_layers": len(layers)})  # `experts` counts all of them (issue 25)
 
 
 def _results(run: Run, emit: Progress) -> RunResults:
@@ -325,8 +326,8 @@ def _restore(run: Run, state: dict, emit: Progress) -> dict | None:
     """
     import warnings
 
-    from .checkpoint import IntegrityWarning
     from .errors import CheckpointError
+    from .files import IntegrityWarning
 
     # left by a write cut short; only rank 0 writes (issue 9), so no other rank's write is in flight
     for tmp in [*run.dir.glob(".*.tmp"), *run.checkpoints.glob(".*.tmp")] if distributed.is_main() else []:
@@ -381,6 +382,9 @@ def _restore(run: Run, state: dict, emit: Progress) -> dict | None:
             save_results(run.dir, results)
     _truncate_metrics(run, meta["phase"], meta["step"], meta["completed_phases"])
     if loaded is None or meta["step"] is None:
+        done = meta["completed_phases"]
+        if loaded is not None and 0 < done < len(run.config.slices):  # issue 25: after kill -9 it said nothing
+            emit({"event": "resume", "phase": done - 1, "step": None, "slice": run.config.slices[done - 1]})
         return None
     opt = {k.split("::", 1)[1]: v for k, v in tensors.items() if k.startswith("opt::")}
     emit({"event": "resume", "phase": meta["phase"], "step": meta["step"]})
@@ -447,6 +451,6 @@ def _truncate_metrics(run: Run, phase: int, step: int | None, completed: int) ->
             continue  # a line cut by a crash
         if rec["phase"] < completed or (step is not None and rec["phase"] == phase and rec["step"] < step):
             keep.append(line)
-    from .checkpoint import atomic_write_text
+    from .files import atomic_write_text
 
     atomic_write_text(path, "".join(x + "\n" for x in keep))

@@ -116,7 +116,9 @@ def phase_path(run, phase: int) -> Path:
 
 def pruned_note(run, phases: list[int]) -> str:
     """Which phases' models were pruned, and how a run keeps them."""
-    keep = advice.KEEP_ALL.replace("STREAM", run.config.stream)
+    keep = advice.command(
+        advice.KEEP_ALL.replace("STREAM", "{stream}"), run.workspace and run.workspace.root, stream=run.config.stream
+    )
     listed = ", ".join(map(str, phases))
     return (
         f"the models of phase(s) {listed} of run {run.config.run!r} were pruned (keep_checkpoints = "

@@ -7,7 +7,7 @@ Two guarantees (issue 3):
   ``UserError`` naming that PID. The kernel releases a flock when its process dies, so a crash never
   leaves a stale lock behind. The lock is re-entrant within a process (``update_manifest`` inside
   ``lock()`` does not deadlock).
-- **atomic writes** — the manifest is replaced by temp file + rename (``checkpoint.atomic_write_json``),
+- **atomic writes** — the manifest is replaced by temp file + rename (``files.atomic_write_json``),
   so a crash at any point leaves it either as before or as after. Readers never need the lock.
 """
 
@@ -26,8 +26,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from . import advice
-from .checkpoint import atomic_write_json
 from .errors import UserError
+from .files import atomic_write_json
 
 MANIFEST = "workspace.json"
 LOCK = ".lock"
@@ -69,7 +69,7 @@ class Workspace:
         """The workspace at ``path``, else ``$LPEER_WORKSPACE``, else the current directory."""
         root = default_root(path)
         if not (root / MANIFEST).is_file():
-            raise UserError(f"{root} is not an lpeer workspace (run `{advice.INIT}`)")
+            raise UserError(f"{root} is not an lpeer workspace (run `{advice.command(advice.INIT, directory=root)}`)")
         ws = cls(root)
         ws.manifest()  # validate early: a corrupted manifest is reported before any work starts
         return ws
@@ -84,7 +84,8 @@ class Workspace:
         try:
             data = json.loads(self.manifest_path.read_text(encoding="utf-8"))
         except FileNotFoundError:
-            raise UserError(f"{self.root} is not an lpeer workspace (run `{advice.INIT}`)") from None
+            init = advice.command(advice.INIT, directory=self.root)
+            raise UserError(f"{self.root} is not an lpeer workspace (run `{init}`)") from None
         except (ValueError, UnicodeDecodeError) as e:
             raise UserError(f"{self.manifest_path} is corrupted: not valid JSON ({e})") from None
         problem = _manifest_problem(data)

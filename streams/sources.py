@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -199,15 +200,56 @@ def open_source(source: str, opts: ReadOptions):
     return FileSource(str(path), [path], path, opts)
 
 
+_REPO_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
+
+
 def _open_hub(source: str, opts: ReadOptions):
+    """``hf:NAME[:CONFIG]`` through ``datasets.load_dataset``. Issue 25: offline, the hub's client retried
+    for ~30 s (six lines) before failing; one short probe of the hub fails fast instead, saying how to
+    work offline. With HF_HUB_OFFLINE / HF_DATASETS_OFFLINE set, datasets loads from its cache, unprobed."""
+    name, _, config = source[3:].partition(":")
+    offline = any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in _OFFLINE_VARS)
+    if not offline and _REPO_ID.fullmatch(name) and not Path(name).exists():
+        endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+        problem = _unreachable(f"{endpoint}/api/datasets/{name}")
+        if problem:
+            raise UserError(
+                f"cannot reach the Hugging Face Hub at {endpoint} ({problem}) to load {name!r}; {offline_advice(name)}"
+            )
     import datasets
 
-    name, _, config = source[3:].partition(":")
     try:
         ds = datasets.load_dataset(name, config or None)
     except Exception as e:  # datasets raises many types (FileNotFoundError, ConnectionError, ValueError...)
-        raise UserError(f"could not load Hugging Face dataset {name!r}: {str(e).splitlines()[0]}") from None
+        advice = f"; {offline_advice(name)}" if offline else ""
+        raise UserError(f"could not load Hugging Face dataset {name!r}: {str(e).splitlines()[0]}{advice}") from None
     return HFSource(source, ds, opts)
+
+
+_OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+
+
+def offline_advice(name: str) -> str:
+    """How to ingest Hugging Face dataset ``name`` on a machine without a network (issue 25)."""
+    return (
+        f"to work offline, save it where there is a network (datasets.load_dataset({name!r}).save_to_disk(DIR)) "
+        "and ingest DIR, or ingest a local JSONL, CSV or Parquet file"
+    )
+
+
+def _unreachable(url: str, timeout: float = 5.0) -> str | None:
+    """Why ``url`` cannot be reached (refused, no such host, timed out...), or None when it answers at all."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return None  # an answer (401, 404...): the hub is there; datasets reports what it says
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        return getattr(reason, "strerror", None) or str(reason)
+    return None
 
 
 def _open_saved(path: Path, opts: ReadOptions):

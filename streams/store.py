@@ -32,8 +32,8 @@ from pathlib import Path
 import numpy as np
 
 from lifelong_peer import advice
-from lifelong_peer.checkpoint import file_record, verify_file
 from lifelong_peer.errors import CheckpointError, UserError
+from lifelong_peer.files import file_record, verify_file
 from lifelong_peer.workspace import Workspace, check_name, now_iso
 
 from .packing import PackWriter, read_tokens
@@ -183,7 +183,7 @@ def open_stream(workspace: Workspace | str | Path, name: str) -> Stream:
     ws = workspace_of(workspace)
     streams = ws.manifest()["streams"]
     if name not in streams:
-        known = ", ".join(sorted(streams)) or f"none; run `{advice.INGEST_DEFAULT}`"
+        known = ", ".join(sorted(streams)) or f"none; run `{advice.command(advice.INGEST_DEFAULT, ws.root)}`"
         raise UserError(f"no stream {name!r} in workspace {ws.root} (streams: {known})")
     entry = streams[name]
     root = ws.root / entry["dir"]

@@ -10,6 +10,10 @@ A bare number (``12``, ``1790``, ``1584230400``, ``2001.0``) is ambiguous, so it
 default ``auto`` reads it only where the reading is plausible: a whole number in ``PLAUSIBLE_YEARS``
 is a year, a number in ``PLAUSIBLE_SECONDS`` is epoch seconds, and anything else (``"time": 12``,
 which once became the year 12) is refused with a message naming the value and the option.
+
+Dates follow the same rule (issue 25: ``3000-01-01`` and ``0015-03-01`` became slices "3000" and
+"0015" with only a small-slice warning): under ``auto`` a date, datetime or ``YYYY-MM`` whose year lies
+outside ``PLAUSIBLE_YEARS`` is refused, and an explicit unit — the same override — accepts years 1..9999.
 """
 
 from __future__ import annotations
@@ -39,6 +43,23 @@ def parse_time(value: object, unit: str = "auto") -> int:
     """
     if value is None or (isinstance(value, float) and value != value):
         raise ValueError("missing time")
+    if isinstance(value, (int, np.integer, float, np.floating)) and not isinstance(value, bool):
+        return _from_number(value, unit)
+    if isinstance(value, str) and _EPOCH.fullmatch(text := value.strip()):
+        return _from_number(int(text) if text.lstrip("+-").isdigit() else float(text), unit)
+    seconds = _from_date(value)
+    year = to_datetime(seconds).year
+    if unit == "auto" and not PLAUSIBLE_YEARS[0] <= year <= PLAUSIBLE_YEARS[1]:
+        shown = repr(value) if isinstance(value, str) else str(value)
+        raise ValueError(
+            f"{shown} lies in the year {year}, outside the plausible years {PLAUSIBLE_YEARS[0]}–{PLAUSIBLE_YEARS[1]} "
+            "(--time-unit year accepts any year)"
+        )
+    return seconds
+
+
+def _from_date(value: object) -> int:
+    """A date, datetime or ``YYYY-MM`` (text or typed) → epoch seconds; ``ValueError`` if it is none."""
     if isinstance(value, bool):
         raise ValueError(f"{value!r} is not a time")
     if isinstance(value, np.datetime64):
@@ -49,15 +70,11 @@ def parse_time(value: object, unit: str = "auto") -> int:
         return _from_datetime(value)
     if isinstance(value, date):
         return calendar.timegm((value.year, value.month, value.day, 0, 0, 0))
-    if isinstance(value, (int, np.integer, float, np.floating)):
-        return _from_number(value, unit)
     if not isinstance(value, str):
         raise ValueError(f"{value!r} ({type(value).__name__}) is not a time")
     text = value.strip()
     if not text:
         raise ValueError("missing time")
-    if _EPOCH.fullmatch(text):
-        return _from_number(int(text) if text.lstrip("+-").isdigit() else float(text), unit)
     m = _YEAR_MONTH.fullmatch(text)
     if m:
         year, month = int(m.group(1)), int(m.group(2))

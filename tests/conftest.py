@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -21,6 +23,38 @@ def native_kernels_built_first():
     """PEER layers run the native kernels by default: build them (about a minute, once per machine)
     before any test, rather than inside whichever test — perhaps one with several processes — comes first."""
     kernels.load()
+
+
+TINY_MODEL = {"dim": 32, "layers": 1, "heads": 2, "context": 32, "peer": {"num_subkeys": 4, "heads": 2, "topk": 2}}
+TINY_TRAIN = {"steps": 2, "batch_size": 2, "eval_tokens": 128, "usage_tokens": 128, "warmup": 1}
+
+
+@pytest.fixture(scope="session")
+def tiny_workspace(tmp_path_factory):
+    """A workspace ``ws`` with stream ``toy`` (two yearly slices, from ``docs.jsonl`` beside it) and the
+    finished run ``r`` trained on it; returns the folder holding both."""
+    from lifelong_peer.run import new_run
+    from lifelong_peer.streams import ingest
+    from lifelong_peer.train import run_phases
+    from lifelong_peer.workspace import Workspace
+
+    root = tmp_path_factory.mktemp("tiny")
+    rng = np.random.default_rng(0)
+    lines = [
+        json.dumps(
+            {"text": " ".join(rng.choice(["peer", "expert", "time", "slice"], 40)), "time": f"{y}-0{1 + d % 9}-01"}
+        )
+        for y in (2001, 2002)
+        for d in range(30)
+    ]
+    (root / "docs.jsonl").write_text("\n".join(lines) + "\n")
+    ws = Workspace.init(root / "ws")
+    ingest(ws, str(root / "docs.jsonl"), "toy", split=(0.6, 0.2, 0.2))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    run_phases(new_run(ws, "toy", "naive", TINY_TRAIN, TINY_MODEL, run_id="r"))
+    torch.set_num_threads(threads)
+    return root
 
 
 @pytest.fixture(scope="module")

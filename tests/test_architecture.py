@@ -29,6 +29,9 @@ RULES = {
     "lifelong_peer/generate.py": {"run", "train", "runops", "evaluate", "hooks", "config"},
     "lifelong_peer/model.py": {"attach", "train", "run"},
     "lifelong_peer/attach.py": {"model", "train", "run"},
+    # read by the commands that train nothing, which must not load torch (issue 25)
+    "lifelong_peer/files.py": MODEL_CODE | {"checkpoint", "index", "optim"},
+    "lifelong_peer/policies.py": MODEL_CODE | {"checkpoint", "index", "optim"},
 }
 
 #: modules over ~500 lines, and why

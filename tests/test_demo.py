@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import subprocess
 
 import pytest
+from test_advice import SCRIPT, hints, run_as_printed, without_lpeer_on_path
 from typer.testing import CliRunner
 
 from lifelong_peer.cli.main import app
@@ -46,3 +48,14 @@ def test_demo_cli_runs_both_strategies_and_writes_heatmaps(tmp_path):
     )
     assert again.exit_code == 0, again.output
     assert json.loads(again.stdout)["runs"] == comparison["runs"]
+    if SCRIPT.is_file():  # issue 25: after `make demo` `lpeer` is not on the PATH; the closing hint runs anyway
+        env = without_lpeer_on_path()
+        shown = subprocess.run(
+            [str(SCRIPT), "demo", "--out", "demo", "--steps", "2", "--eval-tokens", "256", "--quiet"],
+            cwd=tmp_path, env=env, capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        assert shown.returncode == 0, shown.stderr
+        [hint] = hints(shown.stdout)
+        done = run_as_printed(hint, tmp_path, env)
+        assert done.returncode == 0, (hint, done.stderr)
+        assert "demo-lifelong-s0 (lifelong)" in done.stdout

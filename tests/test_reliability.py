@@ -24,8 +24,6 @@ from conftest import MemoryStream
 from lifelong_peer import PEERConfig
 from lifelong_peer.checkpoint import (
     MODEL_FORMAT,
-    IntegrityWarning,
-    file_record,
     load_model,
     load_tensors,
     read_meta,
@@ -34,6 +32,7 @@ from lifelong_peer.checkpoint import (
 )
 from lifelong_peer.config import RunConfig, resolve_config
 from lifelong_peer.errors import CheckpointError, UserError
+from lifelong_peer.files import IntegrityWarning, file_record
 from lifelong_peer.model import LanguageModel, ModelConfig
 from lifelong_peer.run import create_run, open_run
 from lifelong_peer.train import run_phases
@@ -163,6 +162,31 @@ def test_stop_between_phase_checkpoint_and_results_redoes_the_phase(runs, tmp_pa
     monkeypatch.setattr(train, "save_results", real)
     run_phases(open_run(ws, "stopped", stream=_stream()))
     _assert_same_as_straight(ws)
+
+
+def test_resume_after_a_kill_between_phases_says_where_it_continues(tmp_path):
+    """Issue 25: a run killed (kill -9) during phase 1, with no checkpoint inside it, resumed from phase
+    0's end in silence; Ctrl-C's resume, from a checkpoint mid-phase, said so. Both say where now."""
+    from lifelong_peer.cli.progress import PlainProgress
+
+    ws, stream = Workspace.init(tmp_path / "ws"), _stream()
+    model, train = resolve_config("naive", {**OPTIONS, "checkpoint_every": 0}, TINY)
+    run = create_run(ws, RunConfig(run="k", stream=stream.name, slices=["a", "b"], model=model, train=train), stream)
+
+    def kill(event):  # SystemExit is not Ctrl-C: nothing is saved, as with SIGKILL
+        if event["event"] == "step" and event["phase"] == 1:
+            raise SystemExit("killed")
+
+    with pytest.raises(SystemExit):
+        run_phases(run, progress=kill)
+    events, lines = [], []
+    show = PlainProgress(lines.append, "k")
+    run_phases(open_run(ws, "k", stream=stream), progress=lambda e: (events.append(e), show(e)))
+    assert {"event": "resume", "phase": 0, "step": None, "slice": "a"} in events
+    assert "k | resuming after phase 0 (a)" in lines
+    events.clear()
+    run_phases(open_run(ws, "k", stream=stream), progress=events.append)  # finished: nothing to resume
+    assert not [e for e in events if e["event"] == "resume"]
 
 
 def test_content_checksum_travels_with_the_file(tmp_path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import random
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from itertools import pairwise
 from pathlib import Path
 
@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from lifelong_peer.errors import UserError
 from lifelong_peer.streams import ingest, list_streams, open_stream
 from lifelong_peer.streams.slicing import SliceSpec, assign_slices, assign_splits, hash_unit
-from lifelong_peer.streams.times import format_time, parse_time
+from lifelong_peer.streams.times import format_time, parse_time, to_datetime
 from lifelong_peer.workspace import Workspace
 
 SEP = 0
@@ -109,6 +109,29 @@ def test_bare_numbers_are_read_only_where_plausible(value):
         parse_time(value)
     with pytest.raises(ValueError, match=r"looks like epoch milliseconds: pass --time-unit ms"):
         parse_time(1584230400000)
+
+
+@pytest.mark.parametrize(
+    "value, year",
+    [
+        ("3000-01-01", 3000),
+        ("0015-03-01", 15),
+        ("0999-12", 999),
+        ("2101-01-01T00:00:00Z", 2101),
+        (date(15, 3, 1), 15),
+        (np.datetime64("3000-01-01"), 3000),
+    ],
+)
+def test_dates_are_read_only_where_plausible(value, year):
+    """Issue 25: dates follow the bare years' rule (years 1000–2100); an explicit unit accepts any year."""
+    with pytest.raises(ValueError, match=rf"lies in the year {year}, outside the plausible years 1000–2100"):
+        parse_time(value)
+    assert to_datetime(parse_time(value, "year")).year == to_datetime(parse_time(value, "s")).year == year
+
+
+def test_dates_at_the_edges_of_the_plausible_years_are_read():
+    assert parse_time("1000-01-01") == _utc(1000, 1, 1)
+    assert parse_time("2100-12-31T23:59:59Z") == _utc(2101, 1, 1) - 1
 
 
 def test_time_unit_says_how_to_read_a_bare_number():
@@ -369,6 +392,13 @@ BAD_CASES = {
         "jsonl",
         r"bad\.jsonl:1: time: bare number 12 is neither a plausible year",
     ),
+    "date in the year 3000": (  # issue 25: it became the slice "3000"
+        b'{"text": "x", "time": "2001-05-01"}\n{"text": "y", "time": "3000-01-01"}\n',
+        "jsonl",
+        r"bad\.jsonl:2: time: '3000-01-01' lies in the year 3000, outside the plausible years 1000–2100 "
+        r"\(--time-unit year accepts any year\)",
+    ),
+    "date in the year 15": (b"text,time\nx,0015-03-01\n", "csv", r"bad\.csv:2: time: '0015-03-01' lies in the year 15"),
     "not UTF-8": (
         '{"text": "caf\u00e9", "time": "2001"}\n'.encode("latin-1"),
         "jsonl",
@@ -540,13 +570,13 @@ def test_hf_source_through_load_dataset(ws, tmp_path, monkeypatch):
 @settings(max_examples=200)
 @given(st.datetimes(min_value=datetime(1, 1, 2), max_value=datetime(9999, 12, 30), timezones=st.just(UTC)))
 def test_parse_time_round_trips_iso(dt):
-    seconds = parse_time(dt.isoformat())
+    seconds = parse_time(dt.isoformat(), "year")  # an explicit unit: dates of any year (issue 25)
     assert (
         seconds
-        == parse_time(dt.replace(tzinfo=None).isoformat())
+        == parse_time(dt.replace(tzinfo=None).isoformat(), "year")
         == (dt - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(seconds=1)  # exact: total_seconds() is a float
     )
-    assert parse_time(format_time(seconds)) == seconds
+    assert parse_time(format_time(seconds), "year") == seconds
 
 
 def test_a_damaged_stream_cache_is_named_not_trained_on(tmp_path):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 
 import pytest
@@ -87,7 +89,7 @@ def test_help_has_summary_and_example():
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["streams", "--workspace", "{tmp}"], "is not an lpeer workspace (run `lpeer init DIR`)"),
+        (["streams", "--workspace", "{tmp}"], "is not an lpeer workspace (run `"),
         (["ingest", "{tmp}/missing.jsonl", "--name", "x", "--workspace", "{ws}"], "missing.jsonl does not exist"),
         (["ingest", "--workspace", "{ws}"], "give either a SOURCE (with --name) or --default"),
         (["ingest", "{tmp}/bad.jsonl", "--name", "x", "--workspace", "{ws}"], "bad.jsonl:1: malformed JSON"),
@@ -124,6 +126,46 @@ def test_messages_with_brackets_are_printed_as_text(tmp_path, monkeypatch, capsy
     assert "slice '[/b]' has 1 document(s)" in capsys.readouterr().err
 
 
+def test_user_text_is_never_read_as_markup_or_emoji_codes(tmp_path, monkeypatch, capsys):
+    """Issue 25: `--slice eras:abc` printed `eras🔤 'abc'` (rich read ":abc:" as an emoji code). Paths,
+    field names, values and slice names reach errors, warnings, tables and progress lines as they are."""
+    ws = tmp_path / "ws"
+    runner.invoke(app, ["init", str(ws)])
+    docs = tmp_path / ":smile:[b].jsonl"
+    docs.write_text('{"text": "x", "time": 2001, "k": ":thumbs_up:[/b]"}\n')
+
+    def run(*args: str) -> tuple[int, str, str]:
+        monkeypatch.setattr(sys, "argv", ["lpeer", *args, "-w", str(ws)])
+        try:
+            main()
+            code = 0
+        except SystemExit as e:
+            code = e.code
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    code, _, err = run("ingest", str(docs), "--name", "x", "--slice", "eras:abc")
+    assert code == 2 and "--slice eras:abc: 'abc' is not a time" in err and "🔤" not in err
+    code, _, err = run("ingest", str(docs), "--name", "x", "--slice", "field::smile:")
+    assert code == 2 and "no field ':smile:'" in err and "😄" not in err
+    code, _, err = run("ingest", str(tmp_path / "a:+1:.jsonl"), "--name", "x")
+    assert code == 2 and "a:+1:.jsonl does not exist" in err and "👍" not in err
+    code, out, err = run("ingest", str(docs), "--name", "x", "--slice", "field:k")
+    assert code == 0 and "slice ':thumbs_up:[/b]' has 1 document(s)" in err and ":smile:[b].jsonl" in out
+    code, out, _ = run("streams")
+    assert code == 0 and ":thumbs_up:[/b]" in out and "👍" not in out
+
+
+def test_the_consoles_read_no_markup():
+    """The one place that decides it (cli/output.py): styles come as Text, never from strings."""
+    from lifelong_peer.cli.output import stderr, stdout
+
+    for console in (stdout, stderr):
+        with console.capture() as captured:
+            console.print("[bold]:smile:[/bold] [/b]")
+        assert captured.get().strip() == "[bold]:smile:[/bold] [/b]"
+
+
 def test_progress_bar_renders_both_passes():
     from lifelong_peer.cli.output import Format
     from lifelong_peer.cli.streams_cmds import _progress
@@ -136,3 +178,25 @@ def test_progress_bar_renders_both_passes():
         update("pack", 10, 20)
     assert set(bar.tasks) == {"scan", "pack"}
     assert _progress(Format.json).__enter__() is None
+
+
+@pytest.mark.parametrize("offline", [{"HF_ENDPOINT": "http://127.0.0.1:9"}, {"HF_HUB_OFFLINE": "1"}])
+def test_a_hub_source_offline_fails_at_once_saying_how_to_work_offline(tmp_path, offline):
+    """Issue 25: offline, `lpeer ingest hf:NAME` printed six retry lines over 30 s before its error. Now one
+    line, no retries, with the way to work offline: the hub unreachable (nothing listens on port 9), or
+    offline mode with nothing in the cache."""
+    ws = tmp_path / "ws"
+    runner.invoke(app, ["init", str(ws)])
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")} | {"HF_HOME": str(tmp_path / "hf")}
+    done = subprocess.run(
+        [sys.executable, "-m", "lifelong_peer.cli", "ingest", "hf:some/dataset", "--name", "x", "-w", str(ws)],
+        env=env | offline, capture_output=True, text=True, check=False, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2
+    err = done.stderr.strip()
+    assert err.startswith("error:") and "\n" not in err and "Retry" not in err, err
+    assert "'some/dataset'" in err and "datasets.load_dataset('some/dataset').save_to_disk(DIR)" in err
+    assert "ingest DIR, or ingest a local JSONL, CSV or Parquet file" in err
+    if "HF_ENDPOINT" in offline:
+        assert "cannot reach the Hugging Face Hub at http://127.0.0.1:9" in err
+    assert json.loads((ws / "workspace.json").read_text())["streams"] == {}  # nothing changed

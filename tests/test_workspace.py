@@ -31,7 +31,7 @@ def test_open_by_path_env_and_cwd(tmp_path, monkeypatch):
     monkeypatch.delenv("LPEER_WORKSPACE")
     monkeypatch.chdir(tmp_path / "w")
     assert Workspace.open().root == (tmp_path / "w").resolve()
-    with pytest.raises(UserError, match=r"is not an lpeer workspace \(run `lpeer init DIR`\)"):
+    with pytest.raises(UserError, match=r"is not an lpeer workspace \(run `\S*lpeer init \S+`\)"):
         Workspace.open(tmp_path)
 
 

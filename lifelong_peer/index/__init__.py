@@ -24,6 +24,7 @@ The index manager knows models, ledgers and FAISS, never runs: the run-level com
 Layers are addressed by their position among the model's PEER layers (``model.peer_layers()``).
 """
 
+from ..policies import POLICY_HELP, FreezePolicy, parse_policy  # noqa: F401
 from .core import (  # noqa: F401
     LEDGER_FORMAT,
     ExpertIndex,
@@ -44,14 +45,11 @@ from .core import (  # noqa: F401
     overlap,
     top_experts,
 )
-from .freezing import (  # noqa: F401
-    POLICY_HELP,
-    FreezePolicy,
+from .freezing import (
     document_frequency,
     freeze_ids,
     freeze_model,
     frozen_report,
-    parse_policy,
     set_frozen,
     tfidf_scores,
 )
