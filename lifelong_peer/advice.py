@@ -13,5 +13,7 @@ RESUME = "lpeer run --resume {run}"
 BASE_MODEL = "lpeer run --base-model NAME_OR_PATH"
 EVAL = "lpeer eval {run} -w {workspace}"
 REEVALUATE = "lpeer eval {run} --reevaluate"
+#: a joint run comparable with a compared run (``report.joint_command``): its stream, slices, base model and options
+JOINT = "lpeer run --stream {stream} --strategy joint --base {base} --slices {slices} --name {name}{options}"
 
-ADVICE = [INIT, INGEST_DEFAULT, INGEST, STREAMS, RESUME, BASE_MODEL, EVAL, REEVALUATE]
+ADVICE = [INIT, INGEST_DEFAULT, INGEST, STREAMS, RESUME, BASE_MODEL, EVAL, REEVALUATE, JOINT]

@@ -71,7 +71,7 @@ def run_demo(config: DemoConfig, progress: Callable[[dict], None] | None = None)
                 }
                 run = new_run(ws, "sotu", strategy, overrides, base=str(config.base), run_id=run_id)
             results.append(run_phases(run, progress=emit))
-    comparison = compare_runs(results, "test")
+    comparison = compare_runs(results, "test", [ws.run_dir(r.run) for r in results])
     files = write_report(out / "report", comparison, results)
     comparison["files"] = {
         "report": {k: str(v) for k, v in files.items()},

@@ -1,10 +1,26 @@
-"""Facts about the running environment (``lpeer info``)."""
+"""Facts about the running environment (``lpeer info``), and the machine record every results file keeps."""
 
 from __future__ import annotations
 
 import platform
+from pathlib import Path
 
 import torch
+
+#: CPU features that decide which code torch's and our kernels run (x86 and Arm), as /proc/cpuinfo names them
+ISA_FLAGS = (
+    "sse4_2",
+    "avx",
+    "avx2",
+    "fma",
+    "avx512f",
+    "avx512bw",
+    "avx512vl",
+    "avx512_bf16",
+    "amx_tile",
+    "asimd",
+    "sve",
+)
 
 
 def faiss_info() -> dict:
@@ -30,6 +46,41 @@ def native_kernels_info() -> str:
     return "not built yet (compiled at first use)" if kernels.compiler_available() else "no C++ compiler: pure PyTorch"
 
 
+def cpu() -> dict:
+    """This CPU's model name and which of ``ISA_FLAGS`` it has."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key in ("model name", "Model", "cpu model") and model in (platform.processor(), platform.machine()):
+                model = value.strip()
+            elif key in ("flags", "Features") and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    return {"model": model, "isa": [f for f in ISA_FLAGS if f in flags]}
+
+
+def machine() -> dict:
+    """Where a result was computed (issue 25): the CPU and its instruction sets, torch's threads and CPU code
+    path (its GEMMs and vectorised ops follow the CPU), the PEER kernels' build (``kernels.build_info``) and any
+    GPU — what another machine needs to know whether it should reproduce the numbers bit for bit or to a
+    tolerance (README, "Reproducing numbers")."""
+    from . import kernels
+
+    cuda = torch.cuda.is_available()
+    return {
+        "cpu": cpu(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "native_kernels": kernels.build_info(),
+        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else [],
+        "platform": platform.platform(),
+    }
+
+
 def info() -> dict:
     """Versions and hardware: what a bug report needs."""
     from . import __version__
@@ -48,7 +99,9 @@ def info() -> dict:
         "torch": torch.__version__,
         "datasets": datasets_version,
         **faiss_info(),
+        "cpu": f"{cpu()['model']} ({' '.join(cpu()['isa'])})",
         "threads": torch.get_num_threads(),
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "native_kernels": native_kernels_info(),
         "cuda": cuda,
         "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else [],
