@@ -48,7 +48,10 @@ def tiny(tmp_path_factory):
 
 def _args(template: str, root) -> list[str]:
     """The advice as a user would type it here: placeholders filled for the tiny workspace."""
-    filled = template.format(run="r", workspace=root / "ws")
+    base = root / "ws" / "runs" / "r" / "checkpoints" / "base.safetensors"
+    filled = template.format(
+        run="r", workspace=root / "ws", stream="toy", base=base, slices="2001,2002", name="toy-joint", options=""
+    )
     filled = filled.replace("SOURCE", str(root / "docs.jsonl")).replace("NAME_OR_PATH", "gpt2")
     filled = filled.replace("--name NAME", "--name toy2").replace("DIR", str(root / "new-ws"))
     words = shlex.split(filled)
