@@ -8,7 +8,7 @@ Two guarantees (issue 3):
   Locks are re-entrant within a process. Issue 25: what is locked is what is written, so one running job
   no longer locks the whole workspace — the manifest only while it changes (``Workspace.lock``, which
   waits a few seconds for another process's change to finish), a run while it is trained or edited
-  (``run.locked_run``: ``runs/RUN/.lock``), a stream while it is ingested (``streams/.NAME.lock``).
+  (``run.locked_run``: ``runs/RUN/.lock``), a stream while it is ingested (``.locks/stream-NAME.lock``).
 - **atomic writes** — the manifest is replaced by temp file + rename (``checkpoint.atomic_write_json``),
   so a crash at any point leaves it either as before or as after. Readers never need the lock.
 """
@@ -165,7 +165,8 @@ class Workspace:
 
     def stream_lock(self, name: str) -> contextlib.AbstractContextManager:
         """One ingest of stream ``name`` at a time; other streams and runs go on meanwhile."""
-        return exclusive(self.root / "streams" / f".{name}.lock", f"stream {name!r} of workspace {self.root}")
+        path = self.root / ".locks" / f"stream-{name}.lock"  # not in streams/: a failed ingest leaves that as it was
+        return exclusive(path, f"stream {name!r} of workspace {self.root}")
 
     # -- runs -------------------------------------------------------------------------------
     def run_dir(self, run_id: str) -> Path:
