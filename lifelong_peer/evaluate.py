@@ -48,8 +48,13 @@ def model_size(model: PEERModel) -> dict:
     return {"num_experts": experts, "params": model.num_params(), "active_params": model.active_params_per_token()}
 
 
-def phase_record(run: Run, slice_name: str, tokens: int, wall: float) -> PhaseRecord:
+def phase_record(run: Run, slice_name: str, tokens: int, wall: float, started_on: dict | None = None) -> PhaseRecord:
+    """A finished phase's record; with ``started_on`` (the run's machine record, ``results.extra["machine"]``)
+    the phase records this machine too when it is another one (resumed elsewhere, issue 25)."""
+    from .system import machine
+
     layers, shock = run.model.peer_layers(), run.growth_shock
+    here = machine() if started_on is not None else None
     size = model_size(run.model)
     frozen = sum(int(p.frozen.sum()) for p in layers)
     return PhaseRecord(
@@ -59,7 +64,9 @@ def phase_record(run: Run, slice_name: str, tokens: int, wall: float) -> PhaseRe
         frozen_fraction=frozen / size["num_experts"] if size["num_experts"] else 0.0,
         **size,
         growth_shock_bpb=shock["max_bpb"] if shock else None,
-        extra=({"growth_shock_per_slice_bpb": shock["per_slice_bpb"]} if shock else {}) | run.phase_log,
+        extra=({"growth_shock_per_slice_bpb": shock["per_slice_bpb"]} if shock else {})
+        | ({"machine": here} if here is not None and here != started_on else {})
+        | run.phase_log,
     )
 
 

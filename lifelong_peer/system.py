@@ -83,7 +83,7 @@ def machine() -> dict:
 
 def info() -> dict:
     """Versions and hardware: what a bug report needs."""
-    from . import __version__
+    from . import __version__, kernels
 
     try:
         import datasets
@@ -91,7 +91,7 @@ def info() -> dict:
         datasets_version = datasets.__version__
     except ImportError:  # pragma: no cover - a hard dependency, but info must never crash
         datasets_version = None
-    cuda = torch.cuda.is_available()
+    cuda, here = torch.cuda.is_available(), cpu()
     return {
         "lifelong_peer": __version__,
         "python": platform.python_version(),
@@ -99,10 +99,11 @@ def info() -> dict:
         "torch": torch.__version__,
         "datasets": datasets_version,
         **faiss_info(),
-        "cpu": f"{cpu()['model']} ({' '.join(cpu()['isa'])})",
+        "cpu": f"{here['model']} ({' '.join(here['isa'])})",
         "threads": torch.get_num_threads(),
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "native_kernels": native_kernels_info(),
+        "native_kernels_isa": kernels.build_info()["isa"],
         "cuda": cuda,
         "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else [],
     }
