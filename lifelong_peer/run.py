@@ -403,8 +403,8 @@ def create_run(workspace, cfg: RunConfig, stream=None) -> Run:
                     f"slice {name!r} of stream {stream_name!r} has only {n} {split} tokens; "
                     f"training needs more than the context ({cfg.context}) — use a coarser --slice"
                 )
-    directory = workspace.run_dir(cfg.run)
     with workspace.lock():  # two processes creating one run: the second is refused, not mixed in
+        directory = workspace.run_dir(cfg.run)
         if directory.exists() and any(directory.iterdir()):
             raise UserError(f"run {cfg.run!r} already exists in {workspace.root}; resume it with --resume {cfg.run}")
         directory.mkdir(parents=True, exist_ok=True)
@@ -453,15 +453,11 @@ def _check_base_model(opts: AttachOptions, stream_name: str, tokenizer) -> None:
 
 @contextlib.contextmanager
 def locked_run(workspace, run: str, stream=None, lock: bool = True) -> Iterator[Run]:
-    """``open_run`` under the run's own lock (``runs/RUN/.lock``), held while the block trains or edits it: a
-    second writer of this run is refused with the holder's PID, while other runs of the workspace are trained,
-    grown or frozen meanwhile (issue 25: one running job locked the whole workspace). The run is opened
-    after the lock is taken, so it is read as the previous writer left it. ``lock=False``: open only (the
-    other ranks of a distributed run, whose rank 0 holds the lock)."""
+    """``open_run`` once the run's own lock (``runs/RUN/.lock``, issue 25) is taken: a second writer is refused with
+    the holder's PID. ``lock=False``: open only (a distributed run's other ranks; rank 0 holds the lock)."""
     from .workspace import LOCK, exclusive
 
-    directory = workspace.resolve_run(run)
-    with exclusive(directory / LOCK, f"run {run!r}") if lock else contextlib.nullcontext():
+    with exclusive(workspace.resolve_run(run) / LOCK, f"run {run!r}") if lock else contextlib.nullcontext():
         yield open_run(workspace, run, stream)
 
 
