@@ -3,7 +3,7 @@ six State of the Union eras from the shipped base) and writes its comparison, wi
 ``benchmarks/results/demo.json``; ``tests/test_readme_numbers.py`` checks the README's paragraph against it.
 
     python benchmarks/demo.py --docs          # also copies the report's two heatmaps to docs/
-    LPEER_NATIVE=0 python benchmarks/demo.py --work /tmp/demo-pure --out /tmp/demo-pure.json   # another build
+    LPEER_NATIVE=0 python benchmarks/demo.py --out benchmarks/results/demo-pure-pytorch.json  # another build
 
 Prints the per-run table; the JSON keeps the report's rows, per-strategy means and summary.
 """
@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from lifelong_peer import kernels
 from lifelong_peer.checkpoint import atomic_write_json
 from lifelong_peer.demo import DemoConfig, run_demo
 from lifelong_peer.report import markdown
@@ -37,7 +38,9 @@ def main() -> None:
     started = time.time()
     comparison = run_demo(config)
     record = {
-        "command": " ".join(["python benchmarks/demo.py", *sys.argv[1:]]),
+        "command": " ".join(
+            [*(["LPEER_NATIVE=0"] if not kernels.enabled() else []), "python benchmarks/demo.py", *sys.argv[1:]]
+        ),
         "date": time.strftime("%Y-%m-%d"),
         "machine": machine(),
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(config).items()},

@@ -45,6 +45,24 @@ def _demo_figures(record: dict) -> set[str]:
     return figures
 
 
+def test_the_stated_tolerance_is_the_demo_s_difference_across_builds():
+    """The reproduction paragraph's figures: how far the demo through the pure-PyTorch path ended from the
+    native build, on the final averages and the newest era, beside the gaps between the strategies."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = text.split("<!-- reproduce:start -->")[1].split("<!-- reproduce:end -->")[0]
+    results = ROOT / "benchmarks" / "results"
+    native, pure = (json.loads((results / f).read_text()) for f in ("demo.json", "demo-pure-pytorch.json"))
+    assert native["machine"]["native_kernels"]["native"] and not pure["machine"]["native_kernels"]["native"]
+    rows = [{r["run"]: r for r in d["comparison"]["runs"]} for d in (native, pure)]
+    runs = [run for run, r in rows[0].items() if r["strategy"] != "base"]
+    apart = {k: max(abs(rows[0][run][k] - rows[1][run][k]) for run in runs) for k in ("final_avg_bpb", "newest_bpb")}
+    assert f"{apart['final_avg_bpb']:.3f} bits per byte on the final averages" in block
+    assert f"{apart['newest_bpb']:.3f} on the newest era" in block
+    by = {r["strategy"]: r for r in rows[0].values()}
+    gaps = [abs(by["naive"][k] - by["lifelong"][k]) for k in ("final_avg_bpb", "newest_bpb")]
+    assert f"the gaps between its strategies ({gaps[0]:.3f} and {gaps[1]:.3f})" in block.replace("\n", " ")
+
+
 def test_the_demo_paragraph_quotes_the_demo_s_results_file():
     record = json.loads((ROOT / "benchmarks" / "results" / "demo.json").read_text(encoding="utf-8"))
     paragraph = _demo_paragraph()
