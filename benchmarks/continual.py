@@ -20,14 +20,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import torch
-
+from lifelong_peer import system
 from lifelong_peer.metrics import RunResults
 from lifelong_peer.report import compare_runs, markdown
 
@@ -152,7 +150,7 @@ def main() -> None:
         workers = [subprocess.Popen(command) for _ in range(args.workers)]
         if any(w.wait() for w in workers):
             sys.exit("a worker failed; run the same command again to resume")
-        machine = f"{platform.machine()}, 1 thread per run, {args.workers} runs at once, torch {torch.__version__}"
+        machine = system.machine() | {"threads_per_run": 1, "runs_at_once": args.workers}  # issue 25
         meta = out.with_name(out.name.replace("-results", "-meta"))
         meta.write_text(
             json.dumps(

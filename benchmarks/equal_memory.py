@@ -37,7 +37,6 @@ import argparse
 import hashlib
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -98,23 +97,10 @@ def big_base(args) -> Path:
 
 
 def machine(workers: int) -> dict:
-    """The CPU, threads and kernel build every result is recorded with (the science rules)."""
-    import torch
+    """The CPU, threads and kernel build every result is recorded with (``system.machine``, issue 25)."""
+    from lifelong_peer.system import machine
 
-    from lifelong_peer.system import native_kernels_info
-
-    cpu = platform.processor()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        cpu = next((ln.split(":", 1)[1].strip() for ln in cpuinfo.read_text().splitlines() if "model name" in ln), cpu)
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "threads_per_run": 1,
-        "runs_at_once": workers,
-        "torch": torch.__version__,
-        "native_kernels": native_kernels_info(),
-    }
+    return machine() | {"cores": os.cpu_count(), "threads_per_run": 1, "runs_at_once": workers}
 
 
 def plan(labels: list[str], protocol: dict, bases: dict[str, Path], stream: dict | None = None) -> list[dict]:

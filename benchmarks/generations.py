@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from lifelong_peer import peer_ops
+from lifelong_peer import peer_ops, system
 from lifelong_peer.peer import PEER, PEERConfig
 
 OUT = Path(__file__).resolve().parent / "results" / "generations.json"
@@ -81,7 +81,10 @@ def main() -> None:
             print(f"{g:>7} {layer.num_experts:>8,} {layer_s * 1e3:>9.1f} {'—':>21} {'—':>11} {'—':>9}")
         rows.append(row)
         layer.zero_grad(set_to_none=True)
-    OUT.write_text(json.dumps({"threads": args.threads, "tokens": x.shape[0], "rows": rows}, indent=1))
+    machine = system.machine()  # issue 25: the CPU, threads and kernel build the rows were measured with
+    OUT.write_text(
+        json.dumps({"threads": args.threads, "tokens": x.shape[0], "rows": rows, "machine": machine}, indent=1)
+    )
     print(f"→ {OUT}")
 
 

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lifelong_peer import LanguageModel, ModelConfig, PEERConfig
+from lifelong_peer import LanguageModel, ModelConfig, PEERConfig, system
 from lifelong_peer.index import changed_fraction, decide_growth, new_hit, place_subkeys, poorly_served, retrieved_ids
 
 RESULTS = Path(__file__).parent / "results" / "growth_placement.json"
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print_table(rows, args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     config = {k: v for k, v in vars(args).items() if k != "out"}
-    args.out.write_text(json.dumps({"config": config, "rows": rows}, indent=2) + "\n")
+    args.out.write_text(json.dumps({"config": config, "rows": rows, "machine": system.machine()}, indent=2) + "\n")
     print(f"\nwrote {args.out}", file=sys.stderr)
     return rows
 

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from lifelong_peer import system
 from lifelong_peer.checkpoint import load_model
 from lifelong_peer.config import TrainConfig
 from lifelong_peer.data import eval_windows, sample_batch
@@ -178,6 +179,7 @@ def main() -> None:
         "untrained": base_row,
         "seconds": time.time() - start,
         "rows": rows,
+        "machine": system.machine(),  # issue 25
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(meta, indent=2))

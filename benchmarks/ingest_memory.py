@@ -105,7 +105,9 @@ def main() -> None:
         print(f"{k:<{width}}  {v}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    from lifelong_peer.system import machine
+
+    out.write_text(json.dumps(result | {"machine": machine()}, indent=2) + "\n")
     print(f"wrote {out}")
 
 

@@ -117,7 +117,9 @@ def load_rows(path: Path) -> list[dict]:
 def append_row(path: Path, row: dict) -> None:
     """Add one finished run to the JSON file (temp file + rename: a kill never leaves half a file)."""
     from lifelong_peer.files import atomic_write_json
+    from lifelong_peer.system import machine
 
+    row = row | {"machine": machine()}  # issue 25: where this run's numbers come from
     with locked(path):  # parallel workers append one at a time
         atomic_write_json(path, {"runs": [*load_rows(path), row]})
 

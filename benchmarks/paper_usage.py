@@ -138,8 +138,9 @@ def main(argv: list[str] | None = None) -> int:
             continue
         results.append(measure(Path(pargs.work), row))
     from lifelong_peer.files import atomic_write_json
+    from lifelong_peer.system import machine
 
-    atomic_write_json(Path(args.json), {"setup": setup, "budgets": BUDGETS, "runs": results})
+    atomic_write_json(Path(args.json), {"setup": setup, "budgets": BUDGETS, "runs": results, "machine": machine()})
     print(f"wrote {args.json} ({time.time() - start:.0f} s)", file=sys.stderr)
     return 0
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from lifelong_peer import system
 from lifelong_peer.demo import BASE_CHECKPOINT
 from lifelong_peer.metrics import summarize
 from lifelong_peer.run import new_run
@@ -81,6 +82,7 @@ def main() -> None:
             f"{t['final_avg']:10.4f} {t['gain']:9.4f}"
         )
     meta = {"command": "python benchmarks/smf_lr.py " + " ".join(sys.argv[1:]), "rows": rows}
+    meta["machine"] = system.machine()  # issue 25
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(meta, indent=2))
 

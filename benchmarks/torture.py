@@ -313,7 +313,10 @@ def main() -> None:
         f"\n{report['kills']} kills; bit-identical to the uninterrupted run: {report['ok']} {report['problems'] or ''}"
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({**report, "mode": args.mode, "seed": args.seed}, indent=2) + "\n")
+    from lifelong_peer.system import machine
+
+    record = {**report, "mode": args.mode, "seed": args.seed, "machine": machine()}
+    args.out.write_text(json.dumps(record, indent=2) + "\n")
     sys.exit(0 if report["ok"] else 1)
 
 

@@ -152,6 +152,8 @@ def _table(title: str, headers: list[str], body: list[list[str]]) -> Table:
 def _render_report(c: dict) -> None:
     from lifelong_peer.report import COST, QUALITY, strategy_cells, table_cells
 
+    for line in c.get("summary", []):  # the verdict first (issue 25)
+        stdout.print("• " + line.replace("**", ""), markup=False, highlight=False)
     stdout.print(_table(f"runs, {c['split']} split: bits per byte, lower is better", *table_cells(c, QUALITY)))
     stdout.print(_table("model and cost", *table_cells(c, COST)))
     stdout.print(_table("per strategy: mean ± std over runs", *strategy_cells(c, QUALITY)))

@@ -168,10 +168,11 @@ def grow(
 
     Example: lpeer grow sotu-lifelong-1 --auto --slice 1970-2026
     """
+    from lifelong_peer.run import locked_run
     from lifelong_peer.runops import grow_run
+    from lifelong_peer.workspace import Workspace
 
-    ws, the_run = _open(workspace, run)
-    with ws.lock():
+    with locked_run(Workspace.open(workspace), run) as the_run:  # this run only (issue 25)
         result = grow_run(the_run, subkeys=subkeys, auto=auto, slice_name=slice_, layer=layer)
     emit(result, fmt, _render_grow)
 
@@ -226,10 +227,11 @@ def freeze(
 
     Example: lpeer freeze sotu-lifelong-1 --policy usage:80 --freeze-subkeys
     """
+    from lifelong_peer.run import locked_run
     from lifelong_peer.runops import freeze_run
+    from lifelong_peer.workspace import Workspace
 
-    ws, the_run = _open(workspace, run)
-    with ws.lock():
+    with locked_run(Workspace.open(workspace), run) as the_run:  # this run only (issue 25)
         result = freeze_run(
             the_run,
             policy=policy,

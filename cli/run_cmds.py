@@ -165,7 +165,7 @@ def run(
     (your own model: lpeer run --stream news --base-model gpt2 --attach add --layers 6 --strategy lifelong)
     """
     from lifelong_peer import distributed
-    from lifelong_peer.run import new_run, open_run
+    from lifelong_peer.run import locked_run, new_run
     from lifelong_peer.train import run_phases
     from lifelong_peer.workspace import Workspace
 
@@ -174,36 +174,25 @@ def run(
     ws = Workspace.open(workspace)
     overrides = train or {}  # the TrainConfig options given (``with_train_options``)
     attach_opts = _attach_options(base_model, attach, layers, trainable, context)
-    with ws.lock() if main else contextlib.nullcontext():  # rank 0 holds the lock for all ranks
-        if resume:
-            if overrides or stream or config or base or name or attach_opts:
-                raise UserError("--resume continues a run with its saved config; drop the other options")
-            the_run = open_run(ws, resume)
-        else:
-            if not stream:
-                raise UserError(
-                    f"--stream is required (see `{advice.command(advice.STREAMS, ws.root)}`), or --resume RUN"
-                )
-            slice_names = [s.strip() for s in slices.split(",")] if slices else None
-            run_id = distributed.decide_on_main(  # rank 0 creates the run, the others open it
-                lambda: (
-                    new_run(
-                        ws,
-                        stream,
-                        strategy,
-                        overrides,
-                        None,
-                        str(base) if base else None,
-                        name,
-                        slice_names,
-                        config,
-                        attach_opts,
-                    ).config.run
-                )
+    if resume:
+        if overrides or stream or config or base or name or attach_opts:
+            raise UserError("--resume continues a run with its saved config; drop the other options")
+        run_id = resume
+    else:
+        if not stream:
+            raise UserError(f"--stream is required (see `{advice.command(advice.STREAMS, ws.root)}`), or --resume RUN")
+        slice_names = [s.strip() for s in slices.split(",")] if slices else None
+        run_id = distributed.decide_on_main(  # rank 0 creates the run, the others open it
+            lambda: (
+                new_run(
+                    ws, stream, strategy, overrides, None, str(base) if base else None, name, slice_names, config,
+                    attach_opts,
+                ).config.run
             )
-            the_run = open_run(ws, run_id)
-            if main:
-                stderr.print(Text.assemble("run ", (the_run.config.run, "bold"), f" in {the_run.dir}"))
+        )  # fmt: skip
+    with locked_run(ws, run_id, lock=main) as the_run:  # this run only (issue 25); rank 0 holds it for all ranks
+        if main and not resume:
+            stderr.print(Text.assemble("run ", (the_run.config.run, "bold"), f" in {the_run.dir}"))
         with _progress_display(quiet or fmt == Format.json or not main, the_run.config.run) as on_event:
             results = run_phases(the_run, progress=_with_notices(on_event) if main else None)
     if main:
@@ -246,21 +235,19 @@ def train(
 
     Example: lpeer ingest today.jsonl --name news --replace && lpeer train --stream news --slice 2026-11
     """
-    from lifelong_peer.run import new_run, open_run
+    from lifelong_peer.run import locked_run, new_run
     from lifelong_peer.runops import add_slice
     from lifelong_peer.train import run_phases
     from lifelong_peer.workspace import Workspace
 
     ws = Workspace.open(workspace)
     run_id = run_id or f"{stream}-online"
-    with ws.lock():
-        if ws.run_dir(run_id).exists():
-            the_run = open_run(ws, run_id)
-            if the_run.config.stream != stream:
-                raise UserError(f"run {run_id!r} trains stream {the_run.config.stream!r}, not {stream!r}")
-        else:
-            overrides = {"steps": steps} if steps is not None else {}
-            the_run = new_run(ws, stream, strategy, overrides, None, str(base) if base else None, run_id, [slice_])
+    if not ws.run_dir(run_id).exists():
+        overrides = {"steps": steps} if steps is not None else {}
+        new_run(ws, stream, strategy, overrides, None, str(base) if base else None, run_id, [slice_])
+    with locked_run(ws, run_id) as the_run:  # this run only (issue 25)
+        if the_run.config.stream != stream:
+            raise UserError(f"run {run_id!r} trains stream {the_run.config.stream!r}, not {stream!r}")
         phase = add_slice(the_run, slice_)
         with _progress_display(quiet or fmt == Format.json, the_run.config.run) as on_event:
             results = run_phases(the_run, phases=[phase], progress=_with_notices(on_event))

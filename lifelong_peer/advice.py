@@ -26,7 +26,10 @@ EVAL = "lpeer eval {run}"
 REEVALUATE = "lpeer eval {run} --reevaluate"
 KEEP_ALL = "lpeer run --stream STREAM --keep-checkpoints all"
 
-ADVICE = [INIT, INGEST_DEFAULT, INGEST, STREAMS, RESUME, BASE_MODEL, EVAL, REEVALUATE, KEEP_ALL]
+#: a joint run comparable with a compared run (``report.joint_command``): its stream, slices, base model and options
+JOINT = "lpeer run --stream {stream} --strategy joint --base {base} --slices {slices} --name {name}{options}"
+
+ADVICE = [INIT, INGEST_DEFAULT, INGEST, STREAMS, RESUME, BASE_MODEL, EVAL, REEVALUATE, KEEP_ALL, JOINT]
 
 
 def command(template: str, workspace: str | os.PathLike | None = None, **fields) -> str:

@@ -42,7 +42,7 @@ class DemoConfig:
 def run_demo(config: DemoConfig, progress: Callable[[dict], None] | None = None) -> dict:
     """Ingest the default stream, run every strategy from the base, compare; returns the comparison."""
     from .report import compare_runs, write_report
-    from .run import new_run, open_run
+    from .run import locked_run, new_run
     from .streams import ingest_default
     from .train import run_phases
     from .workspace import Workspace
@@ -53,25 +53,23 @@ def run_demo(config: DemoConfig, progress: Callable[[dict], None] | None = None)
     ws = Workspace.open(out) if (out / "workspace.json").exists() else Workspace.init(out)
     emit = progress or (lambda event: None)
     results = []
-    with ws.lock():
-        ingest_default(ws, "sotu")
-        for strategy in config.strategies:
-            run_id = f"demo-{strategy}-s{config.seed}"
-            emit({"event": "run_start", "run": run_id, "strategy": strategy})
-            if ws.run_dir(run_id).exists():
-                run = open_run(ws, run_id)  # finish (or just re-read) an earlier demo's run
-            else:
-                overrides = {
-                    "steps": config.steps,
-                    "batch_size": config.batch_size,
-                    "lr": config.lr,
-                    "eval_tokens": config.eval_tokens,
-                    "usage_tokens": config.eval_tokens,
-                    "seed": config.seed,
-                }
-                run = new_run(ws, "sotu", strategy, overrides, base=str(config.base), run_id=run_id)
+    ingest_default(ws, "sotu")
+    for strategy in config.strategies:
+        run_id = f"demo-{strategy}-s{config.seed}"
+        emit({"event": "run_start", "run": run_id, "strategy": strategy})
+        if not ws.run_dir(run_id).exists():  # else finish (or just re-read) an earlier demo's run
+            overrides = {
+                "steps": config.steps,
+                "batch_size": config.batch_size,
+                "lr": config.lr,
+                "eval_tokens": config.eval_tokens,
+                "usage_tokens": config.eval_tokens,
+                "seed": config.seed,
+            }
+            new_run(ws, "sotu", strategy, overrides, base=str(config.base), run_id=run_id)
+        with locked_run(ws, run_id) as run:  # each run while it trains (issue 25)
             results.append(run_phases(run, progress=emit))
-    comparison = compare_runs(results, "test")
+    comparison = compare_runs(results, "test", [ws.run_dir(r.run) for r in results])
     files = write_report(out / "report", comparison, results)
     comparison["files"] = {
         "report": {k: str(v) for k, v in files.items()},

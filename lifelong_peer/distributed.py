@@ -305,7 +305,8 @@ class SyncBatchNorm1d(nn.BatchNorm1d):
     def forward(self, x: Tensor) -> Tensor:
         if not (self.training and is_distributed() and world_size() > 1):
             return super().forward(x)
-        dtype, x = x.dtype, x.float()  # statistics in float32 whatever the autocast dtype
+        dtype = x.dtype  # statistics in float32 at least, whatever the autocast dtype (float64 stays float64)
+        x = x.to(torch.promote_types(dtype, torch.float32))
         dims = [0, *range(2, x.dim())]  # all but the channel dimension
         shape = [1, -1] + [1] * (x.dim() - 2)
         count = torch.tensor([x.numel() // x.shape[1]], dtype=x.dtype, device=x.device)

@@ -47,32 +47,46 @@ def scored_bytes(count: int, num_bytes: int, num_tokens: int) -> int:
     return max(1, round(count * num_bytes / max(1, num_tokens)))
 
 
-def phase_record(run: Run, slice_name: str, tokens: int, wall: float) -> PhaseRecord:
+def model_size(model: PEERModel) -> dict:
+    """``num_experts`` (all PEER layers), ``params`` and ``active_params`` (per token) of ``model``."""
+    experts = sum(p.num_experts for p in model.peer_layers())
+    return {"num_experts": experts, "params": model.num_params(), "active_params": model.active_params_per_token()}
+
+
+def phase_record(run: Run, slice_name: str, tokens: int, wall: float, started_on: dict | None = None) -> PhaseRecord:
+    """A finished phase's record; with ``started_on`` (the run's machine record, ``results.extra["machine"]``)
+    the phase records this machine too when it is another one (resumed elsewhere, issue 25)."""
+    from .system import machine
+
     layers, shock = run.model.peer_layers(), run.growth_shock
-    experts = sum(p.num_experts for p in layers)
+    here = machine() if started_on is not None else None
+    size = model_size(run.model)
     frozen = sum(int(p.frozen.sum()) for p in layers)
     return PhaseRecord(
         slice=slice_name,
         train_tokens=tokens,
         wall_time_s=wall,
-        num_experts=experts,
-        frozen_fraction=frozen / experts if experts else 0.0,
-        params=run.model.num_params(),
-        active_params=run.model.active_params_per_token(),
+        frozen_fraction=frozen / size["num_experts"] if size["num_experts"] else 0.0,
+        **size,
         growth_shock_bpb=shock["max_bpb"] if shock else None,
-        extra=({"growth_shock_per_slice_bpb": shock["per_slice_bpb"]} if shock else {}) | run.phase_log,
+        extra=({"growth_shock_per_slice_bpb": shock["per_slice_bpb"]} if shock else {})
+        | ({"machine": here} if here is not None and here != started_on else {})
+        | run.phase_log,
     )
 
 
 def new_results(run: Run, before: dict[str, EvalRow], **extra) -> RunResults:
-    """An empty results.json for ``run`` holding the starting model's evaluation (the 'before' row)."""
+    """An empty results.json for ``run`` holding the starting model's evaluation (the 'before' row), its size
+    (``base``: what the report's base row shows, issue 25 — phase 0 may have grown it) and the machine."""
+    from .system import machine
+
     return RunResults(
         run=run.config.run,
         strategy=run.config.train.strategy,
         slices=list(run.config.slices),
         phases=[],
         eval={split: SplitEval(before=row, after=[]) for split, row in before.items()},
-        extra=extra,
+        extra={"base": model_size(run.model), "machine": machine(), **extra},
     )
 
 
@@ -145,6 +159,7 @@ __all__ = [
     "eval_windows",
     "evaluate_all",
     "evaluate_latest",
+    "model_size",
     "new_results",
     "phase_record",
     "recompute_results",

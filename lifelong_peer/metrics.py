@@ -406,6 +406,24 @@ def matrix_metrics(matrix: np.ndarray, before: np.ndarray, weights: np.ndarray) 
     }
 
 
+def base_size(results: RunResults) -> dict:
+    """``num_experts``, ``params`` and ``active_params`` of the model the run started from (the 'before' row):
+    recorded at the run's start (``base``, since issue 25), else its experts from phase 0's growth record
+    (experts before growth), else phase 0's own count when phase 0 did not grow; None where unknown. Never
+    phase 0's count after growth: the base row showed 2,304 experts for a 1,024-expert base (issue 25)."""
+    base = results.extra.get("base")
+    if isinstance(base, dict):
+        return {k: base.get(k) for k in ("num_experts", "params", "active_params")}
+    size = {"num_experts": None, "params": None, "active_params": None}
+    if results.phases:
+        grown = results.phases[0].extra.get("grow")
+        if isinstance(grown, list):
+            size["num_experts"] = sum(int(r.get("experts_before") or 0) for r in grown)
+        else:
+            size["num_experts"] = results.phases[0].num_experts
+    return size
+
+
 def summarize(results: RunResults, split: str = "test") -> dict:
     """The loss matrices and every metric of one split, in bpb and nll, plus growth per phase.
 
@@ -437,6 +455,7 @@ def summarize(results: RunResults, split: str = "test") -> dict:
         out[key] = [getattr(p, key) for p in results.phases]
     out["growth_shock_bpb"] = [p.growth_shock_bpb for p in results.phases]
     out["ms_per_step"] = [p.extra.get("ms_per_step") for p in results.phases]  # None in runs before issue 24
+    out |= {f"base_{k}": v for k, v in base_size(results).items()}
     out["total_train_tokens"] = sum(out["train_tokens"])
     out["total_wall_time_s"] = sum(out["wall_time_s"])
     return _clean(out)

@@ -191,16 +191,19 @@ def strategy_colour(strategy: str) -> tuple[float, float, float]:
     return spare[int(hashlib.sha256(strategy.encode()).hexdigest()[:8], 16) % len(spare)]
 
 
-def forgetting_scatter(path: str | Path, rows: list[dict], title: str) -> Path:
+def forgetting_scatter(path: str | Path, rows: list[dict], title: str, bases: list[dict] | None = None) -> Path:
     """The report's PNG (``forgetting_scatter_figure``)."""
-    return _save(forgetting_scatter_figure(rows, title), path)
+    return _save(forgetting_scatter_figure(rows, title, bases), path)
 
 
-def forgetting_scatter_figure(rows: list[dict], title: str) -> Figure:
+def forgetting_scatter_figure(rows: list[dict], title: str, bases: list[dict] | None = None) -> Figure:
     """One point per run: average forgetting (x) against the newest slice's final bpb (y), by strategy.
 
     rows: dicts with run, strategy, avg_forgetting_bpb (None for one-phase runs, left out) and newest_bpb.
-    Lower left is better: little forgetting and a well-learned newest slice.
+    Lower left is better: little forgetting and a well-learned newest slice. The scale is honest (issue 25:
+    autoscaled to 0.0014 bpb, noise looked like a verdict): a dashed line marks each of ``bases`` (the
+    untrained base's rows: its newest-slice bpb before any phase), so the axis spans what training changed,
+    and a strategy with several runs gets error bars, its mean ± the sample std over runs.
     """
     fig = Figure(figsize=(6.0, 4.5))
     ax = fig.add_subplot()
@@ -210,6 +213,11 @@ def forgetting_scatter_figure(rows: list[dict], title: str) -> Figure:
         points = [r for r in shown if r["strategy"] == s]
         x, y = [r["avg_forgetting_bpb"] for r in points], [r["newest_bpb"] for r in points]
         ax.scatter(x, y, label=s, color=strategy_colour(s))
+        if len(points) > 1:  # the seed spread: a gap smaller than the bars is noise
+            ax.errorbar(
+                np.mean(x), np.mean(y), xerr=np.std(x, ddof=1), yerr=np.std(y, ddof=1), color=strategy_colour(s),
+                capsize=4, marker="D", markersize=4, alpha=0.6,
+            )  # fmt: skip
         for r in points:
             ax.annotate(
                 r["run"],
@@ -218,6 +226,10 @@ def forgetting_scatter_figure(rows: list[dict], title: str) -> Figure:
                 xytext=(3, 3),
                 textcoords="offset points",
             )
+    for b in [b for b in bases or [] if b.get("newest_bpb") is not None]:
+        ax.axhline(b["newest_bpb"], color="grey", linestyle="--", linewidth=0.8)
+        ax.annotate(f"{b['run']}: before training", (0.0, b["newest_bpb"]), fontsize=7, xytext=(3, 3),
+                    textcoords="offset points", color="grey")  # fmt: skip
     if len(shown) < len(rows):
         left_out = ", ".join(r["run"] for r in rows if r not in shown)
         ax.text(
@@ -253,8 +265,11 @@ def cost_curves(path: str | Path, summaries: list[dict], title: str) -> Path:
 
     for s in summaries:
         L = np.array(s["matrix_bpb"], dtype=float)
-        seen = [matrix_metrics(L[: i + 1], s["before_bpb"], s["eval_bytes"])["final_avg"] for i in range(len(L))]
-        values = {**s, "avg_seen": seen}
+        seen = [matrix_metrics(L[: i + 1], s["before_bpb"], s["eval_bytes"]) for i in range(len(L))]
+        values = {**s, "avg_seen": [m["final_avg"] for m in seen]}
+        # the base on the same slices, dashed (issue 25): the scale shows what training changed, not noise
+        base = [np.nan if m["base_avg"] is None else m["base_avg"] for m in seen]
+        axes[0].plot(range(len(base)), base, linestyle="--", linewidth=0.8, color="grey")
         for ax, (key, _) in zip(axes, panels, strict=True):
             ys = [np.nan if v is None else v for v in values.get(key) or []]
             ax.plot(range(len(ys)), ys, marker="o", markersize=3, label=s["run"], color=strategy_colour(s["strategy"]))
@@ -268,6 +283,7 @@ def cost_curves(path: str | Path, summaries: list[dict], title: str) -> Path:
         ax.grid(alpha=0.3)
         if i:  # costs from zero, so that a 2% change does not look like a verdict
             ax.set_ylim(bottom=0)
+    axes[0].plot([], [], linestyle="--", linewidth=0.8, color="grey", label="base (no training)")
     axes[0].legend(fontsize=8)
     fig.suptitle(title)
     return _save(fig, path)

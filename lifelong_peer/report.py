@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import advice
 from .errors import UserError
 from .files import atomic_write_json, atomic_write_text, checkpoint_order
 from .metrics import RESULTS_FILE, RunResults, load_results, summarize
@@ -33,6 +34,8 @@ COLUMNS = (
     ("active_params", "active params", "{:,.0f}"),
     ("train_tokens", "train tokens", "{:,.0f}"),
     ("wall_time_s", "wall s", "{:.1f}"),
+    ("ms_per_step", "ms/step", "{:.1f}"),
+    ("disk_mb", "disk MB", "{:,.1f}"),
 )
 #: the quality metrics (the rest of COLUMNS is the model's size and the cost)
 QUALITY = (
@@ -46,9 +49,25 @@ QUALITY = (
     "bwt_bpb",
     "fwt_bpb",
 )
-COST = ("run", "phases_done", "num_experts", "params", "active_params", "train_tokens", "wall_time_s")
+COST = (
+    "run",
+    "phases_done",
+    "num_experts",
+    "params",
+    "active_params",
+    "train_tokens",
+    "wall_time_s",
+    "ms_per_step",
+    "disk_mb",
+)
 #: the numeric columns averaged over the runs of one strategy (seeds)
-AGGREGATED = (*QUALITY[2:], "train_tokens", "wall_time_s")
+AGGREGATED = (*QUALITY[2:], "params", "active_params", "train_tokens", "wall_time_s", "ms_per_step", "disk_mb")
+#: what the report's summary names a winner of (issue 25): (key, "best ..." phrase); lower is better for each
+VERDICTS = (
+    ("final_avg_bpb", "best final average"),
+    ("avg_forgetting_bpb", "least forgetting"),
+    ("newest_bpb", "best newest slice"),
+)
 #: the strategy whose gain over the base is the reference of ``share_of_joint`` (not continual)
 REFERENCE = "joint"
 #: the strategy name of the frozen base's row ("no training"), one per distinct base
@@ -135,8 +154,6 @@ def evaluate_run(run: str, split: str = "test", workspace: str | Path | None = N
 def _edit_fields(run_dir: Path, edits: list[dict]) -> dict:
     """``edits_since_evaluation`` (one phrase per edit) and ``reevaluate`` (the command scoring the
     edited model; None without edits)."""
-    from . import advice
-
     return {
         "edits_since_evaluation": [_edit_line(e) for e in edits],
         "reevaluate": advice.command(advice.REEVALUATE, run=run_dir) if edits else None,
@@ -180,8 +197,21 @@ def run_row(summary: dict) -> dict:
             "avg_forgetting_nll": summary["avg_forgetting_nll"],
             "train_tokens": summary["total_train_tokens"],
             "wall_time_s": summary["total_wall_time_s"],
+            "ms_per_step": _median(summary["ms_per_step"]),
+            "disk_mb": None,  # set by compare_runs when it knows the run's directory
         }
     )
+
+
+def _median(values: list) -> float | None:
+    """The median of the values that are not None (the phases that recorded one), or None."""
+    known = [v for v in values if v is not None]
+    return float(np.median(known)) if known else None
+
+
+def disk_mb(run_dir: Path) -> float:
+    """Megabytes (10⁶ bytes) of every file in a run's directory: checkpoints, results, logs."""
+    return sum(p.stat().st_size for p in Path(run_dir).rglob("*") if p.is_file()) / 1e6
 
 
 def aggregate(rows: list[dict]) -> list[dict]:
@@ -207,7 +237,7 @@ def base_row(summary: dict, name: str) -> dict:
     seen = summary["phases_done"]
     row = {key: None for key in run_row(summary)} | {"run": name, "strategy": BASE, "phases_done": 0}
     row |= {"complete": True, "train_tokens": 0, "wall_time_s": 0.0, "gain_bpb": 0.0, "gain_nll": 0.0}
-    row |= {"num_experts": summary["num_experts"][0] if seen else None}
+    row |= {k: summary[f"base_{k}"] for k in ("num_experts", "params", "active_params")}  # not phase 0's (issue 25)
     for unit in ("bpb", "nll"):
         row[f"final_avg_{unit}"] = row[f"base_avg_{unit}"] = summary[f"base_avg_{unit}"]
     row["newest_bpb"] = summary["before_bpb"][seen - 1] if seen else None
@@ -226,12 +256,14 @@ def share_of_joint(rows: list[dict]) -> float | None:
     return reference
 
 
-def compare_runs(runs: list[RunResults], split: str = "test") -> dict:
-    """Runs side by side on one split: one row per run and mean ± std per strategy.
+def compare_runs(runs: list[RunResults], split: str = "test", dirs: list[Path] | None = None) -> dict:
+    """Runs side by side on one split: one row per run, mean ± std per strategy, and a summary first
+    (``verdict``: who wins what, by how much against the seed noise, at what cost).
 
     The frozen base comes first ("base", no training: one row per distinct starting model), and,
     when ``joint`` runs are compared, every row gets its share of joint's mean gain over the base.
     All runs must share the same slices (a comparison across different streams means nothing).
+    ``dirs``: the runs' directories, for their disk use and the command adding a joint run.
     """
     if not runs:
         raise UserError("no runs to compare")
@@ -246,14 +278,138 @@ def compare_runs(runs: list[RunResults], split: str = "test") -> dict:
         if s["phases_done"] and key not in bases:
             bases[key] = base_row(s, BASE if not bases else f"{BASE}-{len(bases) + 1}")
     rows = [*bases.values(), *(run_row(s) for s in summaries)]
+    for row, d in zip(rows[len(bases) :], dirs or [], strict=False):
+        row["disk_mb"] = disk_mb(d)
     reference = share_of_joint(rows)
-    return {
+    comparison = {
         "split": split,
         "slices": list(slices),
         "joint_gain_bpb": reference,
         "runs": rows,
         "strategies": aggregate(rows),
     }
+    has_joint = any(r["strategy"] == REFERENCE for r in rows)
+    comparison["add_joint"] = None if has_joint or not dirs else joint_command(Path(dirs[0]))
+    return comparison | {"summary": verdict(comparison)}
+
+
+def joint_command(run_dir: Path) -> str | None:
+    """The command adding a joint run comparable with the run in ``run_dir`` (issue 25): its stream, slices, base
+    model (the file its phase 0 started from) and the training options its user gave — those that differ from its
+    strategy's preset. None for a run on a Hugging Face base, or one without a readable config or base."""
+    import dataclasses
+    import shlex
+
+    from .config import RunConfig, TrainConfig, resolve_config
+
+    try:
+        cfg = RunConfig.from_dict(json.loads((run_dir / "config.json").read_text(encoding="utf-8")))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    base = run_dir / "checkpoints" / "base.safetensors"
+    if cfg.attach is not None or not base.is_file():
+        return None
+    try:
+        preset = resolve_config(cfg.train.strategy)[1]
+    except UserError:  # a strategy this version does not know: the defaults are what its user changed
+        preset = TrainConfig()
+    options = ""
+    for f in dataclasses.fields(TrainConfig):
+        value, flag = getattr(cfg.train, f.name), f.name.replace("_", "-")
+        if f.name == "strategy" or value is None or value == getattr(preset, f.name):
+            continue
+        options += (
+            f" --{'' if value else 'no-'}{flag}" if isinstance(value, bool) else f" --{flag} {shlex.quote(str(value))}"
+        )
+    return advice.JOINT.format(
+        stream=shlex.quote(cfg.stream),
+        base=shlex.quote(str(base)),
+        slices=shlex.quote(",".join(cfg.slices)),
+        name=f"{cfg.stream}-joint-s{cfg.train.seed}",
+        options=options,
+    )
+
+
+def verdict(comparison: dict) -> list[str]:
+    """The report's summary (issue 25), one sentence each: for each of ``VERDICTS`` the best strategy and the
+    runner-up, by how much and against what seed noise; what each strategy costs; how to add the joint
+    reference when none was compared. The untrained base and joint (not continual) are references, not
+    candidates. Strategies, not runs: several runs of one strategy are its seeds."""
+    formats = {key: fmt for key, _, fmt in COLUMNS}
+    entries = [e for e in comparison["strategies"] if e["strategy"] not in (BASE, REFERENCE)]
+    lines = []
+    for key, phrase in VERDICTS:
+        ranked = sorted((e for e in entries if e[key]["mean"] is not None), key=lambda e: e[key]["mean"])
+        if not ranked:
+            lines.append(f"{phrase}: not defined for these runs (forgetting needs two phases or more).")
+            continue
+        best, value = ranked[0]["strategy"], _spread(ranked[0][key], formats[key])
+        if len(ranked) == 1:
+            lines.append(f"**{phrase}: {best}**, {value} (the only strategy compared).")
+            continue
+        second = ranked[1]
+        gap = second[key]["mean"] - ranked[0][key]["mean"]
+        lines.append(
+            f"**{phrase}: {best}**, {value}, {gap:.4f} bits per byte better than {second['strategy']} "
+            f"({_spread(second[key], formats[key])}); {_noise(gap, ranked[0], second, key)}."
+        )
+    for e in (e for e in comparison["strategies"] if e["strategy"] != BASE):
+        lines.append(f"cost of {e['strategy']}{_runs(e)}: {_cost(e)}.")
+    if comparison.get("joint_gain_bpb") is None:
+        lines.append(_joint_line(comparison))
+    return lines
+
+
+def _spread(stat: dict, fmt: str) -> str:
+    """ "1.8782 ± 0.0035" (mean ± sample std over runs), or the one run's value."""
+    return fmt.format(stat["mean"]) + ("" if stat["std"] is None else " ± " + fmt.replace("+", "").format(stat["std"]))
+
+
+def _runs(entry: dict) -> str:
+    return f" (mean of {entry['runs']} runs)" if entry["runs"] > 1 else ""
+
+
+def _noise(gap: float, best: dict, second: dict, key: str) -> str:
+    """How a gap between two strategies compares with their seed noise: the standard error of the difference of
+    two means, sqrt(s₁²/n₁ + s₂²/n₂), when both have several runs; else that the noise is not measured."""
+    a, b = best[key], second[key]
+    if a["std"] is None or b["std"] is None:
+        single = [e["strategy"] for e in (best, second) if e[key]["std"] is None]
+        return (
+            f"one run of {' and '.join(single)}, so the seed noise is not measured "
+            "(a second --seed tells a gap from noise)"
+        )
+    error = math.sqrt(a["std"] ** 2 / a["n"] + b["std"] ** 2 / b["n"])
+    if error == 0:
+        return f"the {a['n']} and {b['n']} runs agree exactly"
+    ratio = gap / error
+    reading = "larger than the seed noise" if ratio >= 2 else "within the seed noise"
+    return f"{ratio:.1f}× the standard error of the difference over seeds ({a['n']} and {b['n']} runs): {reading}"
+
+
+def _cost(entry: dict) -> str:
+    """Parameters, active parameters per token, wall time, ms per step and disk of a strategy (means over runs)."""
+    parts = (
+        ("params", "{:,.0f} parameters"),
+        ("active_params", "{:,.0f} active per token"),
+        ("wall_time_s", "{:,.0f} s wall time"),
+        ("ms_per_step", "{:.1f} ms per step"),
+        ("disk_mb", "{:,.1f} MB on disk"),
+    )
+    known = [fmt.format(entry[key]["mean"]) for key, fmt in parts if entry[key]["mean"] is not None]
+    return ", ".join(known) or "not recorded"
+
+
+def _joint_line(comparison: dict) -> str:
+    """Why the share of joint's gain is missing, and the command that adds it."""
+    if any(r["strategy"] == REFERENCE for r in comparison["runs"]):
+        return "joint gained nothing over the base, so no share of its gain is defined."
+    command = comparison.get("add_joint")
+    how = f"`{command}`" if command else "`lpeer run --strategy joint` from the same base, slices and options"
+    return (
+        "no joint run (all slices at once: the non-continual reference) was compared, so no share of its gain is "
+        f"shown: add one with {how}, and pass it to `lpeer report` with these runs."
+    )
 
 
 def _cell(value, fmt: str) -> str:
@@ -264,13 +420,19 @@ def _cell(value, fmt: str) -> str:
 
 def table_cells(comparison: dict, keys: tuple[str, ...] | None = None) -> tuple[list[str], list[list[str]]]:
     """Headers and formatted cells of the per-run table, all COLUMNS or those in ``keys``."""
-    columns = [c for c in COLUMNS if keys is None or c[0] in keys]
+    columns = [c for c in _shown(comparison) if keys is None or c[0] in keys]
     return [h for _, h, _ in columns], [[_cell(row[k], f) for k, _, f in columns] for row in comparison["runs"]]
+
+
+def _shown(comparison: dict) -> tuple:
+    """COLUMNS, without the share of joint's gain when it is undefined for every run (the summary says why)."""
+    undefined = comparison.get("joint_gain_bpb") is None
+    return tuple(c for c in COLUMNS if not (undefined and c[0] == "share_of_joint"))
 
 
 def strategy_cells(comparison: dict, keys: tuple[str, ...] = AGGREGATED) -> tuple[list[str], list[list[str]]]:
     """Headers and "mean ± std" cells of the per-strategy table, for the aggregated columns in ``keys``."""
-    columns = [c for c in COLUMNS if c[0] in AGGREGATED and c[0] in keys]
+    columns = [c for c in _shown(comparison) if c[0] in AGGREGATED and c[0] in keys]
     body = []
     for entry in comparison["strategies"]:
         cells = [entry["strategy"], str(entry["runs"])]
@@ -288,9 +450,12 @@ def markdown(comparison: dict) -> str:
         lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
         return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in body])
 
+    summary = "".join(f"- {line}\n" for line in comparison.get("summary") or verdict(comparison))
     return (
         f"Split: {comparison['split']}; slices: {', '.join(comparison['slices'])}. Bits per byte, lower is better; "
         "final avg is weighted by held-out bytes; forgetting > 0 and BWT < 0 mean forgotten.\n\n"
+        + summary
+        + "\n"
         + table(*table_cells(comparison))
         + "\n\n"
         + table(*strategy_cells(comparison))
@@ -313,6 +478,7 @@ def write_report(out_dir: str | Path, comparison: dict, runs: list[RunResults] |
         paths["plot"],
         [r for r in comparison["runs"] if r["strategy"] != BASE],
         f"forgetting vs newest slice ({comparison['split']} split)",
+        [r for r in comparison["runs"] if r["strategy"] == BASE],
     )
     if runs:
         split = comparison["split"]
@@ -335,7 +501,7 @@ def report(runs: list[str], out_dir: str | Path, split: str = "test", workspace:
     loaded = [load_run(r, workspace) for r in runs]
     dirs = [find_run_dir(r, workspace) for r in runs]
     edits = {res.run: _edit_fields(d, edits_since_evaluation(d)) for d, res in zip(dirs, loaded, strict=True)}
-    comparison = compare_runs(loaded, split)
+    comparison = compare_runs(loaded, split, dirs)
     for row in comparison["runs"]:
         row |= edits.get(row["run"], {})  # the frozen-base row is no run of its own
     files = write_report(out_dir, comparison, loaded)

@@ -25,12 +25,14 @@ must match the fingerprint recorded at attach time.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
 import re
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -363,9 +365,6 @@ def create_run(workspace, cfg: RunConfig, stream=None) -> Run:
         from .streams.store import open_stream
 
         stream = open_stream(workspace, stream_name)
-    directory = workspace.run_dir(cfg.run)
-    if directory.exists() and any(directory.iterdir()):
-        raise UserError(f"run {cfg.run!r} already exists in {workspace.root}; resume it with --resume {cfg.run}")
     if cfg.attach is not None:
         _check_base_model(cfg.attach, stream_name, stream.tokenizer)
     elif cfg.model.vocab_size < stream.tokenizer.vocab_size:
@@ -381,9 +380,13 @@ def create_run(workspace, cfg: RunConfig, stream=None) -> Run:
                     f"slice {name!r} of stream {stream_name!r} has only {n} {split} tokens; "
                     f"training needs more than the context ({cfg.context}) — use a coarser --slice"
                 )
-    directory.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(directory / "config.json", cfg.to_dict())
-    workspace.register_run(cfg.run, {"stream": stream_name, "strategy": cfg.train.strategy, "dir": str(directory)})
+    with workspace.lock():  # two processes creating one run: the second is refused, not mixed in
+        directory = workspace.run_dir(cfg.run)
+        if directory.exists() and any(directory.iterdir()):
+            raise UserError(f"run {cfg.run!r} already exists in {workspace.root}; resume it with --resume {cfg.run}")
+        directory.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(directory / "config.json", cfg.to_dict())
+        workspace.register_run(cfg.run, {"stream": stream_name, "strategy": cfg.train.strategy, "dir": str(directory)})
     return Run(directory, cfg, stream, workspace)
 
 
@@ -423,6 +426,16 @@ def _check_base_model(opts: AttachOptions, stream_name: str, tokenizer) -> None:
         opts.context = min(int(max_pos), 1024) if max_pos else 1024
     if max_pos and opts.context > max_pos:
         raise UserError(f"context {opts.context} exceeds base model {base!r}'s max_position_embeddings ({max_pos})")
+
+
+@contextlib.contextmanager
+def locked_run(workspace, run: str, stream=None, lock: bool = True) -> Iterator[Run]:
+    """``open_run`` once the run's own lock (``runs/RUN/.lock``, issue 25) is taken: a second writer is refused with
+    the holder's PID. ``lock=False``: open only (a distributed run's other ranks; rank 0 holds the lock)."""
+    from .workspace import LOCK, exclusive
+
+    with exclusive(workspace.resolve_run(run) / LOCK, f"run {run!r}") if lock else contextlib.nullcontext():
+        yield open_run(workspace, run, stream)
 
 
 def open_run(workspace, run: str, stream=None) -> Run:

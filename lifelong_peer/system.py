@@ -1,8 +1,24 @@
-"""Facts about the running environment (``lpeer info``)."""
+"""Facts about the running environment (``lpeer info``), and the machine record every results file keeps."""
 
 from __future__ import annotations
 
 import platform
+from pathlib import Path
+
+#: CPU features that decide which code torch's and our kernels run (x86 and Arm), as /proc/cpuinfo names them
+ISA_FLAGS = (
+    "sse4_2",
+    "avx",
+    "avx2",
+    "fma",
+    "avx512f",
+    "avx512bw",
+    "avx512vl",
+    "avx512_bf16",
+    "amx_tile",
+    "asimd",
+    "sve",
+)
 
 
 def faiss_info() -> dict:
@@ -28,6 +44,43 @@ def native_kernels_info() -> str:
     return "not built yet (compiled at first use)" if kernels.compiler_available() else "no C++ compiler: pure PyTorch"
 
 
+def cpu() -> dict:
+    """This CPU's model name and which of ``ISA_FLAGS`` it has."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key in ("model name", "Model", "cpu model") and model in (platform.processor(), platform.machine()):
+                model = value.strip()
+            elif key in ("flags", "Features") and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    return {"model": model, "isa": [f for f in ISA_FLAGS if f in flags]}
+
+
+def machine() -> dict:
+    """Where a result was computed (issue 25): the CPU and its instruction sets, torch's threads and CPU code
+    path (its GEMMs and vectorised ops follow the CPU), the PEER kernels' build (``kernels.build_info``) and any
+    GPU — what another machine needs to know whether it should reproduce the numbers bit for bit or to a
+    tolerance (README, "Reproducing numbers")."""
+    import torch  # here, not at the top: `lpeer --help` and friends start without it (issue 25)
+
+    from . import kernels
+
+    cuda = torch.cuda.is_available()
+    return {
+        "cpu": cpu(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "native_kernels": kernels.build_info(),
+        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else [],
+        "platform": platform.platform(),
+    }
+
+
 def info() -> dict:
     """Versions and hardware: what a bug report needs.
 
@@ -37,13 +90,13 @@ def info() -> dict:
 
     import torch
 
-    from . import __version__
+    from . import __version__, kernels
 
     try:
         datasets_version = metadata.version("datasets")
     except metadata.PackageNotFoundError:  # pragma: no cover - a hard dependency, but info must never crash
         datasets_version = None
-    cuda = torch.cuda.is_available()
+    cuda, here = torch.cuda.is_available(), cpu()
     return {
         "lifelong_peer": __version__,
         "python": platform.python_version(),
@@ -51,8 +104,11 @@ def info() -> dict:
         "torch": torch.__version__,
         "datasets": datasets_version,
         **faiss_info(),
+        "cpu": f"{here['model']} ({' '.join(here['isa'])})",
         "threads": torch.get_num_threads(),
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "native_kernels": native_kernels_info(),
+        "native_kernels_isa": kernels.build_info()["isa"],
         "cuda": cuda,
         "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else [],
     }

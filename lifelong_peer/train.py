@@ -88,7 +88,9 @@ def _run_phases(run: Run, phases: list[int] | None, emit: Progress) -> RunResult
             hook.end_phase(ctx)  # Fisher, importance
         rows = evaluate_all(run, emit)
         record_usage(run, slice_name)
-        results.add_phase(phase_record(run, slice_name, tokens, time.time() - started), rows)
+        results.add_phase(
+            phase_record(run, slice_name, tokens, time.time() - started, results.extra.get("machine")), rows
+        )
         run.save_checkpoint(phase, None, None, completed=phase + 1, results=results.to_dict())
         if distributed.is_main():
             save_results(run.dir, results)

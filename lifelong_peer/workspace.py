@@ -2,11 +2,13 @@
 
 Two guarantees (issue 3):
 
-- **one writer at a time** — ``lock()`` takes an exclusive, non-blocking ``fcntl.flock`` on
-  ``.lock`` (which holds the holder's PID and command); a second process gets a one-line
-  ``UserError`` naming that PID. The kernel releases a flock when its process dies, so a crash never
-  leaves a stale lock behind. The lock is re-entrant within a process (``update_manifest`` inside
-  ``lock()`` does not deadlock).
+- **one writer of each thing at a time** — a lock is an exclusive ``fcntl.flock`` on a file (``exclusive``),
+  which holds the holder's PID and command; a second process gets a one-line ``UserError`` naming that
+  PID. The kernel releases a flock when its process dies, so a crash never leaves a stale lock behind.
+  Locks are re-entrant within a process. Issue 25: what is locked is what is written, so one running job
+  no longer locks the whole workspace — the manifest only while it changes (``Workspace.lock``, which
+  waits a few seconds for another process's change to finish), a run while it is trained or edited
+  (``run.locked_run``: ``runs/RUN/.lock``), a stream while it is ingested (``.locks/stream-NAME.lock``).
 - **atomic writes** — the manifest is replaced by temp file + rename (``files.atomic_write_json``),
   so a crash at any point leaves it either as before or as after. Readers never need the lock.
 """
@@ -34,9 +36,59 @@ LOCK = ".lock"
 FORMAT = "lifelong-peer/workspace/1"
 ENV_VAR = "LPEER_WORKSPACE"
 
-#: per-process lock holders, by resolved workspace root: (open lock file, depth) — flock is per open
-#: file, so a second open in the same process would block itself; this makes ``lock()`` re-entrant.
+#: seconds a manifest change waits for another process's (each holds the manifest lock for milliseconds)
+MANIFEST_WAIT_S = 10.0
+
+#: per-process lock holders, by lock file: (open lock file, depth) — flock is per open file, so a second
+#: open in the same process would block itself; this makes ``exclusive`` re-entrant.
 _HELD: dict[Path, tuple[object, int]] = {}
+
+
+@contextlib.contextmanager
+def exclusive(path: Path, what: str, wait_s: float = 0.0) -> Iterator[None]:
+    """Hold an exclusive flock on ``path`` (created if needed) while the block runs: one writer of ``what``
+    (a phrase: "run 'r'") at a time. Waits up to ``wait_s`` seconds for another holder, then raises a
+    ``UserError`` naming its PID and command. Re-entrant within this process."""
+    path = Path(path).resolve()
+    if path in _HELD:
+        f, depth = _HELD[path]
+        _HELD[path] = (f, depth + 1)
+        try:
+            yield
+        finally:
+            f, depth = _HELD[path]
+            _HELD[path] = (f, depth - 1)
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    f = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - lives as long as the lock
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() < deadline:
+                time.sleep(0.05)
+                continue
+            f.seek(0)
+            holder = f.read().strip() or "unknown PID"
+            f.close()
+            pid, _, command = holder.partition(" ")
+            raise UserError(
+                f"{what} is in use by PID {pid} ({command or 'unknown command'}); wait for it to finish or stop it"
+            ) from None
+    f.seek(0)
+    f.truncate()
+    command = " ".join(Path(a).name if i == 0 else a for i, a in enumerate(sys.argv))[:200]
+    f.write(f"{os.getpid()} {command}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    f.flush()
+    _HELD[path] = (f, 1)
+    try:
+        yield
+    finally:
+        del _HELD[path]
+        fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+        f.close()
 
 
 def now_iso() -> str:
@@ -107,44 +159,15 @@ class Workspace:
             return data
 
     # -- lock -------------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def lock(self) -> Iterator[Workspace]:
-        """Exclusive, non-blocking workspace lock (re-entrant within this process)."""
-        held = _HELD.get(self.root)
-        if held is not None:
-            f, depth = held
-            _HELD[self.root] = (f, depth + 1)
-            try:
-                yield self
-            finally:
-                f, depth = _HELD[self.root]
-                _HELD[self.root] = (f, depth - 1)
-            return
-        path = self.root / LOCK
-        f = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - lives as long as the lock
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "unknown PID"
-            f.close()
-            pid, _, what = holder.partition(" ")
-            raise UserError(
-                f"workspace {self.root} is in use by PID {pid} ({what or 'unknown command'}); "
-                "wait for it to finish or stop it"
-            ) from None
-        f.seek(0)
-        f.truncate()
-        command = " ".join(Path(a).name if i == 0 else a for i, a in enumerate(sys.argv))[:200]
-        f.write(f"{os.getpid()} {command}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-        f.flush()
-        _HELD[self.root] = (f, 1)
-        try:
-            yield self
-        finally:
-            del _HELD[self.root]
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-            f.close()
+    def lock(self) -> contextlib.AbstractContextManager:
+        """The manifest's lock, for a read-modify-write of it (``update_manifest``): held for milliseconds, so a
+        second process waits up to ``MANIFEST_WAIT_S`` for it. Runs and streams have locks of their own."""
+        return exclusive(self.root / LOCK, f"workspace {self.root}", MANIFEST_WAIT_S)
+
+    def stream_lock(self, name: str) -> contextlib.AbstractContextManager:
+        """One ingest of stream ``name`` at a time; other streams and runs go on meanwhile."""
+        path = self.root / ".locks" / f"stream-{name}.lock"  # not in streams/: a failed ingest leaves that as it was
+        return exclusive(path, f"stream {name!r} of workspace {self.root}")
 
     # -- runs -------------------------------------------------------------------------------
     def run_dir(self, run_id: str) -> Path:

@@ -255,7 +255,7 @@ def ingest_source(ws: Workspace, src, name: str, opts: IngestOptions, progress: 
     started = time.perf_counter()
     spec = SliceSpec.parse(opts.slice)
     tokenizer = _tokenizer(opts.tokenizer)
-    with ws.lock():
+    with ws.stream_lock(name):  # this stream only (issue 25); the manifest is locked while it changes
         fingerprint = _fingerprint(src, opts, tokenizer)
         existing = ws.manifest()["streams"].get(name)
         if existing is not None and existing["fingerprint"] == fingerprint and (ws.root / existing["dir"]).is_dir():

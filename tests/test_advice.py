@@ -25,7 +25,10 @@ runner = CliRunner()
 
 def _args(template: str, root) -> list[str]:
     """The advice as a user would type it here: placeholders filled for the tiny workspace."""
-    filled = template.format(run="r", directory=root / "new-ws")
+    base = root / "ws" / "runs" / "r" / "checkpoints" / "base.safetensors"
+    filled = template.format(
+        run="r", directory=root / "new-ws", stream="toy", base=base, slices="2001,2002", name="toy-joint", options=""
+    )
     filled = filled.replace("SOURCE", str(root / "docs.jsonl")).replace("NAME_OR_PATH", "gpt2")
     filled = filled.replace("--name NAME", "--name toy2")
     words = shlex.split(filled)

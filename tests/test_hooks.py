@@ -4,6 +4,7 @@ changes what it should — a weight of 0 is naive bit for bit, a weight > 0 is n
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -304,3 +305,53 @@ def test_lpeer_grow_and_the_loop_grow_alike(tmp_path, memory_stream):
     for a, b in zip(by_hand.model.peer_layers(), by_loop.model.peer_layers(), strict=True):
         assert a.num_subkeys == b.num_subkeys
         assert torch.equal(a.subkeys, b.subkeys)
+
+
+#: issue 25: every hook whose anchor (or teacher) is the previous phase's model, at a weight that moves the weights
+ANCHORED = {"l2sp": {"l2sp": 1.0}, "ewc": {"ewc": 3e5}, "mas": {"mas": 0.01}, "distillation": {"distill": 1.0}}
+
+
+def _resumed_weights(tmp_path, run_id: str, train: dict) -> dict[str, torch.Tensor]:
+    """A two-slice run killed at phase 1, step 3 (its state as after SIGKILL: the step-2 checkpoint), then
+    resumed to the end; its final weights."""
+    from conftest import MemoryStream
+
+    from lifelong_peer.run import open_run
+    from lifelong_peer.workspace import Workspace
+
+    stream = MemoryStream(slices=("a", "b"))
+    _, run = make_run(tmp_path, stream, "naive", run_id=run_id, base_steps=2, checkpoint_every=2, **train)
+
+    def kill(event):
+        if event["event"] == "step" and (event["phase"], event["step"]) == (1, 3):
+            raise SystemExit("killed")
+
+    with pytest.raises(SystemExit):
+        run_phases(run, progress=kill)
+    resumed = open_run(Workspace.open(tmp_path / "ws"), run_id, stream=stream)
+    run_phases(resumed)
+    return final_weights(resumed.dir)
+
+
+@pytest.mark.parametrize("hook", sorted(ANCHORED))
+def test_a_regulariser_resumed_mid_phase_anchors_to_the_previous_phase(tmp_path, hook, monkeypatch, one_thread):
+    """Killed mid-phase with a regulariser on and resumed, a run ends bit for bit where the uninterrupted run
+    does: begin_phase takes its anchor from the previous phase's checkpoint, not from the model it resumes
+    with. The check has teeth: with the anchor taken from the current model on resume, the weights differ."""
+    from conftest import MemoryStream
+
+    _, straight = make_run(tmp_path, MemoryStream(slices=("a", "b")), "naive", run_id="straight", base_steps=2,
+                           checkpoint_every=2, **ANCHORED[hook])  # fmt: skip
+    run_phases(straight)
+    want = final_weights(straight.dir)
+    got = _resumed_weights(tmp_path, "resumed", ANCHORED[hook])
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want), hook
+
+    previous = PhaseContext.previous
+
+    def current_model_on_resume(ctx):  # the bug this test is for
+        return copy.deepcopy(ctx.run.model).eval() if ctx.start_step else previous(ctx)
+
+    monkeypatch.setattr(PhaseContext, "previous", current_model_on_resume)
+    wrong = _resumed_weights(tmp_path, "wrong-anchor", ANCHORED[hook])
+    assert any(not torch.equal(want[k], wrong[k]) for k in want), hook

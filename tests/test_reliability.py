@@ -372,7 +372,7 @@ def test_full_disk_through_the_cli_is_one_line_exit_2(runs, tmp_path, monkeypatc
     from lifelong_peer.cli.main import main
 
     ws = _copy(runs, tmp_path)
-    monkeypatch.setattr("lifelong_peer.run.open_run", lambda w, r: open_run(w, r, stream=_stream()))
+    monkeypatch.setattr("lifelong_peer.run.open_run", lambda w, r, stream=None: open_run(w, r, stream=_stream()))
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -407,7 +407,8 @@ def _lock_is_held(ws: Path) -> bool:
         return False
 
 
-def test_second_process_on_a_busy_workspace_is_told_the_pid_and_a_killed_holder_leaves_no_stale_lock(tmp_path):
+def test_second_process_on_a_busy_run_is_told_the_pid_and_a_killed_holder_leaves_no_stale_lock(tmp_path):
+    """Issue 25: a training locks its run (not the workspace: the same stream is ingested meanwhile)."""
     from lifelong_peer.streams import ingest
 
     ws = Workspace.init(tmp_path / "ws")
@@ -415,26 +416,26 @@ def test_second_process_on_a_busy_workspace_is_told_the_pid_and_a_killed_holder_
         "".join(json.dumps({"text": "word " * 200, "time": f"{2000 + i % 2}-01-01"}) + "\n" for i in range(40))
     )
     ingest(ws, str(tmp_path / "d.jsonl"), "d")
-    holder = _lpeer("run", "-w", str(ws.root), "--stream", "d", "--steps", "100000", "-q")
+    holder = _lpeer("run", "-w", str(ws.root), "--stream", "d", "--steps", "100000", "--name", "r", "-q")
+    run_dir = ws.run_dir("r")
     try:
         deadline = time.monotonic() + 120
-        while not _lock_is_held(ws.root):
+        while not (run_dir / ".lock").exists() or not _lock_is_held(run_dir):
             assert holder.poll() is None, holder.communicate()[1]
             assert time.monotonic() < deadline
             time.sleep(0.2)
-        second = _lpeer("ingest", str(tmp_path / "d.jsonl"), "--name", "d", "-w", str(ws.root))
+        second = _lpeer("run", "--resume", "r", "-w", str(ws.root))
         _, err = second.communicate(timeout=120)
         assert second.returncode == 2
-        assert f"is in use by PID {holder.pid}" in err and err.strip().count("\n") == 0
+        assert f"run 'r' is in use by PID {holder.pid}" in err and err.strip().count("\n") == 0
+        other = _lpeer("ingest", str(tmp_path / "d.jsonl"), "--name", "d", "-w", str(ws.root), "--format", "json")
+        out, err = other.communicate(timeout=120)
+        assert other.returncode == 0 and json.loads(out)["unchanged"] is True, err
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.communicate()
     # the kernel dropped the dead holder's flock: the next process goes ahead (its PID is still in .lock)
-    assert str(holder.pid) in (ws.root / ".lock").read_text()
-    third = _lpeer("ingest", str(tmp_path / "d.jsonl"), "--name", "d", "-w", str(ws.root), "--format", "json")
-    out, err = third.communicate(timeout=120)
-    assert third.returncode == 0, err
-    assert json.loads(out)["unchanged"] is True
+    assert str(holder.pid) in (run_dir / ".lock").read_text() and not _lock_is_held(run_dir)
 
 
 # --- crash torture ------------------------------------------------------------------------------

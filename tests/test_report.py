@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 
 import numpy as np
 import pytest
@@ -281,3 +282,126 @@ def test_help_has_examples():
     for command in ("eval", "report"):
         result = cli.invoke(app, [command, "--help"])
         assert result.exit_code == 0 and "Example: lpeer " + command in result.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 25: the base row's own size, a verdict with its cost first, an honest scale
+
+
+def test_base_row_shows_the_base_not_phase_0_after_growth():
+    """Runs before the base record: phase 0's growth record says what the base had; the order of runs never
+    matters (the base row showed 2,304 experts, phase 0 after growth, for a 1,024-expert base)."""
+    grown = fabricate("grown", "lifelong", LIFELONG)
+    grown.phases[0].extra["grow"] = [{"layer": 0, "k": 16, "experts_before": 1024, "experts_after": 2304}]
+    grown.phases[0].num_experts = 2304
+    plain = fabricate("plain", "naive", NAIVE)
+    plain.phases[0].num_experts = 1024
+    for order in ([grown, plain], [plain, grown]):
+        (base,) = [r for r in compare_runs(order)["runs"] if r["strategy"] == "base"]
+        assert base["num_experts"] == 1024
+    recorded = fabricate("rec", "naive", NAIVE)
+    recorded.extra["base"] = {"num_experts": 100, "params": 5000, "active_params": 700}
+    base = compare_runs([recorded])["runs"][0]
+    assert (base["num_experts"], base["params"], base["active_params"]) == (100, 5000, 700)
+
+
+TOY_MODEL = {"dim": 32, "layers": 1, "heads": 2, "context": 32, "peer": {"num_subkeys": 4, "heads": 2, "topk": 2}}
+TOY_TRAIN = {"steps": 2, "batch_size": 2, "eval_tokens": 128, "usage_tokens": 128, "warmup": 1, "base_steps": 2}
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    """A workspace with an ingested two-year stream ``toy`` and two runs from one trained base: ``grow``
+    (lifelong-grow: 4 → 20 sub-keys before phase 0) and ``plain`` (naive)."""
+    import torch
+
+    from lifelong_peer.run import new_run
+    from lifelong_peer.streams import ingest
+    from lifelong_peer.train import run_phases
+    from lifelong_peer.workspace import Workspace
+
+    root = tmp_path_factory.mktemp("toy")
+    rng = np.random.default_rng(0)
+    words = ["peer", "expert", "time", "slice"]
+    lines = [
+        json.dumps({"text": " ".join(rng.choice(words, 40)), "time": f"{y}-0{1 + d % 9}-01"})
+        for y in (2001, 2002)
+        for d in range(30)
+    ]
+    (root / "docs.jsonl").write_text("\n".join(lines) + "\n")
+    ws = Workspace.init(root / "ws")
+    ingest(ws, str(root / "docs.jsonl"), "toy", split=(0.6, 0.2, 0.2))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for run_id, strategy in (("grow", "lifelong-grow"), ("plain", "naive")):
+            run_phases(new_run(ws, "toy", strategy, TOY_TRAIN, TOY_MODEL, run_id=run_id))
+    finally:
+        torch.set_num_threads(threads)
+    return ws
+
+
+def test_the_trainer_records_the_base_size_and_the_report_shows_it_in_any_order(toy, tmp_path):
+    results = json.loads((toy.run_dir("grow") / "results.json").read_text())
+    assert results["base"]["num_experts"] == 16 and results["phases"][0]["num_experts"] == 400  # grew 4 → 20
+    assert results["machine"]["threads"] == 1 and results["machine"]["cpu"]["model"]
+    for order in (["grow", "plain"], ["plain", "grow"]):
+        c = report(order, tmp_path / "-".join(order), workspace=toy.root)
+        (base,) = [r for r in c["runs"] if r["strategy"] == "base"]
+        assert base["num_experts"] == 16 and base["params"] == results["base"]["params"]
+
+
+def test_the_summary_comes_first_with_costs_and_the_command_adding_joint(toy, tmp_path):
+    out = tmp_path / "rep"
+    c = report(["grow", "plain"], out, workspace=toy.root)
+    md = (out / "report.md").read_text()
+    first_table = md.index("| run |")
+    for phrase in ("best final average", "least forgetting", "best newest slice", "cost of naive"):
+        assert phrase in md[:first_table], phrase
+    rows = {r["run"]: r for r in c["runs"]}
+    assert rows["plain"]["ms_per_step"] > 0 and rows["plain"]["disk_mb"] > 0.01
+    assert "ms per step" in md[:first_table] and "MB on disk" in md[:first_table]
+    # no joint run: no column of "—", but the exact command that adds one
+    assert "share of joint" not in md[first_table:] and c["add_joint"] in md[:first_table]
+    args = shlex.split(c["add_joint"])
+    assert args[:2] == ["lpeer", "run"]
+    result = cli.invoke(app, [*args[1:], "--workspace", str(toy.root), "--quiet"])
+    assert result.exit_code == 0, result.output
+    joint = args[args.index("--name") + 1]
+    with_joint = report(["grow", "plain", joint], tmp_path / "with-joint", workspace=toy.root)
+    assert with_joint["joint_gain_bpb"] is not None and with_joint["add_joint"] is None
+    # the joint run started from the same base model, so the three runs share one base row
+    assert [r["run"] for r in with_joint["runs"] if r["strategy"] == "base"] == ["base"]
+    assert "share of joint's gain" in (tmp_path / "with-joint" / "report.md").read_text()
+
+
+def test_the_verdict_weighs_a_gap_against_the_seed_noise():
+    two = lambda shift: [[x + shift for x in row] for row in LIFELONG]  # noqa: E731
+    runs = [fabricate("n0", "naive", NAIVE), fabricate("n1", "naive", [[x + 0.02 for x in r] for r in NAIVE])]
+    runs += [fabricate("l0", "lifelong", two(0.0)), fabricate("l1", "lifelong", two(0.01))]
+    summary = compare_runs(runs)["summary"]
+    (final,) = [line for line in summary if "best final average" in line]
+    # final averages: lifelong 1.1833 and 1.1933, naive 1.5 and 1.52 → gap 0.3217, SE sqrt(.01²/2 + .02²/2)/sqrt(2)
+    gap = (1.5 + 1.52) / 2 - (1.1833333 + 1.1933333) / 2
+    error = math.sqrt((0.01 / math.sqrt(2)) ** 2 / 2 + (0.02 / math.sqrt(2)) ** 2 / 2)
+    assert "**best final average: lifelong**" in final and f"{gap:.4f} bits per byte better than naive" in final
+    assert f"{gap / error:.1f}× the standard error" in final and "larger than the seed noise" in final
+    single = compare_runs([fabricate("a", "naive", NAIVE), fabricate("b", "lifelong", LIFELONG)])["summary"]
+    assert any("seed noise is not measured" in line for line in single)
+    assert any("no joint run" in line for line in single)
+
+
+def test_the_report_plot_shows_the_base_and_the_seed_spread():
+    """Two strategies 0.0014 apart on the newest slice no longer fill the y axis: the base's line is on it,
+    and a strategy with two runs has error bars."""
+    near = [[*row[:2], row[2] + 0.0014] for row in NAIVE]
+    runs = [fabricate("a", "naive", NAIVE), fabricate("b", "lifelong", near), fabricate("c", "lifelong", near)]
+    c = compare_runs(runs)
+    from lifelong_peer import plots
+
+    rows = [r for r in c["runs"] if r["strategy"] != "base"]
+    fig = plots.forgetting_scatter_figure(rows, "t", [r for r in c["runs"] if r["strategy"] == "base"])
+    (ax,) = fig.axes
+    low, high = ax.get_ylim()
+    assert low <= 1.2 and high >= 8.0  # from the runs' newest slice up to the base's (8 bpb before training)
+    assert len(ax.containers) == 1  # the error bars of lifelong's two runs

@@ -63,9 +63,11 @@ def stored_documents(ws, name) -> dict[str, dict[str, list[str]]]:
 
 
 def snapshot(ws: Workspace) -> dict:
-    """Every file of the workspace and its bytes (the lock file's PID line aside)."""
+    """Every file of the workspace and its bytes (lock files aside: they hold their last holder's PID)."""
     return {
-        str(p.relative_to(ws.root)): p.read_bytes() for p in ws.root.rglob("*") if p.is_file() and p.name != ".lock"
+        str(p.relative_to(ws.root)): p.read_bytes()
+        for p in ws.root.rglob("*")
+        if p.is_file() and p.name != ".lock" and p.parent.name != ".locks"
     }
 
 

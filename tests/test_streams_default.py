@@ -69,3 +69,21 @@ def test_reingesting_the_default_is_a_noop(sotu):
     again = ingest_default(ws)
     assert again["unchanged"] and again["slices"] == summary["slices"]
     assert re.fullmatch(r"streams/sotu-[0-9a-f]{12}", ws.manifest()["streams"]["sotu"]["dir"])
+
+
+def test_train_and_held_out_splits_share_no_document(sotu):
+    """Issue 25: no document of the shipped stream is both trained on and scored — each lies in exactly one
+    split of one era, and all 237 are there (decoded from the packed token arrays, a separator before each)."""
+    ws, _ = sotu
+    where: dict[bytes, list[tuple[str, str]]] = {}
+    for s in open_stream(ws, "sotu").slices:
+        for split in ("train", "validation", "test"):
+            tokens = bytes(s.tokens(split))
+            assert not tokens or tokens[0] == 0  # the byte tokenizer's separator
+            for document in tokens.split(b"\0")[1:]:
+                where.setdefault(document, []).append((s.name, split))
+    shared = {doc[:60]: places for doc, places in where.items() if len(places) > 1}
+    assert not shared
+    assert len(where) == 237
+    splits = [places[0][1] for places in where.values()]
+    assert all(splits.count(split) > 0 for split in ("train", "validation", "test"))

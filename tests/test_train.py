@@ -315,3 +315,26 @@ def test_ctrl_c_outside_a_step_says_what_the_run_kept(tmp_path, memory_stream, m
     with pytest.raises(Interrupted, match=r"interrupted; the run is kept as of checkpoints/phase-000.safetensors"):
         run_phases(run, phases=[1])
     monkeypatch.setattr(train, "evaluate_all", real)
+
+
+def test_results_record_the_machine_and_a_phase_run_on_another_one(tmp_path, memory_stream):
+    """Issue 25: results.json says where its numbers come from — CPU, instruction sets, threads, torch's CPU code
+    path, the PEER kernels' build — and a phase resumed elsewhere (here: with another thread count) says so."""
+    from lifelong_peer import kernels
+
+    _, run = make_run(tmp_path, memory_stream, "naive", base_steps=2)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        run_phases(run, phases=[0])
+        torch.set_num_threads(2)
+        results = run_phases(run, phases=[1])
+    finally:
+        torch.set_num_threads(threads)
+    machine = results.extra["machine"]
+    assert machine["threads"] == 1 and machine["cpu"]["model"] and machine["torch"] == torch.__version__
+    assert machine["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert machine["native_kernels"] == kernels.build_info()
+    assert (machine["native_kernels"]["isa"] is not None) == machine["native_kernels"]["native"]
+    assert "machine" not in results.phases[0].extra
+    assert results.phases[1].extra["machine"] == machine | {"threads": 2}

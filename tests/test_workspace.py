@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
+from lifelong_peer import workspace
 from lifelong_peer.errors import UserError
 from lifelong_peer.workspace import MANIFEST, Workspace
 
@@ -54,7 +57,8 @@ with Workspace.open(sys.argv[1]).lock():
 """
 
 
-def test_lock_excludes_a_second_process_and_dies_with_its_holder(tmp_path):
+def test_lock_excludes_a_second_process_and_dies_with_its_holder(tmp_path, monkeypatch):
+    monkeypatch.setattr(workspace, "MANIFEST_WAIT_S", 0.2)  # the holder keeps it for a minute, not milliseconds
     ws = Workspace.init(tmp_path / "w")
     ready = tmp_path / "ready"
     proc = subprocess.Popen([sys.executable, "-c", _HOLDER, str(ws.root), str(ready)])
@@ -122,3 +126,98 @@ def test_runs_register_resolve(tmp_path):
         ws.resolve_run("nope")
     with pytest.raises(UserError, match="invalid run id"):
         ws.register_run("../escape", {})
+
+
+# issue 25: a running job locks what it writes — its run, and the manifest only while it changes
+
+_RUNNING_JOB = """
+import sys, time
+import lifelong_peer.train as train
+
+def training(run, phases=None, progress=None):  # as a long phase would: holds what `lpeer run` holds
+    open(sys.argv[2], "w").close()
+    time.sleep(120)
+
+train.run_phases = training
+from lifelong_peer.cli.main import app
+app(["run", "--resume", "a", "--workspace", sys.argv[1], "--quiet"])
+"""
+
+
+def _start(script: str, *args: str) -> subprocess.Popen:
+    ready = Path(args[-1])
+    proc = subprocess.Popen([sys.executable, "-c", script, *args])
+    deadline = time.time() + 60
+    while not ready.exists():
+        assert proc.poll() is None and time.time() < deadline, "the job did not start"
+        time.sleep(0.05)
+    return proc
+
+
+def test_a_running_job_locks_its_run_not_the_workspace(tmp_path):
+    """While `lpeer run --resume a` trains (another process), `lpeer grow b` on a finished run and a new run's
+    registration go ahead; a second trainer or editor of run a is refused, naming the job's PID."""
+    import numpy as np
+    import torch
+    from typer.testing import CliRunner
+
+    from lifelong_peer.cli.main import app
+    from lifelong_peer.run import new_run
+    from lifelong_peer.streams import ingest
+    from lifelong_peer.train import run_phases
+
+    rng = np.random.default_rng(0)
+    lines = [
+        json.dumps({"text": " ".join(rng.choice(["peer", "expert", "slice"], 40)), "time": f"{y}-0{1 + d % 9}-01"})
+        for y in (2001, 2002)
+        for d in range(20)
+    ]
+    (tmp_path / "docs.jsonl").write_text("\n".join(lines) + "\n")
+    ws = Workspace.init(tmp_path / "w")
+    ingest(ws, str(tmp_path / "docs.jsonl"), "toy", split=(0.6, 0.2, 0.2))
+    model = {"dim": 16, "layers": 1, "heads": 2, "context": 16, "peer": {"num_subkeys": 4, "heads": 2, "topk": 2}}
+    train = {"steps": 1, "batch_size": 2, "eval_tokens": 64, "usage_tokens": 64, "warmup": 0, "base_steps": 1}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for run_id in ("a", "b"):
+            run_phases(new_run(ws, "toy", "naive", train, model, run_id=run_id))
+    finally:
+        torch.set_num_threads(threads)
+    cli = CliRunner()
+    job = _start(_RUNNING_JOB, str(ws.root), str(tmp_path / "ready"))
+    try:
+        grown = cli.invoke(app, ["grow", "b", "--subkeys", "2", "--workspace", str(ws.root), "--format", "json"])
+        assert grown.exit_code == 0, grown.output
+        assert json.loads(grown.stdout)["checkpoint"] is not None
+        ws.register_run("c", {"strategy": "naive"})  # the manifest is free while run a trains
+        for args in (["run", "--resume", "a"], ["grow", "a", "--subkeys", "2"]):
+            refused = cli.invoke(app, [*args, "--workspace", str(ws.root)])
+            assert isinstance(refused.exception, UserError), refused.output
+            assert re.fullmatch(
+                rf"run 'a' is in use by PID {job.pid} \(.*, since .*\); wait for it to finish or stop it",
+                str(refused.exception),
+            )
+    finally:
+        job.kill()  # no clean exit: the kernel releases the flock
+        job.wait()
+    assert cli.invoke(app, ["grow", "a", "--subkeys", "2", "--workspace", str(ws.root)]).exit_code == 0
+
+
+_MANIFEST_HOLDER = """
+import sys, time
+from lifelong_peer.workspace import Workspace
+with Workspace.open(sys.argv[1]).lock():
+    open(sys.argv[2], "w").close()
+    time.sleep(1.0)
+"""
+
+
+def test_a_manifest_change_waits_for_another_process_s_change(tmp_path):
+    ws = Workspace.init(tmp_path / "w")
+    holder = _start(_MANIFEST_HOLDER, str(ws.root), str(tmp_path / "ready"))
+    try:
+        ws.register_run("r1", {"x": 1})  # waits out the other process's change instead of failing
+    finally:
+        holder.wait()
+    assert ws.manifest()["runs"]["r1"] == {"x": 1}

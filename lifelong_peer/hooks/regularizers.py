@@ -113,16 +113,20 @@ class Distillation(PhaseHook):
             with torch.no_grad():
                 teacher_logits, _ = self.teacher(batch[:, :-1])
             return self.weight * regularize.distillation(logits, teacher_logits, self.temperature)
-        # this rank's rows of the global batch that were replayed; scaled so that the ranks' mean gradient is
-        # the single process's: the KL summed over the global batch's replayed tokens, divided by their number
-        world = distributed.world_size()
-        rows = distributed.shard(torch.arange(batch.shape[0] * world)) < self.replay_rows
+        # scaled so that the ranks' mean gradient is the single process's: the KL summed over the global
+        # batch's replayed tokens, divided by their number
+        rows = self.replayed(batch.shape[0])
         if not rows.any():  # nothing replayed (phase 0), or none of it on this rank: no teacher forward
             return None
         with torch.no_grad():
             teacher_logits, _ = self.teacher(batch[rows, :-1])
         kl = regularize.distillation(logits[rows], teacher_logits, self.temperature) * int(rows.sum())
-        return self.weight * kl * world / self.replay_rows  # batchmean over this rank's rows → over the global ones
+        return self.weight * kl * distributed.world_size() / self.replay_rows  # batchmean: this rank's → global
+
+    def replayed(self, rows: int) -> Tensor:
+        """(rows,) bool: which of this rank's ``rows`` rows were replayed — rows [0, replay_rows) of the global
+        batch (``data.sample_batch`` draws them first), of which this rank holds its block (``distributed.shard``)."""
+        return distributed.shard(torch.arange(rows * distributed.world_size())) < self.replay_rows
 
 
 def importance_batches(ctx: PhaseContext, n: int, salt: int) -> list[Tensor]:

@@ -5,13 +5,20 @@ with ``LPEER_NATIVE=0``, no C++ compiler, or a failed build — and ``lifelong_p
 runs its pure-PyTorch code. The build (``torch.utils.cpp_extension``, about a minute, announced on
 stderr) is cached under ``~/.cache/lifelong_peer/kernels/<key>`` (``$LPEER_CACHE`` overrides the
 root), the key hashing the source, torch's version, the flags and this CPU's instruction sets (the
-build uses ``-march=native``), so later processes only load the library (``python -m
+build uses ``-march=native``; ``LPEER_NATIVE_MARCH`` names another target, e.g. ``x86-64-v3`` for one
+cache shared by mixed CPUs), so later processes only load the library (``python -m
 lifelong_peer.kernels`` builds it ahead). Processes starting together (torchrun's ranks) build once,
 under an flock on the cache, and the others load the result; the build runs in a private folder
 renamed into place when complete, so an interrupted build leaves nothing half-made (nor
 cpp_extension's own lock file, which would make the next build wait forever). A failed build
 leaves ``FAILED`` with the compiler's message in the cache folder and is not retried; delete the
 folder to retry.
+
+Issue 25: the kernels' own arithmetic gives the same bits whatever instruction set the build targets —
+no fused multiply-adds (``-ffp-contract=off``) and reductions in a fixed order (``dot``), checked by
+``tests/test_native.py`` against a baseline x86-64 build. What they call in ATen (the GEMM of the
+routing scores, the activation) follows the CPU, as torch's own layers do: ``build_info`` and
+``system.machine`` record both in every results file.
 """
 
 from __future__ import annotations
@@ -33,8 +40,16 @@ from types import ModuleType
 import torch
 
 SOURCE = Path(__file__).with_name("peer_kernels.cpp")
-CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-std=c++17"]
+MARCH_ENV = "LPEER_NATIVE_MARCH"
+#: -ffp-contract=off: no fused multiply-add, whose rounding would differ between CPUs with and without FMA
+CFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-fno-math-errno", "-std=c++17"]
 LDFLAGS = ["-fopenmp"]
+
+
+def cflags() -> list[str]:
+    """The compile flags: ``CFLAGS``, the target taken from ``$LPEER_NATIVE_MARCH`` when set."""
+    march = os.environ.get(MARCH_ENV)
+    return [f"-march={march}" if f == "-march=native" and march else f for f in CFLAGS]
 
 
 def enabled() -> bool:
@@ -54,7 +69,7 @@ def _cpu_flags() -> str:
 
 def build_dir() -> Path:
     """The cache folder of this source, torch version, flag set and CPU."""
-    key = "\n".join([SOURCE.read_text(), torch.__version__, sys.version, " ".join(CFLAGS), _cpu_flags()])
+    key = "\n".join([SOURCE.read_text(), torch.__version__, sys.version, " ".join(cflags()), _cpu_flags()])
     root = Path(os.environ.get("LPEER_CACHE", Path.home() / ".cache" / "lifelong_peer"))
     return root / "kernels" / hashlib.sha256(key.encode()).hexdigest()[:16]
 
@@ -174,7 +189,7 @@ def _build(name: str, d: Path) -> ModuleType | None:
             name=name,
             sources=[str(SOURCE)],
             build_directory=str(private),
-            extra_cflags=CFLAGS,
+            extra_cflags=cflags(),
             extra_ldflags=LDFLAGS,
             verbose=False,
         )
@@ -199,4 +214,14 @@ def _build(name: str, d: Path) -> ModuleType | None:
         shutil.rmtree(private, ignore_errors=True)
 
 
-__all__ = ["build_dir", "compiler_available", "enabled", "is_built", "load"]
+def build_info() -> dict:
+    """The kernels a results record was computed with (issue 25): ``native`` (False: the pure-PyTorch path), the
+    compile ``flags`` and ``isa``, the instruction sets the build targets (the compiler's macros: AVX2, FMA, ...).
+    Builds nothing: kernels not built yet count as not used."""
+    module = load() if enabled() and is_built() else None
+    if module is None:
+        return {"native": False, "flags": None, "isa": None}
+    return {"native": True, "flags": " ".join(cflags()), "isa": module.build_isa()}
+
+
+__all__ = ["build_dir", "build_info", "cflags", "compiler_available", "enabled", "is_built", "load"]

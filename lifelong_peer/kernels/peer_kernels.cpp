@@ -27,6 +27,7 @@
 #include <cmath>
 #include <functional>
 #include <limits>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -131,12 +132,24 @@ void row_topk(const T* s, int64_t n, int64_t k, TopkScratch<T>& w, Item<T>* out)
   best_k(cv, ci, c, k, out);
 }
 
+// A dot product in one order of additions whatever the vector width of the build (issue 25): kLanes partial
+// sums, lane l taking elements l, l + kLanes, ..., then halved pairwise. A compiler may vectorise the lanes
+// 4, 8 or 16 wide without reordering any sum, and -ffp-contract=off keeps fused multiply-adds out, so an
+// SSE2, AVX2 or AVX-512 build gives the same bits (tests/test_native.py builds one for baseline x86-64).
+constexpr int64_t kLanes = 16;
+
 template <typename T>
 inline T dot(const T* a, const T* b, int64_t D) {
-  T acc = 0;
-#pragma omp simd reduction(+ : acc)
-  for (int64_t d = 0; d < D; ++d) acc += a[d] * b[d];
-  return acc;
+  T acc[kLanes] = {};
+  int64_t d = 0;
+  for (; d + kLanes <= D; d += kLanes) {
+#pragma omp simd
+    for (int64_t l = 0; l < kLanes; ++l) acc[l] += a[d + l] * b[d + l];
+  }
+  for (int64_t l = 0; d + l < D; ++l) acc[l] += a[d + l] * b[d + l];
+  for (int64_t w = kLanes / 2; w > 0; w /= 2)
+    for (int64_t l = 0; l < w; ++l) acc[l] += acc[l + w];
+  return acc[0];
 }
 
 template <typename T>
@@ -525,7 +538,35 @@ void row_adamw_(at::Tensor w, at::Tensor m, at::Tensor v, at::Tensor step, at::T
   });
 }
 
+// The instruction sets this build targets (the compiler's macros), for results records (kernels.build_info).
+std::string build_isa() {
+  std::string isa = "";
+#if defined(__SSE4_2__)
+  isa += "sse4_2 ";
+#endif
+#if defined(__AVX2__)
+  isa += "avx2 ";
+#endif
+#if defined(__FMA__)
+  isa += "fma ";
+#endif
+#if defined(__AVX512F__)
+  isa += "avx512f ";
+#endif
+#if defined(__AVX512BW__)
+  isa += "avx512bw ";
+#endif
+#if defined(__ARM_NEON)
+  isa += "neon ";
+#endif
+#if defined(__ARM_FEATURE_SVE)
+  isa += "sve ";
+#endif
+  return isa.empty() ? "baseline" : isa.substr(0, isa.size() - 1);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("build_isa", &build_isa, "the instruction sets this build targets");
   m.def("pk_topk", &pk_topk, "product-key top-k by filtering");
   m.def("pk_topk_shell", &pk_topk_shell, "a grown generation's product-key top-k");
   m.def("pk_topk_backward", &pk_topk_backward, "gradients of the product-key scores");
