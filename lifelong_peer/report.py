@@ -321,9 +321,12 @@ def joint_command(run_dir: Path) -> str | None:
         options += (
             f" --{'' if value else 'no-'}{flag}" if isinstance(value, bool) else f" --{flag} {shlex.quote(str(value))}"
         )
-    return advice.JOINT.format(
+    root = run_dir.parent.parent  # WORKSPACE/runs/RUN: the hint names the run's workspace, so it runs as printed
+    return advice.command(
+        advice.JOINT,
+        root if (root / "workspace.json").is_file() else None,
         stream=shlex.quote(cfg.stream),
-        base=shlex.quote(str(base)),
+        base=base,
         slices=shlex.quote(",".join(cfg.slices)),
         name=f"{cfg.stream}-joint-s{cfg.train.seed}",
         options=options,

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from lifelong_peer import advice
 from lifelong_peer.cli.main import app
 from lifelong_peer.errors import UserError
 from lifelong_peer.metrics import EvalRow, PhaseRecord, RunResults, SplitEval, save_results
@@ -363,9 +364,11 @@ def test_the_summary_comes_first_with_costs_and_the_command_adding_joint(toy, tm
     assert "ms per step" in md[:first_table] and "MB on disk" in md[:first_table]
     # no joint run: no column of "—", but the exact command that adds one
     assert "share of joint" not in md[first_table:] and c["add_joint"] in md[:first_table]
+    prefix = shlex.split(advice.lpeer_command())  # `lpeer`, or this installation's script (issue 25, item 1)
     args = shlex.split(c["add_joint"])
-    assert args[:2] == ["lpeer", "run"]
-    result = cli.invoke(app, [*args[1:], "--workspace", str(toy.root), "--quiet"])
+    assert args[: len(prefix) + 1] == [*prefix, "run"]
+    # as printed: it names the workspace itself (no --workspace added here)
+    result = cli.invoke(app, [*args[len(prefix) :], "--quiet"])
     assert result.exit_code == 0, result.output
     joint = args[args.index("--name") + 1]
     with_joint = report(["grow", "plain", joint], tmp_path / "with-joint", workspace=toy.root)
