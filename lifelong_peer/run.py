@@ -435,7 +435,10 @@ def locked_run(workspace, run: str, stream=None, lock: bool = True) -> Iterator[
     from .workspace import LOCK, exclusive
 
     with exclusive(workspace.resolve_run(run) / LOCK, f"run {run!r}") if lock else contextlib.nullcontext():
-        yield open_run(workspace, run, stream)
+        opened = open_run(workspace, run, stream)
+        # and its stream for reading: `ingest --replace` of it waits for the run to end (issue 25)
+        with workspace.stream_lock(opened.config.stream, shared=True) if lock else contextlib.nullcontext():
+            yield opened
 
 
 def open_run(workspace, run: str, stream=None) -> Run:

@@ -45,10 +45,11 @@ _HELD: dict[Path, tuple[object, int]] = {}
 
 
 @contextlib.contextmanager
-def exclusive(path: Path, what: str, wait_s: float = 0.0) -> Iterator[None]:
+def exclusive(path: Path, what: str, wait_s: float = 0.0, shared: bool = False) -> Iterator[None]:
     """Hold an exclusive flock on ``path`` (created if needed) while the block runs: one writer of ``what``
     (a phrase: "run 'r'") at a time. Waits up to ``wait_s`` seconds for another holder, then raises a
-    ``UserError`` naming its PID and command. Re-entrant within this process."""
+    ``UserError`` naming its PID and command. Re-entrant within this process. ``shared``: a reader's lock,
+    held by any number of readers at once and refused only while a writer holds the exclusive one."""
     path = Path(path).resolve()
     if path in _HELD:
         f, depth = _HELD[path]
@@ -64,21 +65,22 @@ def exclusive(path: Path, what: str, wait_s: float = 0.0) -> Iterator[None]:
     deadline = time.monotonic() + wait_s
     while True:
         try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(f.fileno(), (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
             break
         except BlockingIOError:
             if time.monotonic() < deadline:
                 time.sleep(0.05)
                 continue
             f.seek(0)
-            holder = f.read().strip() or "unknown PID"
+            holders = [line for line in f.read().splitlines() if _alive(line.partition(" ")[0])]
             f.close()
-            pid, _, command = holder.partition(" ")
+            pid, _, command = (holders[-1] if holders else "unknown PID").partition(" ")
             raise UserError(
                 f"{what} is in use by PID {pid} ({command or 'unknown command'}); wait for it to finish or stop it"
             ) from None
-    f.seek(0)
-    f.truncate()
+    if not shared:  # a writer's line replaces the file's; readers add theirs (any number hold it at once)
+        f.seek(0)
+        f.truncate()
     command = " ".join(Path(a).name if i == 0 else a for i, a in enumerate(sys.argv))[:200]
     f.write(f"{os.getpid()} {command}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
     f.flush()
@@ -87,8 +89,26 @@ def exclusive(path: Path, what: str, wait_s: float = 0.0) -> Iterator[None]:
         yield
     finally:
         del _HELD[path]
+        if shared:  # take this reader's line out (the lines only name holders for the refusal message)
+            f.seek(0)
+            others = [line for line in f.read().splitlines() if not line.startswith(f"{os.getpid()} ")]
+            f.seek(0)
+            f.truncate()
+            f.write("".join(line + "\n" for line in others))
+            f.flush()
         fcntl.flock(f.fileno(), fcntl.LOCK_UN)
         f.close()
+
+
+def _alive(pid: str) -> bool:
+    """Whether the process a lock file's line names still runs (a killed reader's line outlives its lock)."""
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def now_iso() -> str:
@@ -164,10 +184,12 @@ class Workspace:
         second process waits up to ``MANIFEST_WAIT_S`` for it. Runs and streams have locks of their own."""
         return exclusive(self.root / LOCK, f"workspace {self.root}", MANIFEST_WAIT_S)
 
-    def stream_lock(self, name: str) -> contextlib.AbstractContextManager:
-        """One ingest of stream ``name`` at a time; other streams and runs go on meanwhile."""
+    def stream_lock(self, name: str, shared: bool = False) -> contextlib.AbstractContextManager:
+        """One ingest of stream ``name`` at a time; other streams and runs go on meanwhile. ``shared``: a run
+        reading the stream while it trains (``run.locked_run``), so that ``ingest --replace`` cannot delete
+        its files under it; any number of runs read one stream at once."""
         path = self.root / ".locks" / f"stream-{name}.lock"  # not in streams/: a failed ingest leaves that as it was
-        return exclusive(path, f"stream {name!r} of workspace {self.root}")
+        return exclusive(path, f"stream {name!r} of workspace {self.root}", shared=shared)
 
     # -- runs -------------------------------------------------------------------------------
     def run_dir(self, run_id: str) -> Path:

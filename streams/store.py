@@ -255,8 +255,12 @@ def ingest_source(ws: Workspace, src, name: str, opts: IngestOptions, progress: 
     started = time.perf_counter()
     spec = SliceSpec.parse(opts.slice)
     tokenizer = _tokenizer(opts.tokenizer)
-    with ws.stream_lock(name):  # this stream only (issue 25); the manifest is locked while it changes
-        fingerprint = _fingerprint(src, opts, tokenizer)
+    fingerprint = _fingerprint(src, opts, tokenizer)
+    existing = ws.manifest()["streams"].get(name)
+    if existing is not None and existing["fingerprint"] == fingerprint and (ws.root / existing["dir"]).is_dir():
+        return _summary(existing, unchanged=True, seconds=time.perf_counter() - started)  # writes nothing: no lock
+    # this stream only (issue 25), and not while a run reads it; the manifest is locked while it changes
+    with ws.stream_lock(name):
         existing = ws.manifest()["streams"].get(name)
         if existing is not None and existing["fingerprint"] == fingerprint and (ws.root / existing["dir"]).is_dir():
             return _summary(existing, unchanged=True, seconds=time.perf_counter() - started)

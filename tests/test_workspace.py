@@ -198,10 +198,16 @@ def test_a_running_job_locks_its_run_not_the_workspace(tmp_path):
                 rf"run 'a' is in use by PID {job.pid} \(.*, since .*\); wait for it to finish or stop it",
                 str(refused.exception),
             )
+        # the stream run a reads cannot be replaced under it; its files stay as they were
+        before = sorted(p.relative_to(ws.root) for p in (ws.root / "streams").rglob("*"))
+        with pytest.raises(UserError, match=rf"stream 'toy' of workspace .* is in use by PID {job.pid} "):
+            ingest(ws, str(tmp_path / "docs.jsonl"), "toy", split=(0.5, 0.25, 0.25), replace=True)
+        assert sorted(p.relative_to(ws.root) for p in (ws.root / "streams").rglob("*")) == before
     finally:
         job.kill()  # no clean exit: the kernel releases the flock
         job.wait()
     assert cli.invoke(app, ["grow", "a", "--subkeys", "2", "--workspace", str(ws.root)]).exit_code == 0
+    ingest(ws, str(tmp_path / "docs.jsonl"), "toy", split=(0.5, 0.25, 0.25), replace=True)  # the job has ended
 
 
 _MANIFEST_HOLDER = """
