@@ -172,7 +172,10 @@ def main(argv: list[str] | None = None) -> dict:
     )
     from lifelong_peer.system import info
 
-    res = {"command": " ".join(["python", "benchmarks/distributed_bytes.py", *sys.argv[1:]]), "machine": info()}
+    res = {
+        "command": " ".join(["python", "benchmarks/distributed_bytes.py", *sys.argv[1:]]),
+        "machine": info(full=True),
+    }
     res |= {"quick": args.quick, "world": WORLD, "dim": DIM, "retrievals_per_token": RETRIEVALS}
     res |= run(job)
     print_tables(res)

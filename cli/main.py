@@ -46,15 +46,22 @@ def _root(
 
 
 @app.command()
-def info(workspace: Path | None = WorkspaceOpt, fmt: Format = FormatOpt) -> None:
-    """Versions of torch / faiss / datasets, threads, CUDA and faiss-GPU availability, and the workspace.
+def info(
+    workspace: Path | None = WorkspaceOpt,
+    fmt: Format = FormatOpt,
+    full: bool = typer.Option(
+        False, "--full", help="Also import torch and faiss: threads, CPU code path, CUDA devices, faiss GPUs."
+    ),
+) -> None:
+    """Versions of torch / faiss / datasets, the CPU, the native kernels and the workspace; --full adds threads,
+    CUDA and faiss-GPU availability (a bug report wants --full).
 
-    Example: lpeer info --format json
+    Example: lpeer info --full --format json
     """
     from lifelong_peer.system import info as system_info
     from lifelong_peer.workspace import default_root
 
-    data = system_info() | {"workspace": str(workspace or default_root())}
+    data = system_info(full) | {"workspace": str(workspace or default_root())}
     emit(data, fmt, lambda d: stdout.print(key_value_table(d, title="lifelong-peer environment")))
 
 

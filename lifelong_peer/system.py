@@ -81,34 +81,49 @@ def machine() -> dict:
     }
 
 
-def info() -> dict:
+def info(full: bool = False) -> dict:
     """Versions and hardware: what a bug report needs.
 
-    torch is imported (threads, CUDA), datasets is not: its version is read from the installed
-    package's metadata, as importing it takes longer than the rest of ``lpeer info`` (issue 25)."""
-    from importlib import metadata
+    By default nothing heavy is imported, so ``lpeer info`` answers at once (issue 25): versions come from the
+    installed packages' metadata. ``full`` imports torch and faiss for torch's threads and CPU code path, CUDA
+    devices, faiss GPUs and the kernels' instruction sets."""
+    from . import __version__
 
-    import torch
-
-    from . import __version__, kernels
-
-    try:
-        datasets_version = metadata.version("datasets")
-    except metadata.PackageNotFoundError:  # pragma: no cover - a hard dependency, but info must never crash
-        datasets_version = None
-    cuda, here = torch.cuda.is_available(), cpu()
-    return {
+    here = cpu()
+    data = {
         "lifelong_peer": __version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "torch": torch.__version__,
-        "datasets": datasets_version,
-        **faiss_info(),
+        "torch": _version("torch"),
+        "datasets": _version("datasets"),
+        "faiss": _version("faiss-cpu", "faiss-gpu", "faiss-gpu-cu12", "faiss-gpu-cu11", "faiss"),
         "cpu": f"{here['model']} ({' '.join(here['isa'])})",
+        "native_kernels": native_kernels_info(),
+    }
+    if not full:
+        return data | {"threads, CUDA, faiss GPUs": "lpeer info --full"}
+    import torch
+
+    from . import kernels
+
+    cuda = torch.cuda.is_available()
+    return data | {
+        **faiss_info(),
         "threads": torch.get_num_threads(),
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "native_kernels": native_kernels_info(),
         "native_kernels_isa": kernels.build_info()["isa"],
         "cuda": cuda,
         "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else [],
     }
+
+
+def _version(*distributions: str) -> str | None:
+    """The installed version of the first of ``distributions`` present (None: none is)."""
+    from importlib import metadata
+
+    for name in distributions:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return None

@@ -46,10 +46,16 @@ def test_importing_the_command_line_loads_none_of_them():
         ["streams"],
         ["eval", "r"],
         ["eval", "r", "--format", "json"],
+        ["info"],
     ],
 )
 def test_commands_that_train_nothing_load_none_of_them(args, tiny_workspace):
     assert imported([*args, "-w", "ws"] if args[-1] != "--help" else args, tiny_workspace) == []
+
+
+def test_info_full_reports_what_needs_torch(tiny_workspace):
+    """`lpeer info` names the versions without importing anything heavy; --full pays for threads and CUDA."""
+    assert "torch" in imported(["info", "--full", "-w", "ws"], tiny_workspace)
 
 
 def test_a_command_that_trains_loads_torch(tiny_workspace):

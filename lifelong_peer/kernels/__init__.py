@@ -34,10 +34,9 @@ import sys
 import sysconfig
 import tempfile
 import warnings
+from importlib import metadata
 from pathlib import Path
 from types import ModuleType
-
-import torch
 
 SOURCE = Path(__file__).with_name("peer_kernels.cpp")
 MARCH_ENV = "LPEER_NATIVE_MARCH"
@@ -69,9 +68,17 @@ def _cpu_flags() -> str:
 
 def build_dir() -> Path:
     """The cache folder of this source, torch version, flag set and CPU."""
-    key = "\n".join([SOURCE.read_text(), torch.__version__, sys.version, " ".join(cflags()), _cpu_flags()])
+    key = "\n".join([SOURCE.read_text(), _torch_version(), sys.version, " ".join(cflags()), _cpu_flags()])
     root = Path(os.environ.get("LPEER_CACHE", Path.home() / ".cache" / "lifelong_peer"))
     return root / "kernels" / hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def _torch_version() -> str:
+    """torch's version without importing it (``lpeer info`` starts without torch, issue 25): the same string
+    as ``torch.__version__`` for an installed torch."""
+    if "torch" in sys.modules:
+        return sys.modules["torch"].__version__
+    return metadata.version("torch")
 
 
 def _compiler() -> str | None:
