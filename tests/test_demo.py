@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 
 import pytest
@@ -55,7 +56,11 @@ def test_demo_cli_runs_both_strategies_and_writes_heatmaps(tmp_path):
             cwd=tmp_path, env=env, capture_output=True, text=True, check=False,
         )  # fmt: skip
         assert shown.returncode == 0, shown.stderr
-        [hint] = hints(shown.stdout)
+        [hint] = re.findall(r"\(try: (.+)\)$", shown.stdout, re.MULTILINE)
         done = run_as_printed(hint, tmp_path, env)
         assert done.returncode == 0, (hint, done.stderr)
         assert "demo-lifelong-s0 (lifelong)" in done.stdout
+        # the summary's command that adds the joint reference runs as printed too
+        [joint] = [h for h in hints(shown.stdout) if " --strategy joint " in h]
+        done = run_as_printed(joint, tmp_path, env)
+        assert done.returncode == 0, (joint, done.stderr)
