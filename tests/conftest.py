@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
 from hypothesis import settings
+from peer_helpers import toy_workspace
 
 from lifelong_peer import kernels
 from lifelong_peer.streams.tokenize import ByteTokenizer
@@ -34,22 +33,10 @@ def tiny_workspace(tmp_path_factory):
     """A workspace ``ws`` with stream ``toy`` (two yearly slices, from ``docs.jsonl`` beside it) and the
     finished run ``r`` trained on it; returns the folder holding both."""
     from lifelong_peer.run import new_run
-    from lifelong_peer.streams import ingest
     from lifelong_peer.train import run_phases
-    from lifelong_peer.workspace import Workspace
 
     root = tmp_path_factory.mktemp("tiny")
-    rng = np.random.default_rng(0)
-    lines = [
-        json.dumps(
-            {"text": " ".join(rng.choice(["peer", "expert", "time", "slice"], 40)), "time": f"{y}-0{1 + d % 9}-01"}
-        )
-        for y in (2001, 2002)
-        for d in range(30)
-    ]
-    (root / "docs.jsonl").write_text("\n".join(lines) + "\n")
-    ws = Workspace.init(root / "ws")
-    ingest(ws, str(root / "docs.jsonl"), "toy", split=(0.6, 0.2, 0.2))
+    ws = toy_workspace(root)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     run_phases(new_run(ws, "toy", "naive", TINY_TRAIN, TINY_MODEL, run_id="r"))

@@ -93,3 +93,25 @@ def assert_trains_like_naive_with_frozen_rows_bit_identical(impl: str) -> None:
         assert rel_err(layer.get_parameter(name), naive.get_parameter(name)) < 1e-5, name
     assert torch.equal(layer.U[frozen], start[0][frozen]) and torch.equal(layer.V[frozen], start[1][frozen])
     assert not torch.equal(layer.U, start[0])
+
+
+def toy_workspace(root, words=("peer", "expert", "time", "slice"), per_year: int = 30, name: str = "ws"):
+    """A workspace ``root/name`` with stream ``toy``: ``per_year`` documents of 40 random ``words`` in each of
+    2001 and 2002 (seed 0), written to ``root/docs.jsonl`` and split 60/20/20."""
+    import json
+
+    import numpy as np
+
+    from lifelong_peer.streams import ingest
+    from lifelong_peer.workspace import Workspace
+
+    rng = np.random.default_rng(0)
+    lines = [
+        json.dumps({"text": " ".join(rng.choice(list(words), 40)), "time": f"{y}-0{1 + d % 9}-01"})
+        for y in (2001, 2002)
+        for d in range(per_year)
+    ]
+    (root / "docs.jsonl").write_text("\n".join(lines) + "\n")
+    ws = Workspace.init(root / name)
+    ingest(ws, str(root / "docs.jsonl"), "toy", split=(0.6, 0.2, 0.2))
+    return ws

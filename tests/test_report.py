@@ -8,6 +8,7 @@ import shlex
 
 import numpy as np
 import pytest
+from peer_helpers import toy_workspace
 from typer.testing import CliRunner
 
 from lifelong_peer import advice
@@ -317,21 +318,10 @@ def toy(tmp_path_factory):
     import torch
 
     from lifelong_peer.run import new_run
-    from lifelong_peer.streams import ingest
     from lifelong_peer.train import run_phases
-    from lifelong_peer.workspace import Workspace
 
     root = tmp_path_factory.mktemp("toy")
-    rng = np.random.default_rng(0)
-    words = ["peer", "expert", "time", "slice"]
-    lines = [
-        json.dumps({"text": " ".join(rng.choice(words, 40)), "time": f"{y}-0{1 + d % 9}-01"})
-        for y in (2001, 2002)
-        for d in range(30)
-    ]
-    (root / "docs.jsonl").write_text("\n".join(lines) + "\n")
-    ws = Workspace.init(root / "ws")
-    ingest(ws, str(root / "docs.jsonl"), "toy", split=(0.6, 0.2, 0.2))
+    ws = toy_workspace(root)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

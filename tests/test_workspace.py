@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from peer_helpers import toy_workspace
 
 from lifelong_peer import workspace
 from lifelong_peer.errors import UserError
@@ -157,7 +158,6 @@ def _start(script: str, *args: str) -> subprocess.Popen:
 def test_a_running_job_locks_its_run_not_the_workspace(tmp_path):
     """While `lpeer run --resume a` trains (another process), `lpeer grow b` on a finished run and a new run's
     registration go ahead; a second trainer or editor of run a is refused, naming the job's PID."""
-    import numpy as np
     import torch
     from typer.testing import CliRunner
 
@@ -166,15 +166,7 @@ def test_a_running_job_locks_its_run_not_the_workspace(tmp_path):
     from lifelong_peer.streams import ingest
     from lifelong_peer.train import run_phases
 
-    rng = np.random.default_rng(0)
-    lines = [
-        json.dumps({"text": " ".join(rng.choice(["peer", "expert", "slice"], 40)), "time": f"{y}-0{1 + d % 9}-01"})
-        for y in (2001, 2002)
-        for d in range(20)
-    ]
-    (tmp_path / "docs.jsonl").write_text("\n".join(lines) + "\n")
-    ws = Workspace.init(tmp_path / "w")
-    ingest(ws, str(tmp_path / "docs.jsonl"), "toy", split=(0.6, 0.2, 0.2))
+    ws = toy_workspace(tmp_path, ("peer", "expert", "slice"), per_year=20, name="w")
     model = {"dim": 16, "layers": 1, "heads": 2, "context": 16, "peer": {"num_subkeys": 4, "heads": 2, "topk": 2}}
     train = {"steps": 1, "batch_size": 2, "eval_tokens": 64, "usage_tokens": 64, "warmup": 0, "base_steps": 1}
     threads = torch.get_num_threads()
