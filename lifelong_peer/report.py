@@ -301,6 +301,7 @@ def joint_command(run_dir: Path) -> str | None:
     import shlex
 
     from .config import RunConfig, TrainConfig, resolve_config
+    from .workspace import MANIFEST
 
     try:
         cfg = RunConfig.from_dict(json.loads((run_dir / "config.json").read_text(encoding="utf-8")))
@@ -324,7 +325,7 @@ def joint_command(run_dir: Path) -> str | None:
     root = run_dir.parent.parent  # WORKSPACE/runs/RUN: the hint names the run's workspace, so it runs as printed
     return advice.command(
         advice.JOINT,
-        root if (root / "workspace.json").is_file() else None,
+        root if (root / MANIFEST).is_file() else None,
         stream=shlex.quote(cfg.stream),
         base=base,
         slices=shlex.quote(",".join(cfg.slices)),
