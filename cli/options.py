@@ -48,7 +48,7 @@ PANELS = {
     "Growth": ("grow", "max_experts", "grow_mode", "grow_topk", "grow_gate"),
     "Protection: freezing": ("freeze", "freeze_subkeys", "train_shared", "train_subkeys", "tfidf_background"),
     "Protection: distillation and regularisers": (
-        "distill", "distill_temperature", "distill_on", "l2sp", "ewc", "ewc_batches", "mas", "expert_weight_decay",
+        "distill", "distill_temperature", "distill_on", "distill_tokens", "l2sp", "ewc", "ewc_batches", "mas", "expert_weight_decay",
     ),
     "Checkpoints": ("keep_checkpoints", "checkpoint_every"),
 }  # fmt: skip

@@ -96,6 +96,10 @@ class TrainConfig:
     distill_on: str = "all"
     """Rows distillation applies to: all (the whole batch) or replay (the replayed rows only: old slices' outputs
     are held, the new slice learns freely)."""
+    distill_tokens: str = "all"
+    """Tokens of those rows distillation applies to: all, or forgotten (only where the previous model gave the
+    true next byte more probability than the model does now: what is being lost is held, what improves runs
+    free; issue 24)."""
     replay: float = 0.0
     """Fraction of each batch drawn from earlier slices' train splits."""
     joint: bool = False
@@ -137,6 +141,8 @@ class TrainConfig:
                 raise UserError(f"{name} must be positive, got {getattr(self, name)}")
         if self.distill_on not in ("all", "replay"):
             raise UserError(f"distill_on must be all or replay, got {self.distill_on!r}")
+        if self.distill_tokens not in ("all", "forgotten"):
+            raise UserError(f"distill_tokens must be all or forgotten, got {self.distill_tokens!r}")
         if self.keep_checkpoints not in ("latest", "all"):
             raise UserError(f"keep_checkpoints must be latest or all, got {self.keep_checkpoints!r}")
         for name in (

@@ -53,19 +53,31 @@ def ewc(model: nn.Module, anchor: dict[str, Tensor], fisher: dict[str, Tensor]) 
     return 0.5 * torch.stack(terms).sum() if terms else torch.zeros(())
 
 
-def distillation(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
-    """KL(teacher ‖ student) on softened distributions, scaled by T² (Hinton et al. 2015); logits (..., V)."""
+def distillation(
+    student_logits: Tensor, teacher_logits: Tensor, temperature: float, mask: Tensor | None = None
+) -> Tensor:
+    """KL(teacher ‖ student) on softened distributions, scaled by T² (Hinton et al. 2015); logits (..., V).
+
+    The mean over positions; with ``mask`` (...) bool, positions outside it count as zero (still in the mean).
+    """
     t = temperature
-    return (
-        F.kl_div(
-            F.log_softmax(student_logits.flatten(0, -2) / t, dim=-1),
-            F.log_softmax(teacher_logits.flatten(0, -2) / t, dim=-1),
-            log_target=True,
-            reduction="batchmean",
-        )
-        * t
-        * t
+    student, teacher = (
+        F.log_softmax(student_logits.flatten(0, -2) / t, dim=-1),
+        F.log_softmax(teacher_logits.flatten(0, -2) / t, dim=-1),
     )
+    if mask is None:
+        return F.kl_div(student, teacher, log_target=True, reduction="batchmean") * t * t
+    kl = F.kl_div(student, teacher, log_target=True, reduction="none").sum(-1) * mask.flatten()
+    return kl.sum() / kl.shape[0] * t * t
+
+
+def forgotten(student_logits: Tensor, teacher_logits: Tensor, targets: Tensor) -> Tensor:
+    """(...) bool: positions whose true next token ``targets`` (...) the teacher gave more probability than the
+    student does (at temperature 1): what the student is losing. Logits (..., V)."""
+    with torch.no_grad():
+        s = F.log_softmax(student_logits.float(), -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        t = F.log_softmax(teacher_logits.float(), -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return t > s
 
 
 def fisher_diagonal(model: nn.Module, batches: list[Tensor]) -> dict[str, Tensor]:

@@ -144,6 +144,39 @@ def test_distillation_on_replay_rows_is_the_kl_of_the_replayed_rows_only(tmp_pat
     assert grad[2:].abs().max() == 0 and grad[:2].abs().max() > 0
 
 
+def test_distillation_of_forgotten_tokens_matches_a_token_by_token_reference():
+    """distill_tokens = forgotten: a token counts only where the teacher gave the true next byte more
+    probability than the student; the sum runs over those, the mean over all tokens. A student equal to
+    its teacher has forgotten nothing: no penalty, no gradient."""
+    T, w = 2.0, 0.5
+    teacher = _model(1).eval()
+    hook = Distillation(w, T, tokens="forgotten")
+    hook.teacher = teacher
+    batch = _batch()
+    with torch.no_grad():
+        t_logits, _ = teacher(batch[:, :-1])
+    student = t_logits + 0.7 * torch.randn(t_logits.shape, generator=torch.Generator().manual_seed(3))
+    student.requires_grad_(True)
+    value = hook.penalty(None, batch, student)
+    want, kept = torch.zeros(()), 0
+    for r in range(batch.shape[0]):
+        for i in range(TINY.context):
+            y = batch[r, i + 1]
+            if F.log_softmax(t_logits[r, i], -1)[y] > F.log_softmax(student[r, i].detach(), -1)[y]:
+                p_t = F.softmax(t_logits[r, i] / T, -1)
+                want = want + (p_t * (p_t.log() - F.log_softmax(student[r, i] / T, -1))).sum()
+                kept += 1
+    assert 0 < kept < batch.shape[0] * TINY.context  # some tokens forgotten, some not: the mask matters
+    want = w * T * T * want / (batch.shape[0] * TINY.context)
+    assert torch.allclose(value, want, rtol=1e-4)
+    (grad,) = torch.autograd.grad(value, student)
+    (want_grad,) = torch.autograd.grad(want, student)
+    assert torch.allclose(grad, want_grad, rtol=1e-4, atol=1e-10)
+    same = t_logits.clone().requires_grad_(True)
+    value = hook.penalty(None, batch, same)
+    assert value == 0 and torch.autograd.grad(value, same)[0].abs().max() == 0
+
+
 class Bigram(torch.nn.Module):
     """logits = W · emb(x): small enough for ∂‖f(x)‖²/∂W by hand."""
 

@@ -92,16 +92,17 @@ class EWC(ImportanceWeighted):
 class Distillation(PhaseHook):
     """``distill`` · KL(previous model ‖ model) at ``distill_temperature``, on the current batch, or with
     ``distill_on = "replay"`` on its replayed rows only: the old slices' behaviour is held where it was
-    learnt, and the new slice's rows learn freely (issue 24)."""
+    learnt, and the new slice's rows learn freely (issue 24). ``distill_tokens = "forgotten"`` keeps, of those
+    rows, the tokens the previous model predicted better than the model does now (``regularize.forgotten``)."""
 
-    def __init__(self, weight: float, temperature: float, on: str = "all"):
-        self.weight, self.temperature, self.on = weight, temperature, on
+    def __init__(self, weight: float, temperature: float, on: str = "all", tokens: str = "all"):
+        self.weight, self.temperature, self.on, self.tokens = weight, temperature, on, tokens
         self.teacher: nn.Module | None = None
         self.replay_rows = 0  # rows [0, replay_rows) of each global batch are replayed (``data.sample_batch``)
 
     @classmethod
     def from_config(cls, tc) -> Distillation | None:
-        return cls(tc.distill, tc.distill_temperature, tc.distill_on) if tc.distill else None
+        return cls(tc.distill, tc.distill_temperature, tc.distill_on, tc.distill_tokens) if tc.distill else None
 
     def begin_phase(self, ctx: PhaseContext) -> None:
         self.teacher = ctx.previous()
@@ -112,7 +113,7 @@ class Distillation(PhaseHook):
         if self.on == "all":
             with torch.no_grad():
                 teacher_logits, _ = self.teacher(batch[:, :-1])
-            return self.weight * regularize.distillation(logits, teacher_logits, self.temperature)
+            return self.weight * self.kl(logits, teacher_logits, batch[:, 1:])
         # scaled so that the ranks' mean gradient is the single process's: the KL summed over the global
         # batch's replayed tokens, divided by their number
         rows = self.replayed(batch.shape[0])
@@ -120,8 +121,13 @@ class Distillation(PhaseHook):
             return None
         with torch.no_grad():
             teacher_logits, _ = self.teacher(batch[rows, :-1])
-        kl = regularize.distillation(logits[rows], teacher_logits, self.temperature) * int(rows.sum())
+        kl = self.kl(logits[rows], teacher_logits, batch[rows, 1:]) * int(rows.sum())
         return self.weight * kl * distributed.world_size() / self.replay_rows  # batchmean: this rank's → global
+
+    def kl(self, logits: Tensor, teacher_logits: Tensor, targets: Tensor) -> Tensor:
+        """The distillation term on these rows: logits (R, T, V), targets (R, T)."""
+        mask = regularize.forgotten(logits, teacher_logits, targets) if self.tokens == "forgotten" else None
+        return regularize.distillation(logits, teacher_logits, self.temperature, mask)
 
     def replayed(self, rows: int) -> Tensor:
         """(rows,) bool: which of this rank's ``rows`` rows were replayed — rows [0, replay_rows) of the global
