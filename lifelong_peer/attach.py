@@ -42,7 +42,7 @@ from .checkpoint import CheckpointError, check_state, load_tensors, save_tensors
 from .errors import UserError
 from .peer import PEER, PEERConfig
 from .peer_model import PEERModel, PEERModelConfig
-from .streams.hf_tokenizer import check_local_dir, load_error, offline
+from .streams.hf_tokenizer import cache_only, check_local_dir, load_error
 
 Mode = Literal["add", "replace"]
 ATTACHED_FORMAT = "lifelong-peer/attached/1"
@@ -330,10 +330,11 @@ def load_base_config(name_or_path: str):
     """The ``transformers`` config of a base model (vocabulary, positions) without loading its weights;
     same sources and offline rules as ``load_base``."""
     transformers, source = _base_source(name_or_path)
+    why = cache_only(name_or_path)
     try:
-        return transformers.AutoConfig.from_pretrained(source, local_files_only=offline())
+        return transformers.AutoConfig.from_pretrained(source, local_files_only=why is not None)
     except (OSError, ValueError) as e:
-        raise load_error("base model", name_or_path, e) from None
+        raise load_error("base model", name_or_path, e, why) from None
 
 
 def _base_source(name_or_path: str):
@@ -351,16 +352,17 @@ def _base_source(name_or_path: str):
 def load_base(name_or_path: str, dtype: str | None = None, device: str | torch.device = "cpu") -> nn.Module:
     """A ``transformers`` causal LM from a local directory or the Hugging Face cache/hub, in eval mode.
 
-    With ``HF_HUB_OFFLINE`` set nothing is fetched (``local_files_only``); a model that is not
+    With ``HF_HUB_OFFLINE`` set, or the hub out of reach, nothing is fetched (``local_files_only``); a model that is not
     there is a ``UserError`` naming what is missing. Only safetensors weights are loaded (no pickle).
     """
     transformers, source = _base_source(name_or_path)
+    why = cache_only(name_or_path)
     try:
         model = transformers.AutoModelForCausalLM.from_pretrained(
-            source, local_files_only=offline(), use_safetensors=True
+            source, local_files_only=why is not None, use_safetensors=True
         )
     except (OSError, ValueError) as e:
-        raise load_error("base model", name_or_path, e) from None
+        raise load_error("base model", name_or_path, e, why) from None
     if dtype is not None:
         model = model.to(getattr(torch, dtype))
     return model.to(device).eval()

@@ -32,9 +32,41 @@ def check_local_dir(name: str, weights: bool) -> None:
         )
 
 
-def load_error(what: str, name: str, error: Exception) -> UserError:
-    """One sentence for a model or tokenizer ``from_pretrained`` could not load; offline, name what is missing."""
-    if not offline():
+def hub_endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+
+
+def hub_unreachable(url: str, timeout: float = 5.0) -> str | None:
+    """Why ``url`` cannot be reached (refused, no such host, timed out...), or None when it answers at all."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return None  # an answer (401, 404...): the hub is there; the client reports what it says
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        return getattr(reason, "strerror", None) or str(reason)
+    return None
+
+
+def cache_only(name_or_path: str) -> str | None:
+    """Why ``from_pretrained(name_or_path)`` must read the Hugging Face cache only, or None (a local directory,
+    or the hub answers). Offline without HF_HUB_OFFLINE, the hub client retried ~50 s before failing or falling
+    back to its cache; one short probe of the hub decides instead (as for ``hf:`` datasets, issue 25)."""
+    if offline():
+        return "HF_HUB_OFFLINE is set"
+    if Path(name_or_path).expanduser().exists():
+        return None
+    problem = hub_unreachable(f"{hub_endpoint()}/api/models/{name_or_path}")
+    return f"cannot reach the Hugging Face Hub at {hub_endpoint()} ({problem})" if problem else None
+
+
+def load_error(what: str, name: str, error: Exception, cache_only: str | None = None) -> UserError:
+    """One sentence for a model or tokenizer ``from_pretrained`` could not load; when only the cache could be
+    read (``cache_only``: why), name what is missing from it."""
+    if cache_only is None:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         return UserError(f"{what} {name!r}: could not load it ({first})")
     from huggingface_hub import try_to_load_from_cache
@@ -47,7 +79,7 @@ def load_error(what: str, name: str, error: Exception) -> UserError:
         "its files are" if what == "tokenizer" else "its *.safetensors weights are" if cached else "its config.json is"
     )
     return UserError(
-        f"{what} {name!r}: {missing} not in the Hugging Face cache and HF_HUB_OFFLINE is set; "
+        f"{what} {name!r}: {missing} not in the Hugging Face cache and {cache_only}; "
         f"download it where there is internet (hf download {name}) or give a local directory"
     )
 
@@ -68,12 +100,13 @@ class HFTokenizer:
         local = Path(name_or_path).expanduser()
         if local.exists():
             check_local_dir(name_or_path, weights=False)
+        why = cache_only(name_or_path)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(
-                str(local) if local.exists() else name_or_path, local_files_only=offline()
+                str(local) if local.exists() else name_or_path, local_files_only=why is not None
             )
         except (OSError, ValueError) as e:
-            raise load_error("tokenizer", name_or_path, e) from None
+            raise load_error("tokenizer", name_or_path, e, why) from None
         self.name = f"hf:{name_or_path}"
         self.vocab_size = len(self.tokenizer)
         sep = self.tokenizer.eos_token_id

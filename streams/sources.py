@@ -210,8 +210,10 @@ def _open_hub(source: str, opts: ReadOptions):
     name, _, config = source[3:].partition(":")
     offline = any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in _OFFLINE_VARS)
     if not offline and _REPO_ID.fullmatch(name) and not Path(name).exists():
-        endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
-        problem = _unreachable(f"{endpoint}/api/datasets/{name}")
+        from .hf_tokenizer import hub_endpoint, hub_unreachable
+
+        endpoint = hub_endpoint()
+        problem = hub_unreachable(f"{endpoint}/api/datasets/{name}")
         if problem:
             raise UserError(
                 f"cannot reach the Hugging Face Hub at {endpoint} ({problem}) to load {name!r}; {offline_advice(name)}"
@@ -235,21 +237,6 @@ def offline_advice(name: str) -> str:
         f"to work offline, save it where there is a network (datasets.load_dataset({name!r}).save_to_disk(DIR)) "
         "and ingest DIR, or ingest a local JSONL, CSV or Parquet file"
     )
-
-
-def _unreachable(url: str, timeout: float = 5.0) -> str | None:
-    """Why ``url`` cannot be reached (refused, no such host, timed out...), or None when it answers at all."""
-    import urllib.error
-    import urllib.request
-
-    try:
-        urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout).close()
-    except urllib.error.HTTPError:
-        return None  # an answer (401, 404...): the hub is there; datasets reports what it says
-    except (urllib.error.URLError, OSError) as e:
-        reason = getattr(e, "reason", e)
-        return getattr(reason, "strerror", None) or str(reason)
-    return None
 
 
 def _open_saved(path: Path, opts: ReadOptions):

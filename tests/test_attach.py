@@ -242,6 +242,42 @@ def test_local_base_loads_offline_and_missing_files_are_named(tmp_path, monkeypa
         load_base("someone/not-cached")
 
 
+def test_an_unreachable_hub_reads_the_cache_at_once_and_names_what_is_missing(tmp_path):
+    """Without HF_HUB_OFFLINE and without a network, the hub client retried ~50 s before failing or falling
+    back to its cache. One probe of the hub now sends base models and tokenizers to the cache at once: a cached
+    model loads, a missing one is one sentence that says the hub is out of reach (nothing listens on port 9)."""
+    import os
+    import subprocess
+    import sys
+
+    base = make_base("gpt2")
+    repo = tmp_path / "hf" / "hub" / "models--someone--tiny"
+    base.save_pretrained(repo / "snapshots" / "0123abcd")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    script = """
+import sys
+from lifelong_peer import UserError
+from lifelong_peer.attach import load_base
+from lifelong_peer.streams.hf_tokenizer import HFTokenizer
+print(sum(float(p.detach().double().sum()) for p in load_base("someone/tiny").parameters()))
+for load in (load_base, HFTokenizer):
+    try:
+        load("someone/not-cached")
+    except UserError as e:
+        print(e)
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_"))}
+    env |= {"HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": "http://127.0.0.1:9"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    total, model_error, tokenizer_error = done.stdout.strip().splitlines()
+    assert float(total) == pytest.approx(sum(float(p.detach().double().sum()) for p in base.parameters()), rel=1e-12)
+    reach = "not in the Hugging Face cache and cannot reach the Hugging Face Hub at http://127.0.0.1:9"
+    assert model_error.startswith("base model 'someone/not-cached': its config.json is " + reach), model_error
+    assert tokenizer_error.startswith("tokenizer 'someone/not-cached': its files are " + reach), tokenizer_error
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_the_trainer_and_index_manager_accept_an_attached_model(arch):
     model = attach_fn(make_base(arch), layers=[0, 1], peer=PEER_CFG)
