@@ -32,8 +32,15 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("lpeer-demo-bench"), help="workspace (made fresh)")
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--docs", action="store_true", help="copy the report's heatmaps to docs/heatmap-*.png")
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="keep the finished runs already in --work and train only the missing ones (after a preset changed: "
+        "delete that strategy's run directory first)",
+    )
     args = parser.parse_args()
-    shutil.rmtree(args.work, ignore_errors=True)  # a finished earlier demo would be re-read, not re-run
+    if not args.reuse:
+        shutil.rmtree(args.work, ignore_errors=True)  # a finished earlier demo would be re-read, not re-run
     config = DemoConfig(out=args.work)
     started = time.time()
     comparison = run_demo(config)

@@ -67,6 +67,8 @@ ROWS = {
     "replay": ("replay", {}, "big"),
     "replay-50": ("replay", {"replay": 0.5}, "big"),  # start big, replay at lifelong's share
     "lifelong": ("lifelong", {}, "big"),
+    # the preset of the first equal-memory runs: distillation at weight 1 (the new one distils at 0.25)
+    "lifelong-d1": ("replay", {"replay": 0.5, "distill": 1.0, "distill_on": "replay"}, "big"),
     "small-replay-40": ("replay", {"replay": 0.4}, "small"),
     # the earlier preset: a new generation of 16 sub-keys per half at every slice from the small base, capped
     # by the budget, so that on a long stream it stops growing where the fixed pool's size is
@@ -245,7 +247,11 @@ def main() -> None:
             "bases": {pool: {"path": str(p), "sha256": sha256(p)} for pool, p in bases.items()},
             "seconds": time.time() - started,
         }
-        out.with_name(out.name.replace("-results", "-meta")).write_text(json.dumps(meta, indent=1))
+        # each invocation's meta is kept beside the earlier ones': rows run at different times keep their machine
+        meta_file = out.with_name(out.name.replace("-results", "-meta"))
+        earlier = read_json(meta_file, [])
+        earlier = earlier if isinstance(earlier, list) else [earlier]
+        meta_file.write_text(json.dumps([*earlier, meta | {"rows": labels}], indent=1))
     section = table(out, title)
     print(section)
     if args.results_md:
