@@ -244,6 +244,20 @@ def base_row(summary: dict, name: str) -> dict:
     return row
 
 
+#: bits per byte: a base's losses evaluated by two builds of the kernels or of torch differ by about 4e-4
+#: (README, "Numbers and machines"); two different starting models differ by far more on some slice
+SAME_BASE_BPB = 1e-3
+
+
+def same_base(a: dict, b: dict) -> bool:
+    """Whether the runs summarised by ``a`` and ``b`` started from the same model: the same parameter count
+    where both recorded it at their start (runs before issue 25 did not; their expert count is inferred), and
+    losses before training within ``SAME_BASE_BPB`` on every slice."""
+    if a.get("base_params") is not None and b.get("base_params") is not None and a["base_params"] != b["base_params"]:
+        return False
+    return all(abs(x - y) <= SAME_BASE_BPB for x, y in zip(a["before_bpb"], b["before_bpb"], strict=True))
+
+
 def share_of_joint(rows: list[dict]) -> float | None:
     """Fill each row's ``share_of_joint`` = its gain / the mean gain of the ``joint`` runs (bits per
     byte), when joint runs are among them and gained; returns that reference gain (or None)."""
@@ -272,12 +286,16 @@ def compare_runs(runs: list[RunResults], split: str = "test", dirs: list[Path] |
         if r.slices != slices:
             raise UserError(f"runs {runs[0].run!r} and {r.run!r} have different slices ({slices} vs {r.slices})")
     summaries = [summarize(r, split) for r in runs]
-    bases: dict[tuple, dict] = {}  # one row per starting model, told apart by its losses
+    bases: list[tuple[dict, dict]] = []  # one row per starting model, told apart by its losses and size
     for s in summaries:
-        key = tuple(s["before_bpb"])
-        if s["phases_done"] and key not in bases:
-            bases[key] = base_row(s, BASE if not bases else f"{BASE}-{len(bases) + 1}")
-    rows = [*bases.values(), *(run_row(s) for s in summaries)]
+        if not s["phases_done"]:
+            continue
+        same = next((row for first, row in bases if same_base(first, s)), None)
+        if same is None:
+            bases.append((s, base_row(s, BASE if not bases else f"{BASE}-{len(bases) + 1}")))
+        else:  # what an older record lacks (its base's size, issue 25) a newer one may know
+            same |= {k: v for k, v in base_row(s, same["run"]).items() if same[k] is None and v is not None}
+    rows = [*(row for _, row in bases), *(run_row(s) for s in summaries)]
     for row, d in zip(rows[len(bases) :], dirs or [], strict=False):
         row["disk_mb"] = disk_mb(d)
     reference = share_of_joint(rows)

@@ -128,6 +128,14 @@ def test_gain_and_share_recomputed_from_the_matrix():
     # a second starting model gets a base row of its own
     other = compare_runs([*runs, run("d", "dense", NAIVE, base=[2.5, 3.0, 4.0])])
     assert [r["run"] for r in other["runs"] if r["strategy"] == "base"] == ["base", "base-2"]
+    # the same base scored by another build of the kernels (losses 4e-4 apart) is the same base
+    rebuilt = compare_runs([*runs, run("e", "dense", NAIVE, base=[b + 4e-4 for b in BASE])])
+    assert [r["run"] for r in rebuilt["runs"] if r["strategy"] == "base"] == ["base"]
+    sized = [run(name, "dense", NAIVE) for name in ("f", "g")]  # the same losses, bases of other sizes
+    for r, params in zip(sized, (1_000, 2_000), strict=True):
+        r.extra["base"] = {"num_experts": 8, "params": params, "active_params": 10}
+    resized = compare_runs([*sized, *runs])
+    assert [r["params"] for r in resized["runs"] if r["strategy"] == "base"] == [1_000, 2_000]
 
 
 def test_different_slices_are_refused():
