@@ -17,13 +17,13 @@ STRATEGIES: dict[str, dict] = {
     # scripts/train_base.py --num-subkeys), replay half of every batch from earlier slices and distil the
     # previous phase's model on the replayed rows only, so that old slices' outputs are held where they were
     # learnt while the new slice's rows learn freely. Chosen on the SOTU validation splits (a 16,384-expert
-    # first-era base, RESULTS.md "Equal memory"): distillation weight 0.5 1.895 (2 seeds) against 0.25 1.897,
-    # 0.1 1.902 and 1 1.903 (1.902 seed 0), replay at 50% alone 1.910, 40% 1.923, 60% 1.907; 40% or 60% replay
-    # with weight 0.5 1.902 and 1.899; distilling only the tokens the old model predicted better
-    # (distill_tokens=forgotten) 1.905. Growing from a small base (the earlier preset, below as
-    # `lifelong-grow`), freezing the experts old slices use (usage:99: 2.006) and a higher expert rate
-    # (1e-2: 1.952) all did worse at this memory. The newest slice pays for it (2.315 vs 2.273 without
-    # distillation, 2.355 at weight 1)
+    # first-era base, RESULTS.md "Equal memory"): means of 2 seeds, distillation weight 0.5 1.895 against
+    # 0.25 1.897, 1 1.902 and replay at 50% alone 1.913; seed 0 only, weight 0.1 1.902, replay at 40% 1.923
+    # and 60% 1.907, 40% or 60% replay with weight 0.5 1.902 and 1.899, distilling only the tokens the old
+    # model predicted better (distill_tokens=forgotten) 1.905. Growing from a small base (the earlier preset,
+    # below as `lifelong-grow`), freezing the experts old slices use (usage:99: 2.006) and a higher expert
+    # rate (1e-2: 1.952) all did worse at this memory. The newest slice pays for it (2 seeds: 2.315 against
+    # 2.277 without distillation, 2.353 at weight 1)
     "lifelong": {"replay": 0.5, "distill": 0.5, "distill_on": "replay"},
     # the earlier lifelong (issue 16): a new generation of 16 sub-keys per half at each slice (its own
     # retrieval, nested gate: the function is unchanged by growth), every old expert and its sub-keys frozen,

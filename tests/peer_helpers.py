@@ -95,6 +95,19 @@ def assert_trains_like_naive_with_frozen_rows_bit_identical(impl: str) -> None:
     assert not torch.equal(layer.U, start[0])
 
 
+#: a two-block language model with PEER in both blocks (so a layer option matters) that trains in seconds,
+#: and the three years of words its tiny streams are written from (test_use, test_index_cli)
+TINY_LM = {
+    "dim": 32,
+    "layers": 2,
+    "heads": 2,
+    "context": 32,
+    "peer_blocks": "all",
+    "peer": {"num_subkeys": 8, "heads": 2, "topk": 4, "dim_key": 16},
+}
+TOY_WORDS = {2001: "the peer expert stream", 2002: "time slice and of", 2003: "model growth frozen keys"}
+
+
 def toy_workspace(root, words=("peer", "expert", "time", "slice"), per_year: int = 30, name: str = "ws"):
     """A workspace ``root/name`` with stream ``toy``: ``per_year`` documents of 40 random ``words`` in each of
     2001 and 2002 (seed 0), written to ``root/docs.jsonl`` and split 60/20/20."""

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from peer_helpers import TINY_LM, TOY_WORDS
 from typer.testing import CliRunner
 
 from lifelong_peer.cli.main import app, main
@@ -25,16 +26,7 @@ from lifelong_peer.train import run_phases
 from lifelong_peer.workspace import Workspace
 
 runner = CliRunner()
-MODEL = {
-    "dim": 32,
-    "layers": 2,
-    "heads": 2,
-    "context": 32,
-    "peer_blocks": "all",  # two PEER layers, so --layer matters
-    "peer": {"num_subkeys": 8, "heads": 2, "topk": 4, "dim_key": 16},
-}
 TRAIN = {"steps": 4, "batch_size": 4, "eval_tokens": 256, "usage_tokens": 256, "warmup": 1}
-WORDS = {2001: "the peer expert stream", 2002: "time slice and of", 2003: "model growth frozen keys"}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
@@ -47,7 +39,7 @@ def built(tmp_path_factory, one_thread):
     root = tmp_path_factory.mktemp("index-cli")
     rng = np.random.default_rng(0)
     lines = []
-    for year, words in WORDS.items():
+    for year, words in TOY_WORDS.items():
         vocab = words.split()
         for d in range(40):
             text = " ".join(rng.choice(vocab, 40))
@@ -55,7 +47,7 @@ def built(tmp_path_factory, one_thread):
     (root / "docs.jsonl").write_text("\n".join(lines) + "\n")
     ws = Workspace.init(root / "ws")
     ingest(ws, str(root / "docs.jsonl"), "toy", split=(0.6, 0.2, 0.2))
-    run = new_run(ws, "toy", "naive", TRAIN, MODEL, run_id="r", slices=["2001", "2002"])
+    run = new_run(ws, "toy", "naive", TRAIN, TINY_LM, run_id="r", slices=["2001", "2002"])
     run_phases(run)
     return root / "ws"
 

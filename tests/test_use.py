@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from peer_helpers import TINY_LM, TOY_WORDS
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -27,16 +28,7 @@ from lifelong_peer.use import load_model, novelty, pack, score_tokens, split_doc
 from lifelong_peer.workspace import Workspace
 
 runner = CliRunner()
-MODEL = {
-    "dim": 32,
-    "layers": 2,
-    "heads": 2,
-    "context": 32,
-    "peer_blocks": "all",
-    "peer": {"num_subkeys": 8, "heads": 2, "topk": 4, "dim_key": 16},
-}
 TRAIN = {"steps": 6, "batch_size": 4, "eval_tokens": 256, "usage_tokens": 256, "warmup": 1, "lr": 3e-3}
-WORDS = {2001: "the peer expert stream", 2002: "time slice and of", 2003: "model growth frozen keys"}
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
@@ -51,14 +43,14 @@ def built(tmp_path_factory, one_thread):
     def docs(year, words):
         return [{"id": f"{year}-{d}", "text": " ".join(rng.choice(words.split(), 40)), "time": f"{year}-03-01"} for d in range(40)]  # fmt: skip
 
-    lines = [d for year, words in WORDS.items() for d in docs(year, words)]
+    lines = [d for year, words in TOY_WORDS.items() for d in docs(year, words)]
     (root / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in lines))
     (root / "later.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs(2004, "keys of the frozen model")))
     ws = Workspace.init(root / "ws")
     ingest(ws, str(root / "docs.jsonl"), "toy", split=(0.6, 0.2, 0.2))
     ingest(ws, str(root / "later.jsonl"), "later", split=(0.6, 0.2, 0.2))
-    run_phases(new_run(ws, "toy", "naive", TRAIN | {"keep_checkpoints": "all"}, MODEL, run_id="r", slices=["2001", "2002"]))  # fmt: skip
-    run_phases(new_run(ws, "toy", "naive", TRAIN, MODEL, run_id="p"))
+    run_phases(new_run(ws, "toy", "naive", TRAIN | {"keep_checkpoints": "all"}, TINY_LM, run_id="r", slices=["2001", "2002"]))  # fmt: skip
+    run_phases(new_run(ws, "toy", "naive", TRAIN, TINY_LM, run_id="p"))
     return root
 
 
@@ -290,7 +282,7 @@ def test_the_readme_examples_run(tmp_path, monkeypatch):
     ws = Workspace.init(tmp_path)
     ingest(ws, "news.jsonl", "news", slice="quarter", time_field="date", split=(0.6, 0.2, 0.2))
     quarters = [f"2025-Q{q}" for q in range(1, 5)]
-    run_phases(new_run(ws, "news", "naive", TRAIN | {"keep_checkpoints": "all"}, MODEL, run_id="news-naive-1", slices=quarters))  # fmt: skip
+    run_phases(new_run(ws, "news", "naive", TRAIN | {"keep_checkpoints": "all"}, TINY_LM, run_id="news-naive-1", slices=quarters))  # fmt: skip
     (tmp_path / "article.jsonl").write_text(json.dumps({"text": "markets rally on rates and the team wins"}) + "\n")
     (tmp_path / "letter.txt").write_text("storm hits the coast of the new phone\n")
     assert len(commands) == 7
