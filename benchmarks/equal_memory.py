@@ -60,14 +60,23 @@ PROTOCOLS = {
         "overrides": {"eval_tokens": 512, "usage_tokens": 1024},
     },
 }
+X3 = {"expert_lr": 3e-3}
 #: label → (preset, overrides, base): the rows, in order. "big": the budget-sized base; "small": the shipped one
 ROWS = {
+    # every strategy with its experts and sub-keys at 3x the rate of the rest (expert_lr 3e-3): it helped every
+    # strategy on the SOTU validation splits (sweep24d), so the comparison gives it to all of them
+    "joint-x3": ("joint", X3, "big"),
+    "naive-x3": ("naive", X3, "big"),
+    "replay-x3": ("replay", X3, "big"),
+    "replay-50-x3": ("replay", {"replay": 0.5, **X3}, "big"),  # start big, replay at lifelong's share
+    "lifelong": ("lifelong", {}, "big"),
+    # the same rows at the one learning rate (the earlier comparison)
     "joint": ("joint", {}, "big"),
     "naive": ("naive", {}, "big"),
     "replay": ("replay", {}, "big"),
-    "replay-50": ("replay", {"replay": 0.5}, "big"),  # start big, replay at lifelong's share
-    "lifelong": ("lifelong", {}, "big"),
-    # the preset of the first equal-memory runs: distillation at weight 1 (the new one distils at 0.25)
+    "replay-50": ("replay", {"replay": 0.5}, "big"),
+    "lifelong-x1": ("replay", {"replay": 0.5, "distill": 0.5, "distill_on": "replay"}, "big"),
+    # the preset of the first equal-memory runs: distillation at weight 1
     "lifelong-d1": ("replay", {"replay": 0.5, "distill": 1.0, "distill_on": "replay"}, "big"),
     "small-replay-40": ("replay", {"replay": 0.4}, "small"),
     # the earlier preset: a new generation of 16 sub-keys per half at every slice from the small base, capped
