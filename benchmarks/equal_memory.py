@@ -4,7 +4,9 @@ Every strategy is compared at the same memory budget — experts per PEER layer 
 16,384 (n = 128 sub-keys per half), what the earlier ``lifelong`` preset grew to on the six SOTU eras.
 naive, replay, replay at lifelong's share (``replay-50``, "start big") and joint continue ONE base of that size
 (``scripts/train_base.py --num-subkeys 128``: the shipped base's recipe, 800 steps on the first era);
-``lifelong`` continues the same base. The small-pool rows (the shipped 1,024-expert base) stay for
+``lifelong`` continues the same base. The ``lifelong`` preset trains its experts at 3e-3, 3× the rest; the
+``-x3`` rows give every other strategy the same rate, so that the comparison measures the recipe, not the
+rate (the rows without it are the earlier comparison, all at one rate). The small-pool rows (the shipped 1,024-expert base) stay for
 reference: replay at 40% and the earlier preset that grows 16 sub-keys per half at every slice
 (``lifelong-grow``).
 
