@@ -6,8 +6,8 @@ naive, replay, replay at lifelong's share (``replay-50``, "start big") and joint
 (``scripts/train_base.py --num-subkeys 128``: the shipped base's recipe, 800 steps on the first era);
 ``lifelong`` continues the same base. The ``lifelong`` preset trains its experts at 3e-3, 3× the rest; the
 ``-x3`` rows give every other strategy the same rate, so that the comparison measures the recipe, not the
-rate (the rows without it are the earlier comparison, all at one rate). The small-pool rows (the shipped 1,024-expert base) stay for
-reference: replay at 40% and the earlier preset that grows 16 sub-keys per half at every slice
+rate (the rows without it are the earlier comparison, all at one rate). The small-pool rows (the shipped
+1,024-expert base) stay for reference: replay at 40% and the earlier preset that grows 16 sub-keys per half at every slice
 (``lifelong-grow``).
 
 Two protocols:

@@ -21,8 +21,8 @@ STRATEGIES: dict[str, dict] = {
     # 0.25 1.897, 1 1.902 and replay at 50% alone 1.913; seed 0 only, weight 0.1 1.902, replay at 40% 1.923
     # and 60% 1.907, 40% or 60% replay with weight 0.5 1.902 and 1.899, distilling only the tokens the old
     # model predicted better (distill_tokens=forgotten) 1.905. Growing from a small base (the earlier preset,
-    # below as `lifelong-grow`), freezing the experts old slices use (usage:99: 2.006) and a higher expert
-    # rate (1e-2: 1.952) all did worse at this memory. The newest slice pays for it (2 seeds: 2.315 against
+    # below as `lifelong-grow`), freezing the experts old slices use (usage:99: 2.006) and training the
+    # ones they barely use at 1e-2 (1.952) all did worse at this memory. The newest slice pays for it (2 seeds: 2.315 against
     # 2.277 without distillation, 2.353 at weight 1)
     # Expert tables and sub-keys train at 3e-3, 3x the rest: in 80 steps each of 16,384 experts sees few
     # tokens, and the higher rate helped every strategy on the same validation splits (seed 0, sweep24d:
