@@ -44,7 +44,7 @@ PANELS = {
         "steps", "tokens", "batch_size", "lr", "expert_lr", "weight_decay", "expert_moments", "warmup",
         "min_lr_ratio", "grad_clip", "base_steps", "base_lr", "seed", "device", "precision",
     ),
-    "Data": ("joint", "replay", "base_data", "eval_tokens", "usage_tokens"),
+    "Data": ("joint", "replay", "replay_growth", "base_data", "eval_tokens", "usage_tokens"),
     "Growth": ("grow", "max_experts", "grow_mode", "grow_topk", "grow_gate"),
     "Protection: freezing": ("freeze", "freeze_subkeys", "train_shared", "train_subkeys", "tfidf_background"),
     "Protection: distillation and regularisers": (

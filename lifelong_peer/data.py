@@ -16,10 +16,10 @@ def seed_for(seed: int, phase: int, step: int) -> int:
 
 
 def sample_batch(pools: list[np.ndarray], replay_pools: list[np.ndarray], cfg, context: int, gen) -> torch.Tensor:
-    """A (batch_size, context + 1) window batch: a ``replay`` fraction from earlier slices, the rest
-    from ``pools`` (the current slice, or all slices when joint); slice and offset drawn from ``gen``.
-    ``cfg``: the ``TrainConfig`` (batch_size, replay)."""
-    n_replay = round(cfg.replay * cfg.batch_size) if replay_pools else 0
+    """A (batch_size, context + 1) window batch: rows [0, n) from earlier slices (``replay_pools``, one per
+    slice; n from ``cfg.replay_share``), the rest from ``pools`` (the current slice, or all slices when joint);
+    slice and offset drawn from ``gen``. ``cfg``: the ``TrainConfig``."""
+    n_replay = round(cfg.replay_share(len(replay_pools)) * cfg.batch_size)
     rows = []
     for r in range(cfg.batch_size):
         source = replay_pools if r < n_replay else pools

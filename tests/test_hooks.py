@@ -14,6 +14,7 @@ from test_train import TINY, final_weights, make_run
 
 from lifelong_peer import LanguageModel
 from lifelong_peer.data import sample_batch
+from lifelong_peer.errors import UserError
 from lifelong_peer.hooks import EWC, HOOKS, L2SP, MAS, Distillation, Joint, PhaseContext, Replay
 from lifelong_peer.hooks.mas import mas_importance
 from lifelong_peer.regularize import EXPERT_TABLES, fisher_diagonal
@@ -388,3 +389,29 @@ def test_a_regulariser_resumed_mid_phase_anchors_to_the_previous_phase(tmp_path,
     monkeypatch.setattr(PhaseContext, "previous", current_model_on_resume)
     wrong = _resumed_weights(tmp_path, "wrong-anchor", ANCHORED[hook])
     assert any(not torch.equal(want[k], wrong[k]) for k in want), hook
+
+
+def test_replay_share_grows_with_the_number_of_earlier_slices():
+    """replay_growth γ: with k earlier slices a batch replays round((1 − (1 − replay)·k^−γ)·B) rows, and the
+    distillation hook counts the same rows as replayed; γ = 0 keeps the share at every k."""
+    from types import SimpleNamespace
+
+    from lifelong_peer.config import TrainConfig
+
+    tc = TrainConfig(replay=0.5, replay_growth=0.5, batch_size=16)
+    current, old, _ = _marked_pools()
+    gen = torch.Generator().manual_seed(0)
+    hook = Distillation(0.5, 2.0, on="replay")
+    for k, want in ((0, 0), (1, 8), (4, 12), (16, 14)):  # 1 − 0.5/√k of 16 rows
+        batch = sample_batch([current], [old] * k, tc, 16, gen)
+        assert (batch[:, 0] != 0).sum() == want
+        run = SimpleNamespace(config=SimpleNamespace(train=tc))
+        hook.begin_phase(SimpleNamespace(run=run, previous=lambda: None, replay_pools=[old] * k))
+        assert hook.replay_rows == want
+    flat = TrainConfig(replay=0.5)
+    assert [flat.replay_share(k) for k in (1, 4, 58)] == [0.5, 0.5, 0.5]
+    for bad in ({"replay_growth": -0.1, "replay": 0.5}, {"replay_growth": float("nan"), "replay": 0.5}):
+        with pytest.raises(UserError, match="replay_growth"):
+            TrainConfig(**bad)
+    with pytest.raises(UserError, match="needs replay"):
+        TrainConfig(replay_growth=0.1)

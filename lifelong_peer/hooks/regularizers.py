@@ -107,7 +107,7 @@ class Distillation(PhaseHook):
     def begin_phase(self, ctx: PhaseContext) -> None:
         self.teacher = ctx.previous()
         tc = ctx.run.config.train
-        self.replay_rows = round(tc.replay * tc.batch_size) if ctx.replay_pools else 0
+        self.replay_rows = round(tc.replay_share(len(ctx.replay_pools)) * tc.batch_size)
 
     def penalty(self, model: nn.Module, batch: Tensor, logits: Tensor) -> Tensor | None:
         if self.on == "all":
