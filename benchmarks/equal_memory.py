@@ -72,6 +72,8 @@ ROWS = {
     "replay-x3": ("replay", X3, "big"),
     "replay-50-x3": ("replay", {"replay": 0.5, **X3}, "big"),  # start big, replay at lifelong's share
     "lifelong": ("lifelong", {}, "big"),
+    # the fourth session's preset: a constant 50% replay share (replay_growth 0)
+    "lifelong-g0": ("replay", {"replay": 0.5, "distill": 0.5, "distill_on": "replay", **X3}, "big"),
     # the same rows at the one learning rate (the earlier comparison)
     "joint": ("joint", {}, "big"),
     "naive": ("naive", {}, "big"),
